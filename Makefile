@@ -1,0 +1,34 @@
+# `make demo` and `make test` each set up .venv on first use, then run.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+# On CPU-only machines torch 2.13.0 is a local wheel; a user with a GPU installs their own torch first.
+TORCH   ?= torch==2.13.0
+
+.PHONY: demo demo-quick test bench bench-quick clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/chorus demo --out demo_out
+
+demo-quick: $(STAMP)
+	$(BIN)/chorus demo --quick --out demo_out_quick
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -n 2 -q
+
+bench: $(STAMP)
+	for f in benchmarks/*.py; do $(BIN)/python $$f || exit 1; done
+
+bench-quick: $(STAMP)
+	for f in benchmarks/*.py; do $(BIN)/python $$f --quick || exit 1; done
+
+clean:
+	rm -rf $(VENV) demo_out demo_out_quick

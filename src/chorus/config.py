@@ -1,0 +1,263 @@
+"""Typed configs for every command: dataclasses loaded from YAML, then ``key=value`` overrides.
+
+Validated on load; errors name the key, the bad value and what was expected (OLMo-core style).
+Only recipes read configs: components take plain keyword arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from chorus.errors import ChorusError
+
+
+def opt(default: Any = dataclasses.MISSING, help: str = "", choices: tuple | None = None, **kw: Any) -> Any:
+    """A config field with CLI help text (and optional allowed values)."""
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+REQUIRED = dataclasses.MISSING
+
+
+# ---------------------------------------------------------------------------------------------- commands
+@dataclass
+class PrepareConfig:
+    dataset: str = opt(REQUIRED, "local file (.txt .json .jsonl .parquet .csv), a directory of them, or a datasets hub name")
+    tokenizer: str = opt(REQUIRED, "tokenizer directory or hub id (AutoTokenizer)")
+    out: str = opt(REQUIRED, "output store: a path or fsspec URL (s3://, gs://, memory://, file://)")
+    seq_len: int = opt(512, "tokens per packed row")
+    text_field: str = opt("text", "column that holds the text")
+    domain_field: Optional[str] = opt(None, "column naming each document's domain (default: one domain per input file)")
+    split: str = opt("train", "dataset split to read")
+    valid_fraction: float = opt(0.05, "share of documents held out for validation (chosen by a hash of the text)")
+    max_docs: Optional[int] = opt(None, "read at most this many documents")
+    rows_per_shard: Optional[int] = opt(None, "rows per shard, the unit of work (default: ~256k tokens per shard)")
+    batch_size: int = opt(1000, "documents per tokenizer call")
+    overwrite: bool = opt(False, "replace an existing store made from other inputs")
+    storage_options: dict = opt({}, "fsspec options for the store URL (e.g. endpoint_url for S3)")
+
+
+@dataclass
+class CacheConfig:
+    store: str = opt(REQUIRED, "store made by `chorus prepare`")
+    teacher: str = opt(REQUIRED, "teacher model: local directory or hub id (AutoModelForCausalLM)")
+    name: Optional[str] = opt(None, "name of the cache inside the store (default: derived from the model)")
+    top_k: int = opt(64, "log-probs kept per position (normalized over the full vocabulary)")
+    samples: int = opt(0, "tokens drawn with replacement per position (0: none)")
+    batch_size: int = opt(8, "rows per forward pass")
+    dtype: str = opt("auto", "teacher compute dtype", choices=("auto", "bf16", "fp16", "fp32"))
+    device: str = opt("auto", "device for the teacher", choices=("auto", "cpu", "cuda"))
+    value_codec: str = opt("fp16", "how top-k log-probs are stored", choices=("fp16", "q8"))
+    shard: Optional[str] = opt(None, "i/n: this worker fills shards i, i+n, ... (torchrun sets it from RANK/WORLD_SIZE)")
+    seed: int = opt(0, "seed for sampled targets (per row, so reruns draw the same)")
+    revision: Optional[str] = opt(None, "model revision (hub) to load")
+    trust_remote_code: bool = opt(False, "allow the model's own code to run")
+    overwrite: bool = opt(False, "replace an existing cache of this name made with other settings")
+    storage_options: dict = opt({}, "fsspec options for the store URL")
+
+
+@dataclass
+class TrainConfig:
+    store: str = opt(REQUIRED, "store with the corpus (and cached teachers)")
+    student: str = opt(REQUIRED, "student: model directory, hub id, or a model-config YAML trained from scratch")
+    out: str = opt(REQUIRED, "run directory: checkpoints, logs, final model")
+    teachers: list = opt([], "cached teachers to distill from, comma-separated (none: plain CE training)")
+    steps: int = opt(1000, "optimizer steps")
+    batch_size: int = opt(8, "rows per micro-batch (per rank)")
+    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    lr: float = opt(3e-4, "peak learning rate (AdamW)")
+    min_lr_ratio: float = opt(0.1, "final learning rate as a fraction of the peak (cosine decay)")
+    warmup_steps: int = opt(50, "linear warmup steps")
+    weight_decay: float = opt(0.1, "AdamW weight decay")
+    clip: float = opt(1.0, "gradient-norm clipping (0: off)")
+    seed: int = opt(0, "seed for init, shuffling and dropout")
+    loss: str = opt("forward_kl", "divergence", choices=("forward_kl", "reverse_kl", "jsd", "skew_kl"))
+    target: str = opt("topk_tail", "sparse target", choices=("topk_tail", "topk_renorm", "samples"))
+    kd_weight: float = opt(1.0, "weight of the KD term; 1 - kd_weight goes to hard-label CE")
+    temperature: float = opt(1.0, "softening temperature (probability domain, T^2 scaled)")
+    aggregate: str = opt("mixture", "how teachers are pooled", choices=("mixture", "geometric", "power"))
+    weighting: str = opt("none", "per-token teacher weights", choices=("none", "confidence", "agreement", "likelihood"))
+    teacher_weights: dict = opt({}, "global weight per teacher name (default 1 each)")
+    domain_weights: dict = opt({}, "per-domain weights: {domain: {teacher: weight}}")
+    alpha: float = opt(0.5, "alpha of the power pool")
+    beta: float = opt(1.0, "sharpness of per-token weighting")
+    calibrated: bool = opt(True, "apply each teacher's fitted temperature before pooling")
+    train_domains: list = opt([], "train only on rows of these domains (default: all)")
+    domain_mix: dict = opt({}, "sampling weight per domain for training rows (default: as stored)")
+    eval_every: int = opt(200, "evaluate on the held-out split every N steps (0: only at the end)")
+    eval_rows: int = opt(256, "held-out rows per evaluation")
+    save_every: int = opt(500, "checkpoint every N steps (0: only at the end)")
+    log_every: int = opt(10, "log every N steps")
+    precision: str = opt("auto", "autocast dtype", choices=("auto", "fp32", "bf16", "fp16"))
+    device: str = opt("auto", "training device", choices=("auto", "cpu", "cuda"))
+    num_workers: int = opt(0, "DataLoader worker processes")
+    shuffle_buffer: int = opt(1024, "rows held for shuffling")
+    chunk_size: int = opt(1024, "positions per chunk of the loss (bounds fp32 logits memory)")
+    resume: bool = opt(False, "continue from the last checkpoint in --out")
+    overwrite: bool = opt(False, "replace a run directory that holds another run")
+    storage_options: dict = opt({}, "fsspec options for the store URL")
+
+
+@dataclass
+class EvalConfig:
+    store: str = opt(REQUIRED, "store with the held-out split")
+    model: str = opt(REQUIRED, "model directory (a `chorus train` output) or teacher cache 'teacher:NAME'")
+    out: Optional[str] = opt(None, "write the metrics as JSON here")
+    split: str = opt("valid", "split to evaluate")
+    batch_size: int = opt(8, "rows per forward pass")
+    max_rows: Optional[int] = opt(None, "evaluate at most this many rows")
+    device: str = opt("auto", "device", choices=("auto", "cpu", "cuda"))
+    storage_options: dict = opt({}, "fsspec options for the store URL")
+
+
+@dataclass
+class CalibrateConfig:
+    store: str = opt(REQUIRED, "store with the cached teacher")
+    teacher: str = opt(REQUIRED, "name of the cached teacher")
+    split: str = opt("valid", "split to fit on (held-out rows)")
+    max_rows: Optional[int] = opt(None, "fit on at most this many rows")
+    storage_options: dict = opt({}, "fsspec options for the store URL")
+
+
+@dataclass
+class ExportConfig:
+    store: str = opt(REQUIRED, "store with the cached teacher")
+    teacher: str = opt(REQUIRED, "name of the cached teacher")
+    out: str = opt(REQUIRED, "output directory")
+    format: str = opt("parquet", "file format", choices=("parquet", "arrow"))
+    storage_options: dict = opt({}, "fsspec options for the store URL")
+
+
+@dataclass
+class ImportConfig:
+    store: str = opt(REQUIRED, "store to import into (its corpus must match the files)")
+    src: str = opt(REQUIRED, "directory written by `chorus export`")
+    name: Optional[str] = opt(None, "teacher name in the store (default: as exported)")
+    overwrite: bool = opt(False, "replace an existing teacher of that name")
+    storage_options: dict = opt({}, "fsspec options for the store URL")
+
+
+@dataclass
+class DemoConfig:
+    out: str = opt("demo_out", "where the demo writes its store, models, table and plot")
+    quick: bool = opt(False, "a smaller run (~2 minutes) used by the tests")
+    seed: int = opt(0, "seed of every stage")
+
+
+# ---------------------------------------------------------------------------------------------- loading
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list", dict: "a mapping"}
+
+
+def _base_type(tp: Any) -> tuple[type, bool]:
+    if typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return (typing.get_origin(tp) or tp), False
+
+
+def _coerce(cls_name: str, key: str, tp: Any, value: Any, choices: tuple | None) -> Any:
+    base, optional = _base_type(tp)
+    bad = ChorusError(f"{cls_name} key '{key}': expected {_TYPE_NAMES.get(base, base.__name__)}, got {value!r}")
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
+        if optional:
+            return None
+        raise bad
+    if isinstance(value, str) and base is not str:  # from a key=value override or a CLI flag
+        text = value.strip()
+        if base is bool:
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise bad
+            value = text.lower() in ("true", "1", "yes")
+        elif base is list:
+            value = [v.strip() for v in text.split(",") if v.strip()] if not text.startswith("[") else yaml.safe_load(text)
+        else:
+            try:
+                value = yaml.safe_load(text) if base is dict else base(text)
+            except (ValueError, yaml.YAMLError):
+                raise bad from None
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, base) or (base is int and isinstance(value, bool)):
+        raise bad
+    if choices and value not in choices:
+        raise ChorusError(f"{cls_name} key '{key}': expected one of {', '.join(map(str, choices))}, got {value!r}")
+    return value
+
+
+def command_name(cls: type) -> str:
+    return cls.__name__.removesuffix("Config").lower()
+
+
+def build_config(cls: type, *sources: dict) -> Any:
+    """Merge plain dicts (later wins) onto ``cls`` defaults, validating every key."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    merged: dict = {}
+    for src in sources:
+        for key, value in src.items():
+            key = key.replace("-", "_")
+            if key not in fields:
+                close = ", ".join(sorted(fields))
+                raise ChorusError(f"unknown {command_name(cls)} config key '{key}'; known keys: {close}")
+            merged[key] = value
+    kwargs = {}
+    for name, f in fields.items():
+        if name in merged:
+            kwargs[name] = _coerce(command_name(cls), name, hints[name], merged[name], f.metadata.get("choices"))
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ChorusError(f"{command_name(cls)}: '{name}' is required (pass --{name.replace('_', '-')} or {name}=...)")
+    return cls(**kwargs)
+
+
+def read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ChorusError(f"config file '{path}' not found")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ChorusError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ChorusError(f"config file '{path}': expected a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def parse_overrides(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ChorusError(f"override '{item}': expected key=value")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value
+    return out
+
+
+def load_config(cls: type, path: str | None = None, overrides: list[str] | None = None, **values: Any) -> Any:
+    """Defaults < YAML file < explicit keyword values (CLI flags) < ``key=value`` overrides."""
+    file_values = read_yaml(path) if path else {}
+    return build_config(cls, file_values, {k: v for k, v in values.items() if v is not None}, parse_overrides(overrides or []))
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+COMMANDS: dict[str, type] = {
+    "prepare": PrepareConfig,
+    "cache": CacheConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+    "calibrate": CalibrateConfig,
+    "export": ExportConfig,
+    "import": ImportConfig,
+    "demo": DemoConfig,
+}

@@ -1,0 +1,1 @@
+"""Corpus preparation and teacher caching: everything that writes a store."""

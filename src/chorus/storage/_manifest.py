@@ -1,0 +1,163 @@
+"""On-disk metadata: frozen dataclasses with ``to_dict``/``from_dict`` and a ``format_version``.
+
+Parse errors say "expected X, got Y" and name the field, so a store written by another version or
+edited by hand fails loudly instead of being misread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from chorus.errors import ChorusError
+
+FORMAT_VERSION = 1
+
+_SCALARS = {int: "an integer", float: "a number", str: "a string", bool: "true/false"}
+
+
+def _check(name: str, tp: Any, value: Any) -> Any:
+    """Coerce ``value`` to annotation ``tp`` or raise ``expected X, got Y`` naming ``name``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check(name, inner[0], value)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ChorusError(f"manifest field '{name}': expected a mapping, got {value!r}")
+        return tp.from_dict(value)
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ChorusError(f"manifest field '{name}': expected a list, got {value!r}")
+        return tuple(_check(f"{name}[{i}]", args[0], v) for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ChorusError(f"manifest field '{name}': expected a mapping, got {value!r}")
+        return {str(k): _check(f"{name}.{k}", args[1], v) for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in _SCALARS and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
+        raise ChorusError(f"manifest field '{name}': expected {_SCALARS[tp]}, got {value!r}")
+    return value
+
+
+class _Record:
+    """``to_dict``/``from_dict`` for frozen dataclasses of plain fields."""
+
+    KIND: ClassVar[str] = ""
+
+    def to_dict(self) -> dict:
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if dataclasses.is_dataclass(v):
+                v = v.to_dict()
+            elif isinstance(v, tuple):
+                v = list(v)
+            out[f.name] = v
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Any:
+        if not isinstance(data, dict):
+            raise ChorusError(f"{cls.KIND or cls.__name__}: expected a mapping, got {type(data).__name__}")
+        hints = typing.get_type_hints(cls)
+        version = data.get("format_version", FORMAT_VERSION)
+        if version != FORMAT_VERSION:
+            raise ChorusError(
+                f"{cls.KIND}: expected format_version {FORMAT_VERSION}, got {version!r}; "
+                "this store was written by another chorus version: upgrade chorus or rebuild the store"
+            )
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            if f.name in data:
+                kwargs[f.name] = _check(f"{cls.KIND}.{f.name}", hints[f.name], data[f.name])
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ChorusError(f"{cls.KIND}: required field '{f.name}' is missing")
+        return cls(**kwargs)
+
+    def replace(self, **changes: Any) -> Any:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class TokenizerInfo(_Record):
+    KIND: ClassVar[str] = "tokenizer"
+    name: str
+    vocab_size: int  # ids are in [0, vocab_size): len(tokenizer), added tokens included
+    fingerprint: str  # the whole tokenizer (vocab, merges, normalizer, special tokens)
+    vocab_fingerprint: str  # the id <-> token table only
+    eos_id: int
+    pad_id: int
+
+
+@dataclass(frozen=True)
+class CorpusManifest(_Record):
+    """Root attribute ``chorus`` of a store."""
+
+    KIND: ClassVar[str] = "corpus manifest"
+    fingerprint: str
+    tokenizer: TokenizerInfo
+    seq_len: int
+    num_rows: int
+    rows_per_shard: int
+    domains: tuple[str, ...]
+    num_tokens: int  # non-padding tokens
+    split_rows: dict[str, int]  # rows per split name ("train", "valid")
+    source: dict[str, Any]  # how it was made: dataset, fields, valid_fraction, max_docs
+    created_by: str  # chorus version
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_rows // self.rows_per_shard)
+
+    def shard_rows(self, shard: int) -> tuple[int, int]:
+        start = shard * self.rows_per_shard
+        return start, min(start + self.rows_per_shard, self.num_rows)
+
+
+@dataclass(frozen=True)
+class TeacherManifest(_Record):
+    """Attribute ``chorus`` of ``teachers/<name>``."""
+
+    KIND: ClassVar[str] = "teacher manifest"
+    name: str
+    model: str  # local path or hub id as given
+    revision: str
+    weights_fingerprint: str
+    dtype: str
+    device: str
+    top_k: int
+    num_samples: int  # M draws per position (0: no samples)
+    seed: int
+    value_codec: str  # "fp16" | "q8": how topk_logprobs are stored
+    corpus_fingerprint: str
+    tokenizer_fingerprint: str
+    vocab_size: int  # the tokenizer's: padded embedding rows were dropped before the softmax
+    fingerprint: str  # of corpus, tokenizer, teacher weights and target settings
+    created_by: str
+    status: str = "incomplete"  # "complete" once every shard is committed
+    temperature: float = 1.0  # fitted by `chorus calibrate` (1.0: uncalibrated)
+    calibration: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+
+@dataclass(frozen=True)
+class ShardCommit(_Record):
+    """``<unit>/_commits/<shard>.json``: written create-only after the shard's chunks, so readers trust it."""
+
+    KIND: ClassVar[str] = "commit record"
+    unit: str
+    shard: int
+    row_start: int
+    row_stop: int
+    checksums: dict[str, str]  # array name -> checksum of its encoded chunk bytes
+    format_version: int = FORMAT_VERSION

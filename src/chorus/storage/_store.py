@@ -1,0 +1,314 @@
+"""A chorus store: a Zarr v3 group at a local path or any fsspec URL, whose unit of work is a shard of rows.
+
+A *unit* is ``corpus`` or ``teachers/<name>``: a group of arrays whose first axis is the store's rows.
+Each array is chunked by exactly one shard of rows (the rest of its axes whole), so a shard is one
+object per array. A shard is written whole, then its commit record (row range and checksums of the
+encoded chunk bytes) is created create-only. Readers and resumers trust only committed shards: with
+zarr a chunk that was never written reads back as the fill value, so an uncommitted shard is an error
+here, never zeros. Writers on disjoint shards never touch the same object.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import fsspec
+import numcodecs
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, BytesCodec, ZstdCodec
+
+from chorus.errors import ChorusError, IntegrityError
+from chorus.storage._fingerprint import checksum
+from chorus.storage._manifest import CorpusManifest, ShardCommit, TeacherManifest
+
+MANIFEST_KEY = "chorus"
+COMMITS = "_commits"
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One array of a unit: per-row shape (after the row axis), dtype and compressor ("zstd", "blosc", "none")."""
+
+    name: str
+    row_shape: tuple[int, ...]
+    dtype: str
+    compressor: str = "zstd"
+
+
+def _compressors(name: str, dtype: np.dtype) -> Any:
+    if name == "none":
+        return None
+    if name == "zstd":
+        return ZstdCodec(level=3)
+    if name == "blosc":  # byte-shuffle groups the high bytes of fp16/uint16 together before zstd
+        return BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=dtype.itemsize)
+    raise ChorusError(f"unknown compressor '{name}'; expected one of: zstd, blosc, none")
+
+
+def _split_url(url: str) -> tuple[str, str]:
+    if "://" not in url:
+        return "file", os.path.abspath(os.path.expanduser(url))
+    protocol, rest = url.split("://", 1)
+    if not protocol or not rest.strip("/"):
+        raise ChorusError(f"malformed store URL '{url}'; expected a path or PROTOCOL://BUCKET/PATH")
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except (ValueError, ImportError) as e:
+        raise ChorusError(f"cannot use store URL '{url}': {e}".splitlines()[0]) from None
+    if protocol == "file":
+        return "file", os.path.abspath(rest if rest.startswith("/") else "/" + rest)
+    return protocol, url
+
+
+class Store:
+    """Open with :meth:`Store.open`. Holds the fsspec filesystem (commit records, checksums, raw reads)
+    and the zarr group (array creation and writes) over the same location."""
+
+    def __init__(self, url: str, fs: fsspec.AbstractFileSystem, root: str, group: zarr.Group) -> None:
+        self.url, self.fs, self.root, self.group = url, fs, root.rstrip("/"), group
+        self._arrays: dict[str, zarr.Array] = {}
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def open(cls, url: str, mode: str = "r", storage_options: dict | None = None) -> "Store":
+        """``mode``: "r" an existing store, "a" create if missing, "w" create anew (deleting what is there)."""
+        protocol, target = _split_url(url)
+        opts = dict(storage_options or {})
+        try:
+            if protocol == "file":
+                fs, root = fsspec.filesystem("file"), target
+                if mode == "r" and not fs.exists(f"{root}/zarr.json"):
+                    raise ChorusError(f"no chorus store at '{url}'; run `chorus prepare --out {url}` first")
+                if mode == "w" and fs.exists(root):
+                    fs.rm(root, recursive=True)
+                fs.makedirs(root, exist_ok=True) if mode != "r" else None
+                zstore = zarr.storage.LocalStore(root, read_only=(mode == "r"))
+            else:
+                fs, root = fsspec.core.url_to_fs(target, **opts)
+                if mode == "r" and not fs.exists(f"{root}/zarr.json"):
+                    raise ChorusError(f"no chorus store at '{url}'; run `chorus prepare --out {url}` first")
+                if mode == "w" and fs.exists(root):
+                    fs.rm(root, recursive=True)
+                zstore = zarr.storage.FsspecStore.from_url(target, storage_options=opts, read_only=(mode == "r"))
+            group = zarr.open_group(store=zstore, mode="r" if mode == "r" else "a", zarr_format=3)
+        except ChorusError:
+            raise
+        except Exception as e:  # network, credentials, permissions: one line that names the store
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ChorusError(f"cannot open store '{url}': {msg}") from None
+        return cls(url, fs, root, group)
+
+    @staticmethod
+    def exists(url: str, storage_options: dict | None = None) -> bool:
+        protocol, target = _split_url(url)
+        if protocol == "file":
+            return os.path.exists(os.path.join(target, "zarr.json"))
+        fs, root = fsspec.core.url_to_fs(target, **(storage_options or {}))
+        return fs.exists(f"{root.rstrip('/')}/zarr.json")
+
+    # ------------------------------------------------------------------ manifests
+    @property
+    def manifest(self) -> CorpusManifest:
+        data = self.group.attrs.get(MANIFEST_KEY)
+        if data is None:
+            raise ChorusError(f"'{self.url}' is a zarr group but not a chorus store (no '{MANIFEST_KEY}' attribute)")
+        return CorpusManifest.from_dict(data)
+
+    def write_manifest(self, manifest: CorpusManifest) -> None:
+        self.group.attrs[MANIFEST_KEY] = manifest.to_dict()
+
+    def teacher_names(self) -> list[str]:
+        base = f"{self.root}/teachers"
+        if not self.fs.exists(base):
+            return []
+        names = []
+        for p in self.fs.ls(base, detail=False):
+            name = p.rstrip("/").rsplit("/", 1)[-1]
+            if self.fs.exists(f"{base}/{name}/zarr.json"):
+                names.append(name)
+        return sorted(names)
+
+    def teacher_manifest(self, name: str) -> TeacherManifest:
+        if name not in self.teacher_names():
+            known = ", ".join(self.teacher_names()) or "none"
+            raise ChorusError(f"no teacher '{name}' in store '{self.url}' (teachers: {known}); run `chorus cache` first")
+        grp = zarr.open_group(store=self.group.store, path=f"teachers/{name}", mode="r")
+        return TeacherManifest.from_dict(grp.attrs[MANIFEST_KEY])
+
+    def write_teacher_manifest(self, manifest: TeacherManifest) -> None:
+        grp = self.group.require_group(f"teachers/{manifest.name}")
+        grp.attrs[MANIFEST_KEY] = manifest.to_dict()
+
+    def delete_unit(self, unit: str) -> None:
+        path = f"{self.root}/{unit}"
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
+        self._arrays = {k: v for k, v in self._arrays.items() if not k.startswith(unit + "/")}
+
+    # ------------------------------------------------------------------ arrays
+    def create_arrays(self, unit: str, specs: Iterable[ArraySpec], num_rows: int, rows_per_shard: int) -> None:
+        grp = self.group.require_group(unit)
+        for spec in specs:
+            dtype = np.dtype(spec.dtype)
+            self._arrays[f"{unit}/{spec.name}"] = grp.create_array(
+                spec.name,
+                shape=(num_rows, *spec.row_shape),
+                chunks=(rows_per_shard, *spec.row_shape),
+                dtype=dtype,
+                serializer=BytesCodec(endian="little") if dtype.itemsize > 1 else BytesCodec(endian=None),
+                compressors=_compressors(spec.compressor, dtype),
+                fill_value=0,
+                config={"write_empty_chunks": True},  # a committed shard always has its object, even all zeros
+                overwrite=True,
+            )
+
+    def resize_rows(self, unit: str, names: Iterable[str], num_rows: int) -> None:
+        """Grow (or set) the row count of arrays written by a single streaming writer (prepare)."""
+        for name in names:
+            arr = self.array(unit, name)
+            arr.resize((num_rows, *arr.shape[1:]))
+
+    def array(self, unit: str, name: str) -> zarr.Array:
+        key = f"{unit}/{name}"
+        if key not in self._arrays:
+            try:
+                self._arrays[key] = zarr.open_array(store=self.group.store, path=key, mode="r")
+            except Exception:
+                raise ChorusError(f"store '{self.url}' has no array '{key}'") from None
+        return self._arrays[key]
+
+    def array_names(self, unit: str) -> list[str]:
+        base = f"{self.root}/{unit}"
+        return sorted(
+            p.rstrip("/").rsplit("/", 1)[-1]
+            for p in self.fs.ls(base, detail=False)
+            if not p.rstrip("/").endswith(COMMITS) and self.fs.exists(f"{p.rstrip('/')}/zarr.json")
+        )
+
+    def _chunk_path(self, unit: str, name: str, shard: int) -> str:
+        arr = self.array(unit, name)
+        key = arr.metadata.encode_chunk_key((shard,) + (0,) * (arr.ndim - 1))
+        return f"{self.root}/{unit}/{name}/{key}"
+
+    # ------------------------------------------------------------------ shards
+    def write_shard(self, unit: str, shard: int, row_start: int, arrays: dict[str, np.ndarray]) -> ShardCommit:
+        """Write one whole shard of every array in ``arrays``, then create its commit record."""
+        rows = {len(a) for a in arrays.values()}
+        if len(rows) != 1:
+            raise ValueError(f"arrays of shard {shard} disagree on row count: {sorted(rows)}")
+        row_stop = row_start + rows.pop()
+        for name, data in arrays.items():
+            self.array(unit, name)[row_start:row_stop] = data
+        sums = {name: checksum(self.fs.cat_file(self._chunk_path(unit, name, shard))) for name in sorted(arrays)}
+        commit = ShardCommit(unit=unit, shard=shard, row_start=row_start, row_stop=row_stop, checksums=sums)
+        self._create_commit(commit)
+        return commit
+
+    def _commit_path(self, unit: str, shard: int) -> str:
+        return f"{self.root}/{unit}/{COMMITS}/{shard:06d}.json"
+
+    def _create_commit(self, commit: ShardCommit) -> None:
+        path = self._commit_path(commit.unit, commit.shard)
+        blob = json.dumps(commit.to_dict(), sort_keys=True, indent=1).encode()
+        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        try:
+            with self.fs.open(path, "xb") as f:  # create-only: S3 If-None-Match, O_EXCL locally
+                f.write(blob)
+        except FileExistsError:
+            if self.fs.cat_file(path) != blob:
+                raise IntegrityError(
+                    f"shard {commit.shard} of {commit.unit} was already committed with other content; "
+                    "two writers disagree: rerun with --overwrite to rebuild this unit"
+                ) from None
+
+    def commits(self, unit: str) -> dict[int, ShardCommit]:
+        base = f"{self.root}/{unit}/{COMMITS}"
+        try:
+            paths = self.fs.ls(base, detail=False)
+        except FileNotFoundError:
+            return {}
+        paths = [p for p in paths if p.endswith(".json")]
+        blobs = self.fs.cat(paths) if paths else {}
+        out = {}
+        for p in paths:
+            raw = blobs[p] if isinstance(blobs, dict) else blobs
+            try:
+                c = ShardCommit.from_dict(json.loads(raw))
+            except (ValueError, ChorusError) as e:
+                raise IntegrityError(f"commit record {p} is unreadable ({e}); run `chorus verify {self.url}`") from None
+            out[c.shard] = c
+        return out
+
+    def is_complete(self, unit: str, num_shards: int) -> bool:
+        return len(self.commits(unit)) == num_shards
+
+    def read_shard(
+        self, unit: str, shard: int, names: Iterable[str], *, commit: ShardCommit | None = None, verify: bool = True
+    ) -> dict[str, np.ndarray]:
+        """The committed rows of ``shard`` for each array; IntegrityError naming the shard on any mismatch."""
+        if commit is None:
+            commit = self.commits(unit).get(shard)
+        if commit is None:
+            raise ChorusError(f"shard {shard} of {unit} in '{self.url}' is not committed; finish writing it first")
+        out = {}
+        for name in names:
+            if name not in commit.checksums:
+                raise ChorusError(f"shard {shard} of {unit} has no array '{name}'")
+            raw = self.fs.cat_file(self._chunk_path(unit, name, shard))
+            if verify and checksum(raw) != commit.checksums[name]:
+                raise IntegrityError(
+                    f"checksum mismatch in {unit}/{name} shard {shard} (rows {commit.row_start}:{commit.row_stop}) "
+                    f"of '{self.url}': the stored bytes are corrupt; rerun the job that wrote it with --overwrite"
+                )
+            out[name] = self._decode(unit, name, raw)[: commit.row_stop - commit.row_start]
+        return out
+
+    def _decode(self, unit: str, name: str, raw: bytes) -> np.ndarray:
+        """Decode one chunk's bytes with the codecs recorded in its zarr metadata."""
+        arr = self.array(unit, name)
+        codecs = arr.metadata.codecs
+        data = raw
+        for codec in reversed(codecs[1:]):
+            if isinstance(codec, ZstdCodec):
+                data = numcodecs.Zstd().decode(data)
+            elif isinstance(codec, BloscCodec):
+                data = numcodecs.Blosc().decode(data)
+            else:
+                raise ChorusError(f"array {unit}/{name} uses codec {type(codec).__name__}, which this reader cannot decode")
+        dtype = arr.dtype.to_native_dtype() if hasattr(arr.dtype, "to_native_dtype") else np.dtype(arr.dtype)
+        dtype = np.dtype(dtype).newbyteorder("<") if np.dtype(dtype).itemsize > 1 else np.dtype(dtype)
+        return np.frombuffer(data, dtype=dtype).reshape(arr.chunks).astype(dtype.newbyteorder("="), copy=False)
+
+    def read_rows(self, unit: str, name: str, start: int, stop: int, *, verify: bool = True) -> np.ndarray:
+        """Rows ``[start, stop)`` of one array, stitched from committed shards."""
+        rps = self.array(unit, name).chunks[0]
+        commits = self.commits(unit)
+        parts = []
+        for shard in range(start // rps, -(-stop // rps)):
+            data = self.read_shard(unit, shard, [name], commit=commits.get(shard), verify=verify)[name]
+            lo = max(start, shard * rps) - shard * rps
+            hi = min(stop, shard * rps + len(data)) - shard * rps
+            parts.append(data[lo:hi])
+        return np.concatenate(parts) if parts else np.zeros((0,), dtype=np.int32)
+
+    def verify(self, unit: str) -> list[str]:
+        """Recompute every committed shard's checksums; one message per bad shard."""
+        bad = []
+        for shard, commit in sorted(self.commits(unit).items()):
+            for name, expected in sorted(commit.checksums.items()):
+                try:
+                    got = checksum(self.fs.cat_file(self._chunk_path(unit, name, shard)))
+                except FileNotFoundError:
+                    got = "missing"
+                if got != expected:
+                    bad.append(f"{unit}/{name} shard {shard} (rows {commit.row_start}:{commit.row_stop}): {got} != {expected}")
+        return bad
+
+    def nbytes(self, unit: str, name: str) -> int:
+        """Stored (encoded) bytes of one array's chunks."""
+        base = f"{self.root}/{unit}/{name}"
+        return sum(info["size"] for info in self.fs.find(base, detail=True).values() if not info["name"].endswith("zarr.json"))

@@ -1,0 +1,278 @@
+"""Sparse distillation losses: divergences between a cached teacher distribution and the
+student's full-vocabulary log-probs, plus a chunked driver that never materializes an
+(N, V) fp32 log-prob tensor beyond one chunk of positions.
+
+Every divergence is computed over K+1 buckets: the teacher's explicit ids, plus one tail
+bucket ("tail bucket": the student's mass outside the teacher's top-k, matched against the
+teacher's tail mass τ). With k = V (tail 0, no id outside the support) each one equals its
+dense counterpart exactly. All functions take (N, ...) tensors and return (N,) losses.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from chorus.errors import ChorusError
+from chorus.trainer.sparse import NEG_INF, SparseDist, n_tail_ids, soften, valid_mask
+
+IGNORE_INDEX = -100
+# Floor on the student's tail mass: below ~1e-6 the fp32 difference 1 - Σ s_i is rounding noise.
+STUDENT_TAIL_FLOOR = 1e-6
+# Reverse KL needs log p_tail; a zero teacher tail with student mass there is an infinite
+# penalty, which we cap by flooring the teacher's tail probability.
+TEACHER_TAIL_FLOOR = 1e-6
+
+Divergence = Callable[..., Tensor]
+
+
+@dataclass
+class _Buckets:
+    """K+1 buckets per position. log_p, log_s: (N, S+1) with -inf for absent buckets
+    (padding slots, or the tail bucket where no id lies outside the support)."""
+
+    log_p: Tensor
+    log_s: Tensor
+    present: Tensor  # (N, S+1) bool
+
+
+def _student_log_tail(s_sup: Tensor, valid: Tensor) -> Tensor:
+    """(N,) log of the student's mass outside the support, 1 - Σ_valid s_i.
+
+    The floor passes gradients straight through: a student whose tail collapsed below the
+    floor still feels the teacher's τ pulling it back up, instead of a dead clamp."""
+    mass = torch.where(valid, s_sup.exp(), torch.zeros_like(s_sup)).sum(-1)
+    tail = 1.0 - mass
+    tail = tail + (STUDENT_TAIL_FLOOR - tail).clamp_min(0.0).detach()
+    return tail.log()
+
+
+def _buckets(p: SparseDist, s_logp: Tensor) -> _Buckets:
+    """Gather the student's log-probs at the teacher's ids and add the tail bucket.
+    p: (N, S) sparse target, s_logp: (N, V) fp32 student log-probs."""
+    if s_logp.shape != (p.n_positions, p.vocab_size):
+        raise ChorusError(
+            f"student log-probs have shape {tuple(s_logp.shape)}; the targets need "
+            f"({p.n_positions}, {p.vocab_size}) (positions, vocabulary)"
+        )
+    valid = valid_mask(p)
+    ids = torch.where(valid, p.ids, torch.zeros_like(p.ids))
+    s_sup = torch.gather(s_logp.float(), 1, ids)
+    neg_inf = torch.full_like(s_sup, NEG_INF)
+    s_sup = torch.where(valid, s_sup, neg_inf)
+    has_tail = n_tail_ids(p) > 0
+    s_tail = torch.where(has_tail, _student_log_tail(s_sup, valid), NEG_INF)
+    p_tail = torch.where(has_tail & (p.tail > 0), p.tail.clamp_min(1e-45).log(), NEG_INF)
+    present = torch.cat([valid, has_tail[:, None]], dim=-1)
+    log_p = torch.cat([p.logp, p_tail[:, None]], dim=-1)
+    log_s = torch.cat([s_sup, s_tail[:, None]], dim=-1)
+    return _Buckets(log_p, log_s, present)
+
+
+def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:
+    """(N,) Σ_b a_b (log a_b - log b_b) over the last dim with 0·log 0 = 0.
+
+    The double `where` keeps -inf out of both branches so backward never forms 0·inf."""
+    pos = log_a > NEG_INF
+    zero = torch.zeros_like(log_a)
+    la = torch.where(pos, log_a, zero)
+    lb = torch.where(pos, log_b, zero)
+    return torch.where(pos, la.exp() * (la - lb), zero).sum(-1)
+
+
+def _log_mix(log_a: Tensor, log_b: Tensor, weight_a: float, present: Tensor) -> Tensor:
+    """log(w·a + (1-w)·b) per bucket, -inf for absent buckets (NaN-free backward)."""
+    zero = torch.zeros_like(log_a)
+    la = torch.where(present, log_a, zero)
+    lb = torch.where(present, log_b, zero)
+    # Where exactly one side is -inf logaddexp is well-defined; both -inf only when absent.
+    mixed = torch.logaddexp(la + math.log(weight_a), lb + math.log1p(-weight_a))
+    mixed = torch.where(present & ((log_a > NEG_INF) | (log_b > NEG_INF)), mixed, NEG_INF)
+    return mixed
+
+
+# ------------------------------------------------------------------------ divergences
+
+
+def forward_kl(p: SparseDist, s_logp: Tensor) -> Tensor:
+    """(N,) KL(p ‖ s) = Σ_i p_i (log p_i - log s_i) + τ (log τ - log s_tail)."""
+    b = _buckets(p, s_logp)
+    return _kl(b.log_p, b.log_s)
+
+
+def reverse_kl(p: SparseDist, s_logp: Tensor) -> Tensor:
+    """(N,) KL(s ‖ p) over the K+1 buckets. A zero teacher tail is floored at
+    TEACHER_TAIL_FLOOR so student mass outside a tail-free support costs a large, finite
+    penalty rather than infinity."""
+    b = _buckets(p, s_logp)
+    floor = math.log(TEACHER_TAIL_FLOOR)
+    log_p = b.log_p.clone()
+    log_p[:, -1] = torch.where(b.present[:, -1], log_p[:, -1].clamp_min(floor), NEG_INF)
+    return _kl(b.log_s, log_p)
+
+
+def jsd(p: SparseDist, s_logp: Tensor, beta: float = 0.5) -> Tensor:
+    """(N,) generalized JSD(β) over the K+1 buckets, β weighting the teacher as in GKD
+    (Agarwal et al., 2024): M = β p + (1-β) s, JSD = β KL(p‖M) + (1-β) KL(s‖M)."""
+    if not 0.0 < beta < 1.0:
+        raise ChorusError(f"jsd beta must lie strictly between 0 and 1, got {beta}")
+    b = _buckets(p, s_logp)
+    log_m = _log_mix(b.log_p, b.log_s, beta, b.present)
+    return beta * _kl(b.log_p, log_m) + (1.0 - beta) * _kl(b.log_s, log_m)
+
+
+def skew_kl(p: SparseDist, s_logp: Tensor, alpha: float = 0.1) -> Tensor:
+    """(N,) skew forward KL, KL(p ‖ α p + (1-α) s), over the K+1 buckets (DistiLLM, Ko et
+    al., 2024): mixing a little of p into the student keeps the loss and its gradient
+    bounded where the student puts almost no mass."""
+    if not 0.0 < alpha < 1.0:
+        raise ChorusError(f"skew_kl alpha must lie strictly between 0 and 1, got {alpha}")
+    b = _buckets(p, s_logp)
+    return _kl(b.log_p, _log_mix(b.log_p, b.log_s, alpha, b.present))
+
+
+def cross_entropy(s_logp: Tensor, gold: Tensor) -> Tensor:
+    """(N,) hard-label cross-entropy -log s(gold). gold (N,) long; IGNORE_INDEX (-100)
+    positions give 0 (the caller's mask drops them)."""
+    ignore = gold == IGNORE_INDEX
+    safe = torch.where(ignore, torch.zeros_like(gold), gold).long()
+    nll = -torch.gather(s_logp.float(), 1, safe[:, None])[:, 0]
+    return torch.where(ignore, torch.zeros_like(nll), nll)
+
+
+LOSSES: dict[str, Divergence] = {
+    "forward_kl": forward_kl,
+    "reverse_kl": reverse_kl,
+    "jsd": jsd,
+    "skew_kl": skew_kl,
+}
+
+
+def get_loss(name: str) -> Divergence:
+    """The divergence registered under ``name``."""
+    if name not in LOSSES:
+        raise ChorusError(f"unknown loss {name!r}; expected one of: {', '.join(LOSSES)}")
+    return LOSSES[name]
+
+
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Scalar mean of values (N,) over mask (N,) bool; 0 when the mask is empty.
+    Masked-out entries never leak (even inf/NaN ones)."""
+    total = torch.where(mask, values, torch.zeros_like(values)).sum()
+    return total / mask.sum().clamp_min(1)
+
+
+# --------------------------------------------------------------------- distill drivers
+
+
+def _resolve(loss_fn: Divergence | str) -> Divergence:
+    return get_loss(loss_fn) if isinstance(loss_fn, str) else loss_fn
+
+
+def _per_position(
+    logits: Tensor,
+    gold: Tensor,
+    targets: SparseDist | None,
+    loss_fn: Divergence,
+    temperature: float,
+    divergence_kwargs: dict[str, Any],
+) -> tuple[Tensor, Tensor]:
+    """(N,) CE and (N,) KD for one block of logits (N, V) of any dtype; fp32 inside."""
+    logits = logits.float()
+    log_s1 = F.log_softmax(logits, dim=-1)
+    ce = cross_entropy(log_s1, gold)
+    if targets is None:
+        return ce, torch.zeros_like(ce)
+    s_logp = log_s1 if temperature == 1.0 else F.log_softmax(logits / temperature, dim=-1)
+    # T² keeps the KD gradient scale independent of T (Hinton et al., 2015).
+    kd = loss_fn(soften(targets, temperature), s_logp, **divergence_kwargs) * temperature**2
+    return ce, kd
+
+
+def _combine(
+    ce: Tensor, kd: Tensor, gold: Tensor, kd_weight: float, has_targets: bool
+) -> tuple[Tensor, dict[str, float]]:
+    mask = gold != IGNORE_INDEX
+    w = kd_weight if has_targets else 0.0
+    loss = masked_mean((1.0 - w) * ce + w * kd, mask)
+    metrics = {
+        "ce": float(masked_mean(ce.detach(), mask)),
+        "kd": float(masked_mean(kd.detach(), mask)),
+    }
+    return loss, metrics
+
+
+def _check_weight(kd_weight: float) -> None:
+    if not 0.0 <= kd_weight <= 1.0:
+        raise ChorusError(f"kd_weight must lie in [0, 1], got {kd_weight}")
+
+
+def distill_loss_from_logits(
+    logits: Tensor,
+    gold: Tensor,
+    targets: SparseDist | None,
+    *,
+    loss_fn: Divergence | str,
+    kd_weight: float,
+    temperature: float = 1.0,
+    divergence_kwargs: dict[str, Any] | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """Unchunked reference: logits (N, V), gold (N,) with -100 = ignore, targets over N
+    positions or None (pure CE). Per position (1-w)·CE + w·T²·D(soften(p, T), s_T);
+    returns the masked mean and detached {"ce", "kd"} means."""
+    _check_weight(kd_weight)
+    ce, kd = _per_position(
+        logits, gold, targets, _resolve(loss_fn), temperature, divergence_kwargs or {}
+    )
+    return _combine(ce, kd, gold, kd_weight, targets is not None)
+
+
+def chunked_distill_loss(
+    hidden: Tensor,
+    lm_head_weight: Tensor,
+    gold: Tensor,
+    targets: SparseDist | None,
+    *,
+    loss_fn: Divergence | str,
+    kd_weight: float,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    lm_head_bias: Tensor | None = None,
+    divergence_kwargs: dict[str, Any] | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """Same math as :func:`distill_loss_from_logits`, from hidden states (N, H) and the LM
+    head (V, H) (+ bias (V,)), chunk_size positions at a time.
+
+    Each chunk runs under activation checkpointing, so its fp32 (chunk, V) logits and
+    log-probs are recomputed in backward instead of being kept alive for all N positions:
+    peak memory is one chunk's worth, not (N, V)."""
+    _check_weight(kd_weight)
+    if chunk_size < 1:
+        raise ChorusError(f"chunk_size must be >= 1, got {chunk_size}")
+    fn = _resolve(loss_fn)
+    kwargs = divergence_kwargs or {}
+
+    def chunk_losses(h: Tensor, g: Tensor, tgt: SparseDist | None) -> tuple[Tensor, Tensor]:
+        logits = F.linear(h, lm_head_weight, lm_head_bias)
+        return _per_position(logits, g, tgt, fn, temperature, kwargs)
+
+    ces, kds = [], []
+    for start in range(0, hidden.shape[0], chunk_size):
+        sl = slice(start, start + chunk_size)
+        tgt = targets.rows(sl) if targets is not None else None
+        if torch.is_grad_enabled():
+            ce, kd = checkpoint(chunk_losses, hidden[sl], gold[sl], tgt, use_reentrant=False)
+        else:
+            ce, kd = chunk_losses(hidden[sl], gold[sl], tgt)
+        ces.append(ce)
+        kds.append(kd)
+    if not ces:
+        raise ChorusError("chunked_distill_loss got zero positions")
+    return _combine(torch.cat(ces), torch.cat(kds), gold, kd_weight, targets is not None)
