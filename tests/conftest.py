@@ -93,3 +93,26 @@ def teacher_dir(tmp_path_factory, tokenizer_dir) -> str:
 
     vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir))
     return build_tiny_llama(str(tmp_path_factory.mktemp("teacher")), vocab)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """S3 served on loopback by moto's server mode (real protocol, create-only writes enforced)."""
+    from moto.server import ThreadedMotoServer
+
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint, request):
+    """A fresh bucket; returns (s3://bucket, storage_options)."""
+    import boto3
+
+    name = "chorus-" + "".join(c for c in request.node.name.lower() if c.isalnum())[:40]
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
+    return f"s3://{name}", {"client_kwargs": {"endpoint_url": s3_endpoint}}

@@ -40,7 +40,8 @@ def iter_documents(dataset: str, *, text_field: str, domain_field: str | None, s
     local inputs without one, from each file's name."""
     path = Path(os.path.expanduser(dataset))
     if path.exists():
-        sources = [(f.stem, _stream(BUILDERS[f.suffix], [str(f)], None, split)) for f in _files(path)]
+        files = [f for f in _files(path) if f.stat().st_size > 0]  # an empty file holds no documents
+        sources = [(f.stem, _stream(BUILDERS[f.suffix], [str(f)], None, split)) for f in files]
     elif dataset.startswith((".", "/", "~")) or Path(dataset).suffix in BUILDERS:
         raise ChorusError(f"dataset '{dataset}' not found: no such file or directory")
     else:

@@ -3,9 +3,27 @@
 from chorus.storage._fingerprint import StreamHasher, checksum, fingerprint
 from chorus.storage._manifest import FORMAT_VERSION, CorpusManifest, ShardCommit, TeacherManifest, TokenizerInfo
 from chorus.storage._store import ArraySpec, Store
+from chorus.storage._targets import (
+    VALUE_CODECS,
+    compact_samples,
+    count_dtype,
+    decode_values,
+    encode_values,
+    id_dtype,
+    target_specs,
+    value_params,
+)
 
 __all__ = [
     "FORMAT_VERSION",
+    "VALUE_CODECS",
+    "compact_samples",
+    "count_dtype",
+    "decode_values",
+    "encode_values",
+    "id_dtype",
+    "target_specs",
+    "value_params",
     "ArraySpec",
     "CorpusManifest",
     "ShardCommit",

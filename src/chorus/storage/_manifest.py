@@ -138,7 +138,8 @@ class TeacherManifest(_Record):
     top_k: int
     num_samples: int  # M draws per position (0: no samples)
     seed: int
-    value_codec: str  # "fp16" | "q8": how topk_logprobs are stored
+    value_codec: str  # "fp16" | "q8": how topk_logprobs are stored (see storage/_targets.py)
+    value_params: dict[str, Any]  # codec parameters readers need (q8: step)
     corpus_fingerprint: str
     tokenizer_fingerprint: str
     vocab_size: int  # the tokenizer's: padded embedding rows were dropped before the softmax
