@@ -48,17 +48,17 @@ def iter_documents(dataset: str, *, text_field: str, domain_field: str | None, s
         sources = [(dataset.rsplit("/", 1)[-1], _stream("", None, dataset, split))]
     for default_domain, ds in sources:
         try:
-            for row in ds:
-                if text_field not in row:
+            for batch in ds.iter(batch_size=1000):  # columnar batches: far less per-row overhead than `for row in ds`
+                if text_field not in batch:
                     raise ChorusError(
-                        f"text field '{text_field}' not in dataset '{dataset}'; its fields are: {', '.join(row)} (pass --text-field)"
+                        f"text field '{text_field}' not in dataset '{dataset}'; its fields are: {', '.join(batch)} (pass --text-field)"
                     )
-                if domain_field is not None and domain_field not in row:
-                    raise ChorusError(f"domain field '{domain_field}' not in dataset '{dataset}'; its fields are: {', '.join(row)}")
-                text = row[text_field]
-                if not isinstance(text, str) or not text.strip():
-                    continue
-                yield (str(row[domain_field]) if domain_field else default_domain), text
+                if domain_field is not None and domain_field not in batch:
+                    raise ChorusError(f"domain field '{domain_field}' not in dataset '{dataset}'; its fields are: {', '.join(batch)}")
+                domains = batch[domain_field] if domain_field else [default_domain] * len(batch[text_field])
+                for domain, text in zip(domains, batch[text_field]):
+                    if isinstance(text, str) and text.strip():
+                        yield str(domain), text
         except ChorusError:
             raise
         except Exception as e:

@@ -8,6 +8,8 @@ A store without a manifest is a half-written one: `prepare` rebuilds it, every r
 from __future__ import annotations
 
 import hashlib
+import queue
+import threading
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -45,6 +47,26 @@ def _batches(docs: Iterator[tuple[str, str]], size: int, max_docs: int | None) -
             batch = []
     if batch:
         yield batch
+
+
+def _prefetch(items: Iterator, depth: int = 2) -> Iterator:
+    """Run a generator on a background thread so reading overlaps tokenization (which releases the GIL)."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+
+    def work() -> None:
+        try:
+            for item in items:
+                q.put(item)
+            q.put(done)
+        except BaseException as e:  # re-raised in the consumer
+            q.put(e)
+
+    threading.Thread(target=work, daemon=True).start()
+    while (item := q.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
 
 
 @dataclass
@@ -125,7 +147,7 @@ def _build(cfg: PrepareConfig, store: Store | None, tok, tok_info) -> tuple[str,
 
     stream = iter_documents(cfg.dataset, text_field=cfg.text_field, domain_field=cfg.domain_field, split=cfg.split)
     with Progress("prepare", unit="docs") as bar:
-        for batch in _batches(stream, cfg.batch_size, cfg.max_docs):
+        for batch in _prefetch(_batches(stream, cfg.batch_size, cfg.max_docs)):
             encoded = tok([text for _, text in batch], add_special_tokens=False)["input_ids"]
             for (domain_name, text), ids in zip(batch, encoded):
                 text_hash.update_text(domain_name)
