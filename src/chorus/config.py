@@ -54,14 +54,17 @@ class CacheConfig:
     top_k: int = opt(64, "log-probs kept per position (normalized over the full vocabulary)")
     samples: int = opt(0, "tokens drawn with replacement per position (0: none)")
     batch_size: int = opt(8, "rows per forward pass")
-    dtype: str = opt("auto", "teacher compute dtype", choices=("auto", "bf16", "fp16", "fp32"))
+    dtype: str = opt("auto", "teacher compute dtype (auto: bf16 on GPU, fp32 on CPU)", choices=("auto", "bf16", "fp16", "fp32"))
     device: str = opt("auto", "device for the teacher", choices=("auto", "cpu", "cuda"))
-    value_codec: str = opt("fp16", "how top-k log-probs are stored", choices=("fp16", "q8"))
+    value_codec: str = opt("fp16", "how top-k log-probs are stored: fp16 (lossless delta-coded) or q8 (8-bit, lossy)",
+                           choices=("fp16", "q8"))
     shard: Optional[str] = opt(None, "i/n: this worker fills shards i, i+n, ... (torchrun sets it from RANK/WORLD_SIZE)")
     seed: int = opt(0, "seed for sampled targets (per row, so reruns draw the same)")
     revision: Optional[str] = opt(None, "model revision (hub) to load")
+    tokenizer: Optional[str] = opt(None, "the teacher's tokenizer, checked against the store's (default: the model's own)")
     trust_remote_code: bool = opt(False, "allow the model's own code to run")
-    overwrite: bool = opt(False, "replace an existing cache of this name made with other settings")
+    overwrite: bool = opt(False, "replace a cache of this name made with other settings; with the same settings, "
+                                 "rewrite this worker's shards whose bytes do not match their commit record")
     storage_options: dict = opt({}, "fsspec options for the store URL")
 
 
@@ -92,7 +95,6 @@ class TrainConfig:
     beta: float = opt(1.0, "sharpness of per-token weighting")
     calibrated: bool = opt(True, "apply each teacher's fitted temperature before pooling")
     train_domains: list = opt([], "train only on rows of these domains (default: all)")
-    domain_mix: dict = opt({}, "sampling weight per domain for training rows (default: as stored)")
     eval_every: int = opt(200, "evaluate on the held-out split every N steps (0: only at the end)")
     eval_rows: int = opt(256, "held-out rows per evaluation")
     save_every: int = opt(500, "checkpoint every N steps (0: only at the end)")
@@ -115,6 +117,13 @@ class EvalConfig:
     split: str = opt("valid", "split to evaluate")
     batch_size: int = opt(8, "rows per forward pass")
     max_rows: Optional[int] = opt(None, "evaluate at most this many rows")
+    teachers: list = opt([], "cached teachers to compare with, comma-separated (default: every complete one)")
+    aggregate: str = opt("mixture", "operator for the ensemble diagnostics", choices=("mixture", "geometric", "power"))
+    weighting: str = opt("none", "per-token weighting for the ensemble diagnostics",
+                         choices=("none", "confidence", "agreement", "likelihood"))
+    alpha: float = opt(0.5, "alpha of the power pool")
+    beta: float = opt(1.0, "sharpness of per-token weighting")
+    chunk_size: int = opt(1024, "positions per chunk of the log-softmax")
     device: str = opt("auto", "device", choices=("auto", "cpu", "cuda"))
     storage_options: dict = opt({}, "fsspec options for the store URL")
 
@@ -149,8 +158,10 @@ class ImportConfig:
 @dataclass
 class DemoConfig:
     out: str = opt("demo_out", "where the demo writes its store, models, table and plot")
-    quick: bool = opt(False, "a smaller run (~2 minutes) used by the tests")
+    quick: bool = opt(False, "a smaller run (about a minute) that the test suite runs")
     seed: int = opt(0, "seed of every stage")
+    threads: Optional[int] = opt(None, "CPU threads for torch (default: 1 with --quick, which runs beside other tests; "
+                                       "else torch's default)")
 
 
 # ---------------------------------------------------------------------------------------------- loading

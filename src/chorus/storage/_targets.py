@@ -2,13 +2,29 @@
 
 Arrays of ``teachers/<name>`` (row axis first, one chunk per shard):
   topk_ids       [N, L, k]  smallest unsigned int that holds the vocabulary; ids ordered by descending log-prob
-  topk_logprobs  [N, L, k]  log-probs normalized over the FULL vocabulary, so the tail mass 1 - Σ exp is known
-                           value_codec "fp16": float16; "q8": uint8 code q with logp = -q * step (step in params)
-  sample_ids     [N, L, m]  (optional) unique ids drawn with replacement from the teacher's distribution
+  topk_logprobs  [N, L, k]  log-probs normalized over the FULL vocabulary, so the tail mass 1 - Σ exp is known;
+                           coded by the manifest's ``value_codec`` and ``value_params`` (decode with
+                           :func:`decode_values` or :func:`decode_topk`, never by reading the raw dtype):
+                             "fp16" float16 (uint16 bit patterns when delta-coded); "q8" uint8 codes (below);
+                             params["delta"]: each code after the first of a position is stored as its
+                             difference (mod 2^bits) from the previous one. Values descend along k, so the
+                             differences are small and compress ~1.5x better, losslessly.
+  sample_ids     [N, L, m]  (optional) unique ids drawn with replacement from the teacher's distribution, by id
   sample_counts  [N, L, m]  their counts (sum to M at every position; 0 marks an empty slot)
+
+Chosen by measurement (benchmarks/cache.py, results in benchmarks/results/cache.json): ids in descending
+probability order with zstd beat ascending ids with delta gaps once values are delta-coded, and byte-shuffle
+(blosc) helps the 2-byte fp16 differences but not the 1-byte q8 ones or the ids.
+
+"q8" (opt-in, lossy) is companded: code q = round(255·sqrt(−logp / R)), logp = −R·(q/255)², R = 25 nats.
+The step in log-prob grows with −logp, so the likely tokens, whose absolute probability error matters, get
+fine steps (~0.004 nats near logp = 0) and the far tail coarse ones; a linear code with the same 8 bits
+errs by up to ~4% of the top token's probability (kept decodable: params {"step": s}).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 
@@ -16,7 +32,7 @@ from chorus.errors import ChorusError
 from chorus.storage._store import ArraySpec
 
 VALUE_CODECS = ("fp16", "q8")
-Q8_MAX_NATS = 20.0  # q8 covers log-probs down to -20 nats (e^-20 ≈ 2e-9); lower values clip there
+Q8_RANGE_NATS = 25.0  # q8 covers log-probs down to -25 nats (e^-25 ≈ 1.4e-11); lower values clip there
 
 
 def id_dtype(vocab_size: int) -> str:
@@ -31,18 +47,28 @@ def count_dtype(num_samples: int) -> str:
 
 
 def value_params(codec: str) -> dict:
+    """The parameters a new cache records for ``codec`` (readers take them from the manifest)."""
     if codec == "fp16":
-        return {}
+        return {"delta": True}
     if codec == "q8":
-        return {"step": Q8_MAX_NATS / 255.0}
+        return {"delta": True, "sqrt_range": Q8_RANGE_NATS}
     raise ChorusError(f"unknown value codec '{codec}'; expected one of: {', '.join(VALUE_CODECS)}")
 
 
-def target_specs(seq_len: int, top_k: int, num_samples: int, vocab_size: int, codec: str) -> list[ArraySpec]:
-    vdtype = "float16" if codec == "fp16" else "uint8"
+def _value_dtype(codec: str, params: dict) -> str:
+    if codec == "fp16":  # delta-coded fp16 bit patterns are integers, not floats (some would read as NaN)
+        return "uint16" if params.get("delta") else "float16"
+    return "uint8"
+
+
+def target_specs(seq_len: int, top_k: int, num_samples: int, vocab_size: int, codec: str,
+                 params: dict | None = None) -> list[ArraySpec]:
+    params = value_params(codec) if params is None else params
+    # byte-shuffle groups the mostly-zero high bytes of 2-byte value differences; no gain for 1-byte codes
+    value_compressor = "blosc" if codec == "fp16" and params.get("delta") else "zstd"
     specs = [
         ArraySpec("topk_ids", (seq_len, top_k), id_dtype(vocab_size), "zstd"),
-        ArraySpec("topk_logprobs", (seq_len, top_k), vdtype, "zstd"),
+        ArraySpec("topk_logprobs", (seq_len, top_k), _value_dtype(codec, params), value_compressor),
     ]
     if num_samples:
         specs += [
@@ -52,23 +78,48 @@ def target_specs(seq_len: int, top_k: int, num_samples: int, vocab_size: int, co
     return specs
 
 
+# ---------------------------------------------------------------------------------------------- values
+def _delta(codes: np.ndarray) -> np.ndarray:
+    out = codes.copy()
+    out[..., 1:] = codes[..., 1:] - codes[..., :-1]  # unsigned: wraps mod 2^bits, undone exactly by cumsum
+    return out
+
+
+def _undelta(codes: np.ndarray) -> np.ndarray:
+    return np.cumsum(codes, axis=-1, dtype=codes.dtype)
+
+
 def encode_values(logp: np.ndarray, codec: str, params: dict) -> np.ndarray:
-    """float32 log-probs → stored values."""
+    """float32 log-probs [..., k] (descending along k) → stored values."""
     if codec == "fp16":
-        return logp.astype(np.float16)
-    step = params["step"]
-    return np.clip(np.rint(-logp / step), 0, 255).astype(np.uint8)
+        codes = np.ascontiguousarray(logp, dtype=np.float32).astype(np.float16).view(np.uint16)
+        return _delta(codes) if params.get("delta") else codes.view(np.float16)
+    if codec == "q8":
+        neg = np.nan_to_num(-np.asarray(logp, dtype=np.float64), nan=np.inf)
+        if "sqrt_range" in params:
+            r = float(params["sqrt_range"])
+            codes = np.rint(255.0 * np.sqrt(np.clip(neg, 0.0, r) / r)).astype(np.uint8)
+        else:
+            codes = np.clip(np.rint(neg / params["step"]), 0, 255).astype(np.uint8)
+        return _delta(codes) if params.get("delta") else codes
+    raise ChorusError(f"unknown value codec '{codec}'; expected one of: {', '.join(VALUE_CODECS)}")
 
 
 def decode_values(stored: np.ndarray, codec: str, params: dict) -> np.ndarray:
-    """Stored values → float32 log-probs."""
+    """Stored values [..., k] → float32 log-probs."""
     if codec == "fp16":
-        return stored.astype(np.float32)
+        codes = np.asarray(stored).view(np.uint16)
+        return (_undelta(codes) if params.get("delta") else codes).view(np.float16).astype(np.float32)
     if codec == "q8":
-        return stored.astype(np.float32) * np.float32(-params["step"])
+        codes = _undelta(np.asarray(stored, dtype=np.uint8)) if params.get("delta") else np.asarray(stored, dtype=np.uint8)
+        if "sqrt_range" in params:
+            x = codes.astype(np.float32) / np.float32(255.0)
+            return -np.float32(params["sqrt_range"]) * x * x
+        return codes.astype(np.float32) * np.float32(-params["step"])
     raise ChorusError(f"unknown value codec '{codec}' in manifest; expected one of: {', '.join(VALUE_CODECS)}")
 
 
+# ---------------------------------------------------------------------------------------------- samples
 def compact_samples(draws: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
     """Draws [P, M] (ids, with repeats) → unique ids and counts [P, width], ordered by id, 0-count padding."""
     p, m = draws.shape
@@ -82,3 +133,39 @@ def compact_samples(draws: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarr
     np.add.at(counts, (rows, slot.ravel()), 1)
     ids[rows[new.ravel()], slot.ravel()[new.ravel()]] = srt.ravel()[new.ravel()]
     return ids, counts
+
+
+# ---------------------------------------------------------------------------------------------- whole targets
+def encode_targets(topk_ids: np.ndarray, topk_logprobs: np.ndarray, *, vocab_size: int, codec: str, params: dict,
+                   draws: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """One shard's targets → the arrays to store.
+
+    topk_ids, topk_logprobs: [n, L, k] (descending log-prob along k); draws: [n, L, M] sampled ids or None."""
+    out = {
+        "topk_ids": topk_ids.astype(id_dtype(vocab_size)),
+        "topk_logprobs": encode_values(topk_logprobs, codec, params),
+    }
+    if draws is not None:
+        n, length, m = draws.shape
+        ids, counts = compact_samples(draws.reshape(n * length, m), m)
+        out["sample_ids"] = ids.reshape(n, length, m).astype(id_dtype(vocab_size))
+        out["sample_counts"] = counts.reshape(n, length, m).astype(count_dtype(m))
+    return out
+
+
+def _codec(manifest: Any) -> tuple[str, dict]:
+    return manifest.value_codec, dict(manifest.value_params)
+
+
+def decode_topk(arrays: dict[str, np.ndarray], manifest: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Stored ``topk_ids``/``topk_logprobs`` → (ids int64 [n, L, k], log-probs float32 [n, L, k]),
+    descending along k. ``manifest`` is the teacher's :class:`TeacherManifest`."""
+    codec, params = _codec(manifest)
+    return arrays["topk_ids"].astype(np.int64), decode_values(arrays["topk_logprobs"], codec, params)
+
+
+def decode_samples(arrays: dict[str, np.ndarray], manifest: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Stored ``sample_ids``/``sample_counts`` → (ids int64, counts int64) [n, L, m]; counts sum to M."""
+    if manifest.num_samples == 0:
+        raise ChorusError(f"teacher '{manifest.name}' was cached without samples; rerun `chorus cache` with --samples M")
+    return arrays["sample_ids"].astype(np.int64), arrays["sample_counts"].astype(np.int64)

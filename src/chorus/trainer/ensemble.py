@@ -100,9 +100,11 @@ def _union(dists: Sequence[SparseDist]) -> _Union:
     return _Union(ids, ids < v, vals[:, :, :u], share, size, v)
 
 
-def _normalize_weights(weights: Tensor, n: int, t: int) -> Tensor:
+def _normalize_weights(
+    weights: Tensor, n: int, t: int, device: torch.device | None = None
+) -> Tensor:
     """(N, T) float32 rows summing to 1, from (T,) or (N, T) non-negative weights."""
-    w = torch.as_tensor(weights, dtype=torch.float32)
+    w = torch.as_tensor(weights, dtype=torch.float32, device=device)
     if w.dim() == 1:
         w = w[None, :].expand(n, -1)
     if w.shape != (n, t):
@@ -124,11 +126,12 @@ def _finish(un: _Union, log_q: Tensor, log_out: Tensor) -> SparseDist:
     log_q = torch.where(un.present, log_q, NEG_INF)
     tail_log = torch.where(n_out > 0, torch.log(n_out) + log_out, NEG_INF)
     log_z = torch.logsumexp(torch.cat([log_q, tail_log[:, None]], dim=-1), dim=-1)
-    logp = log_q - log_z[:, None]
-    keep = logp > NEG_INF
-    logp = torch.where(keep, logp, NEG_INF)
+    ok = log_z > NEG_INF  # False only for a vetoed-empty pool, handled by the caller
+    keep = ok[:, None] & (log_q > NEG_INF)
+    logp = torch.where(keep, log_q - log_z[:, None], NEG_INF)
     ids = torch.where(keep, un.ids, torch.zeros_like(un.ids))
-    return SparseDist(ids, logp, torch.exp(tail_log - log_z), un.vocab_size)
+    tail = torch.where(ok, torch.exp(tail_log - log_z), 0.0)
+    return SparseDist(ids, logp, tail, un.vocab_size)
 
 
 def _mixture_logs(un: _Union, w: Tensor) -> tuple[Tensor, Tensor]:
@@ -187,13 +190,20 @@ def _pool(un: _Union, w: Tensor, operator: str, alpha: float) -> SparseDist:
     return out
 
 
+def _pool_weighted(
+    dists: Sequence[SparseDist], weights: Tensor, operator: str, alpha: float
+) -> SparseDist:
+    _check_dists(dists)
+    un = _union(dists)
+    n, t = un.logp.shape[:2]
+    return _pool(un, _normalize_weights(weights, n, t, un.ids.device), operator, alpha)
+
+
 def mixture(dists: Sequence[SparseDist], weights: Tensor) -> SparseDist:
     """Linear pool q(i) = Σ_t w_t p_t(i), p_t(i) the explicit value or τ_t / (V - n_t).
     The tail is Σ_t w_t τ_t (V - |U|) / (V - n_t): teacher t's tail mass outside the union.
     Any id some positive-weight teacher gives mass keeps positive mass."""
-    _check_dists(dists)
-    un = _union(dists)
-    return _pool(un, _normalize_weights(weights, *un.logp.shape[:2]), "mixture", 1.0)
+    return _pool_weighted(dists, weights, "mixture", 1.0)
 
 
 def geometric(dists: Sequence[SparseDist], weights: Tensor) -> SparseDist:
@@ -201,17 +211,13 @@ def geometric(dists: Sequence[SparseDist], weights: Tensor) -> SparseDist:
     even-tail share, ids outside the union Π_t (τ_t / (V - n_t))^{w_t}. An id that a
     positive-weight teacher with zero tail leaves out gets q = 0 (the log pool's veto); if
     that leaves nothing, the position falls back to the linear pool."""
-    _check_dists(dists)
-    un = _union(dists)
-    return _pool(un, _normalize_weights(weights, *un.logp.shape[:2]), "geometric", 0.0)
+    return _pool_weighted(dists, weights, "geometric", 0.0)
 
 
 def power(dists: Sequence[SparseDist], weights: Tensor, alpha: float) -> SparseDist:
     """α-pool (Amari's α-integration): q ∝ (Σ_t w_t p_t^α)^{1/α}. α = 1 is the mixture,
     α → 0 the geometric pool (used for |α| < 1e-6); α < 0 vetoes like the log pool."""
-    _check_dists(dists)
-    un = _union(dists)
-    return _pool(un, _normalize_weights(weights, *un.logp.shape[:2]), "power", float(alpha))
+    return _pool_weighted(dists, weights, "power", float(alpha))
 
 
 # -------------------------------------------------------------------------- weightings
@@ -220,7 +226,8 @@ def power(dists: Sequence[SparseDist], weights: Tensor, alpha: float) -> SparseD
 def _reweight(log_score: Tensor, prior: Tensor | None) -> Tensor:
     """(N, T) prior · exp(log_score), renormalized per row (softmax in the log domain)."""
     n, t = log_score.shape
-    p = _normalize_weights(prior if prior is not None else torch.ones(t), n, t)
+    ones = torch.ones(t, device=log_score.device)
+    p = _normalize_weights(prior if prior is not None else ones, n, t, log_score.device)
     return torch.softmax(torch.log(p) + log_score, dim=-1)
 
 
@@ -306,7 +313,7 @@ def aggregate(
     _check_dists(dists)
     un = _union(dists)
     n, t = un.logp.shape[:2]
-    w = _normalize_weights(weights, n, t)
+    w = _normalize_weights(weights, n, t, un.ids.device)
     if weighting == "confidence":
         w = confidence_weights(dists, beta, prior=w)
     elif weighting == "agreement":

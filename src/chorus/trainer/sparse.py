@@ -206,7 +206,7 @@ def log_prob_of(dist: SparseDist, ids: Tensor) -> Tensor:
     """(N, j) log-probabilities of arbitrary ids (N, j): the explicit value where the id is
     in the support, else its even-tail share. Binary search, no (N, j, S) broadcast."""
     keys, logp = sorted_support(dist)
-    query = ids.long()
+    query = ids.long().contiguous()
     idx = torch.searchsorted(keys, query).clamp_max(keys.shape[-1] - 1)
     found = torch.gather(keys, 1, idx) == query
     share = log_tail_share(dist)[:, None].expand_as(query)

@@ -1,0 +1,341 @@
+"""`chorus demo`: the whole pipeline on text shipped with Python, ending in the claim put to the test.
+
+setup (corpus + tokenizer, `prepare`) → three specialist teachers (`train`, CE only, each mostly on
+one domain) → `cache` and `calibrate` each → five students with the same size, steps, rows and seed
+(CE only; KD from each single teacher; KD from the calibrated mixture of all three) → `eval`
+everything on held-out rows → one table, ``results.json`` and ``results.png``.
+
+Why the ensemble should win at its worst: a student distilled from one specialist inherits that
+teacher's blind domains (on them it learns the teacher's poor guesses), while the mixture always
+holds one teacher that knows the domain, so the student is never taught by only a blind one.
+
+Every stage calls the command's own recipe (``run(cfg)``) with a config built here, so the demo runs
+the same code a user runs. A stage that already finished in ``--out`` with the same settings is
+skipped (a record per stage under ``OUT/.demo``), so rerunning the demo reuses its store and teachers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from chorus import _demo_corpus
+from chorus._progress import say
+from chorus.config import CacheConfig, CalibrateConfig, DemoConfig, EvalConfig, PrepareConfig, TrainConfig
+from chorus.errors import ChorusError
+from chorus.storage import fingerprint
+
+DOMAINS = _demo_corpus.DOMAINS
+N_STAGES = 7
+TRAIN_EVAL_ROWS = 64  # the recipe's own end-of-run check; the report evaluates every held-out row
+
+
+@dataclass(frozen=True)
+class Scale:
+    """Every size of the demo. The full and quick runs differ only here."""
+
+    chars_per_domain: int  # raw text read per domain
+    tokens_per_domain: int  # cap after balancing (every domain gets the smallest domain's count)
+    vocab_size: int
+    seq_len: int
+    valid_fraction: float
+    teacher: dict  # model config (llama), trained from scratch
+    student: dict  # the same for every student
+    teacher_steps: int
+    student_steps: int
+    batch_size: int
+    lr: float
+    warmup_steps: int
+    top_k: int
+    samples: int
+
+
+def _llama(hidden: int, layers: int, heads: int, seq_len: int) -> dict:
+    return {"model_type": "llama", "hidden_size": hidden, "intermediate_size": 4 * hidden, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "num_key_value_heads": heads, "max_position_embeddings": seq_len,
+            "tie_word_embeddings": True}
+
+
+FULL = Scale(chars_per_domain=400_000, tokens_per_domain=100_000, vocab_size=2048, seq_len=128, valid_fraction=0.1,
+             teacher=_llama(96, 2, 4, 128), student=_llama(64, 2, 4, 128), teacher_steps=300, student_steps=300,
+             batch_size=16, lr=3e-3, warmup_steps=20, top_k=32, samples=16)
+QUICK = Scale(chars_per_domain=120_000, tokens_per_domain=30_000, vocab_size=1024, seq_len=64, valid_fraction=0.1,
+              teacher=_llama(64, 2, 4, 64), student=_llama(48, 2, 4, 64), teacher_steps=80, student_steps=80,
+              batch_size=16, lr=5e-3, warmup_steps=10, top_k=16, samples=8)
+
+
+# ---------------------------------------------------------------------------------------------- stage records
+class _Stages:
+    """One record per finished stage under ``OUT/.demo``: the fingerprint of everything the stage's
+    output depends on (its settings and the records of the stages it read). Same fingerprint → skip."""
+
+    def __init__(self, out: Path) -> None:
+        self.dir = out / ".demo"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.n = 0
+
+    def key(self, name: str, *parts: Any) -> str:
+        return fingerprint("demo-stage", name, *parts)
+
+    def done(self, name: str, key: str) -> bool:
+        p = self.dir / f"{name}.json"
+        return p.is_file() and json.loads(p.read_text()).get("key") == key
+
+    def started(self, name: str, key: str) -> bool:
+        p = self.dir / f"{name}.started.json"
+        return p.is_file() and json.loads(p.read_text()).get("key") == key
+
+    def start(self, name: str, key: str) -> None:
+        (self.dir / f"{name}.json").unlink(missing_ok=True)
+        (self.dir / f"{name}.started.json").write_text(json.dumps({"key": key}))
+
+    def finish(self, name: str, key: str, **extra: Any) -> None:
+        (self.dir / f"{name}.json").write_text(json.dumps({"key": key, **extra}))
+
+    def record(self, name: str) -> dict:
+        return json.loads((self.dir / f"{name}.json").read_text())
+
+
+def _stage(i: int, text: str) -> None:
+    say(f"[{i}/{N_STAGES}] {text} …")
+
+
+def _cfg_key(cfg: Any) -> dict:
+    """A config as the settings that decide a stage's output (paths and run-control flags left out)."""
+    skip = {"out", "overwrite", "resume", "storage_options", "device", "num_workers", "log_every"}
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}
+
+
+# ---------------------------------------------------------------------------------------------- stages
+def _train(stages: _Stages, name: str, cfg: TrainConfig, upstream: list[str]) -> str:
+    from chorus.trainer import train
+
+    key = stages.key(name, _cfg_key(cfg), upstream)
+    if stages.done(name, key) and Path(cfg.out).is_dir():
+        say(f"      reusing {cfg.out} (already trained with these settings)")
+        return key
+    resume = stages.started(name, key) and Path(cfg.out).is_dir()
+    stages.start(name, key)
+    train.run(dataclasses.replace(cfg, resume=resume, overwrite=not resume))
+    stages.finish(name, key)
+    return key
+
+
+def _cache(stages: _Stages, name: str, cfg: CacheConfig, upstream: str) -> str:
+    from chorus.pipeline import cache
+
+    key = stages.key(f"cache-{name}", _cfg_key(cfg), upstream)
+    if stages.done(f"cache-{name}", key):
+        say(f"      reusing the cache of teacher {name}")
+        return key
+    # Same settings as a half-finished try: resume it (committed shards are kept); else replace.
+    resume = stages.started(f"cache-{name}", key)
+    stages.start(f"cache-{name}", key)
+    cache.run(dataclasses.replace(cfg, overwrite=not resume))
+    stages.finish(f"cache-{name}", key)
+    return key
+
+
+def _calibrate(stages: _Stages, name: str, cfg: CalibrateConfig, upstream: str) -> str:
+    from chorus.trainer import calibrate
+
+    key = stages.key(f"calibrate-{name}", _cfg_key(cfg), upstream)
+    if stages.done(f"calibrate-{name}", key):
+        say(f"      reusing the calibration of teacher {name}")
+        return key
+    stages.start(f"calibrate-{name}", key)
+    calibrate.run(cfg)
+    stages.finish(f"calibrate-{name}", key)
+    return key
+
+
+def _evaluate(stages: _Stages, name: str, cfg: EvalConfig, upstream: str) -> dict:
+    from chorus.trainer import evaluate
+
+    key = stages.key(f"eval-{name}", _cfg_key(cfg), upstream)
+    if stages.done(f"eval-{name}", key) and cfg.out and Path(cfg.out).is_file():
+        return json.loads(Path(cfg.out).read_text())
+    stages.start(f"eval-{name}", key)
+    metrics = evaluate.run(cfg)
+    if cfg.out:
+        Path(cfg.out).write_text(json.dumps(metrics, indent=1, default=float))
+    stages.finish(f"eval-{name}", key)
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------- report
+def _row(name: str, kind: str, metrics: dict) -> dict:
+    per_domain = {}
+    for d, v in metrics["per_domain"].items():
+        per_domain[d] = float(v["loss"] if isinstance(v, dict) else v)
+    worst_domain = max(per_domain, key=per_domain.get)
+    return {"name": name, "kind": kind, "per_domain": per_domain, "mean": float(metrics["mean"]),
+            "worst": per_domain[worst_domain], "worst_domain": worst_domain, "ece": float(metrics["ece"])}
+
+
+def format_table(rows: list[dict], domains: list[str]) -> str:
+    cols = [*domains, "mean", "worst", "ECE"]
+    width = max(len(r["name"]) for r in rows) + 2
+    lines = [f"{'model':<{width}}{'kind':<9}" + "".join(f"{c:>9}" for c in cols),
+             "-" * (width + 9 + 9 * len(cols))]
+    for r in rows:
+        vals = [r["per_domain"][d] for d in domains] + [r["mean"], r["worst"], r["ece"]]
+        lines.append(f"{r['name']:<{width}}{r['kind']:<9}" + "".join(f"{v:>9.3f}" for v in vals))
+    return "\n".join(lines)
+
+
+def claim(rows: list[dict]) -> tuple[bool, str]:
+    """The ensemble student's worst-domain loss against every single-teacher student's."""
+    by_name = {r["name"]: r for r in rows}
+    ens = by_name["student-ensemble"]["worst"]
+    singles = {r["name"]: r["worst"] for r in rows if r["name"].startswith("student-kd-")}
+    holds = all(ens < w for w in singles.values())
+    detail = ", ".join(f"{n.removeprefix('student-kd-')} {w:.3f}" for n, w in singles.items())
+    verb = "beats" if holds else "does NOT beat"
+    return holds, f"ensemble student's worst-domain loss {ens:.3f} {verb} every single-teacher student's ({detail})"
+
+
+def plot(rows: list[dict], domains: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    x = np.arange(len(rows))
+    width = 0.8 / len(domains)
+    fig, ax = plt.subplots(figsize=(max(8.0, 1.2 * len(rows)), 4.8), dpi=120)
+    for j, d in enumerate(domains):
+        vals = [r["per_domain"][d] for r in rows]
+        ax.bar(x + (j - (len(domains) - 1) / 2) * width, vals, width, label=d, color=f"C{j}")
+    ens = next((r for r in rows if r["name"] == "student-ensemble"), None)
+    if ens is not None:
+        ax.axhline(ens["worst"], color="black", linestyle="--", linewidth=1, label="ensemble student's worst")
+    n_teachers = sum(r["kind"] == "teacher" for r in rows)
+    ax.axvline(n_teachers - 0.5, color="grey", linewidth=1)
+    top = max(max(r["per_domain"].values()) for r in rows)
+    ax.text(n_teachers / 2 - 0.5, top * 1.04, "teachers", ha="center", color="grey")
+    ax.text((n_teachers + len(rows)) / 2 - 0.5, top * 1.04, "students (same size, steps, rows)", ha="center", color="grey")
+    ax.set_ylim(0, top * 1.12)
+    ax.set_xticks(x, [r["name"] for r in rows], rotation=20, ha="right")
+    ax.set_ylabel("held-out loss (nats/token, lower is better)")
+    ax.set_title("chorus demo: per-domain held-out loss")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------- recipe
+def run(cfg: DemoConfig) -> dict:
+    import torch
+
+    threads = cfg.threads if cfg.threads is not None else (1 if cfg.quick else None)
+    if threads is not None and threads < 1:
+        raise ChorusError(f"demo key 'threads': expected a positive integer, got {threads}")
+    before = torch.get_num_threads()
+    if threads is not None:
+        # Tiny models gain little from a second thread, and lose a lot when another process
+        # (a parallel test worker) competes for the same cores.
+        torch.set_num_threads(threads)
+    try:
+        return _run(cfg)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(cfg: DemoConfig) -> dict:
+    scale = QUICK if cfg.quick else FULL
+    out = Path(cfg.out).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    stages = _Stages(out)
+    store = str(out / "store.zarr")
+    t0 = time.perf_counter()
+    say(f"chorus demo ({'quick' if cfg.quick else 'full'}) → {out}")
+
+    _stage(1, f"building the corpus ({', '.join(DOMAINS)}) and a {scale.vocab_size}-id byte-level BPE tokenizer")
+    corpus, tokenizer = _demo_corpus.build(out / "corpus", chars_per_domain=scale.chars_per_domain,
+                                           tokens_per_domain=scale.tokens_per_domain, vocab_size=scale.vocab_size)
+
+    _stage(2, "preparing the store (chorus prepare)")
+    prep = PrepareConfig(dataset=str(corpus), tokenizer=str(tokenizer), out=store, seq_len=scale.seq_len,
+                         domain_field="domain", valid_fraction=scale.valid_fraction)
+    corpus_key = stages.key("prepare", _cfg_key(prep), (out / "corpus" / "settings.json").read_text())
+    from chorus.pipeline import prepare
+
+    manifest = prepare.run(dataclasses.replace(prep, overwrite=not stages.done("prepare", corpus_key)))
+    stages.finish("prepare", corpus_key)
+    corpus_key = stages.key("prepare", corpus_key, manifest.fingerprint)
+    domains = list(manifest.domains)
+
+    models = out / "models"
+    models.mkdir(exist_ok=True)
+    (models / "teacher.yaml").write_text(yaml.safe_dump(scale.teacher, sort_keys=False))
+    (models / "student.yaml").write_text(yaml.safe_dump(scale.student, sort_keys=False))
+    common = dict(store=store, batch_size=scale.batch_size, lr=scale.lr, warmup_steps=scale.warmup_steps,
+                  seed=cfg.seed, eval_every=0, save_every=0, eval_rows=TRAIN_EVAL_ROWS)
+
+    keys: dict[str, str] = {}
+    for d in domains:
+        _stage(3, f"training teacher {d} from scratch on {d} rows only (CE, {scale.teacher_steps} steps)")
+        tcfg = TrainConfig(student=str(models / "teacher.yaml"), out=str(out / "teachers" / d), steps=scale.teacher_steps,
+                           train_domains=[d], **common)
+        keys[d] = _train(stages, f"teacher-{d}", tcfg, [corpus_key, scale.teacher])
+
+    for d in domains:
+        _stage(4, f"caching teacher {d} (top-{scale.top_k} log-probs + {scale.samples} samples per position)")
+        ccfg = CacheConfig(store=store, teacher=_final_model(out / "teachers" / d), name=d, top_k=scale.top_k,
+                           samples=scale.samples, seed=cfg.seed, batch_size=scale.batch_size)
+        keys[d] = _cache(stages, d, ccfg, keys[d])
+
+    for d in domains:
+        _stage(5, f"calibrating teacher {d} (temperature fitted on held-out rows)")
+        keys[d] = _calibrate(stages, d, CalibrateConfig(store=store, teacher=d), keys[d])
+
+    students = {"student-ce": [], **{f"student-kd-{d}": [d] for d in domains}, "student-ensemble": list(domains)}
+    for name, teachers in students.items():
+        how = ("CE only" if not teachers else f"KD from teacher {teachers[0]}" if len(teachers) == 1
+               else "KD from the calibrated mixture of all teachers")
+        _stage(6, f"training {name}: {how}, {scale.student_steps} steps")
+        scfg = TrainConfig(student=str(models / "student.yaml"), out=str(out / "students" / name), teachers=teachers,
+                           steps=scale.student_steps, **common)
+        keys[name] = _train(stages, name, scfg, [corpus_key, scale.student, *(keys[t] for t in teachers)])
+
+    rows = []
+    evals = out / "eval"
+    evals.mkdir(exist_ok=True)
+    for kind, names, base in (("teacher", domains, out / "teachers"), ("student", list(students), out / "students")):
+        for name in names:
+            label = f"teacher-{name}" if kind == "teacher" else name
+            _stage(7, f"evaluating {label} on held-out rows")
+            ecfg = EvalConfig(store=store, model=_final_model(base / name), out=str(evals / f"{label}.json"),
+                              batch_size=32)
+            rows.append(_row(label, kind, _evaluate(stages, label, ecfg, keys[name])))
+
+    holds, text = claim(rows)
+    results = {"rows": rows, "domains": domains, "claim": {"holds": holds, "text": text},
+               "settings": {"quick": cfg.quick, "seed": cfg.seed, **dataclasses.asdict(scale)}}
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    plot(rows, domains, out / "results.png")
+    print(format_table(rows, domains), flush=True)
+    print(f"\n{'claim holds' if holds else 'claim does not hold'}: {text}", flush=True)
+    print(f"finished in {time.perf_counter() - t0:.0f} s", flush=True)
+    print(f"table: {out / 'results.json'}", flush=True)
+    print(f"plot:  {out / 'results.png'}", flush=True)
+    return results
+
+
+def _final_model(run_dir: Path) -> str:
+    """The trained model inside a `chorus train` run directory."""
+    for sub in ("final", "model"):
+        if (run_dir / sub / "config.json").is_file():
+            return str(run_dir / sub)
+    if (run_dir / "config.json").is_file():
+        return str(run_dir)
+    raise ChorusError(f"no trained model in '{run_dir}'; rerun the demo (its finished stages are reused)")

@@ -1,0 +1,251 @@
+"""`chorus cache`: run a teacher once over a store's corpus and cache its sparse next-token distribution.
+
+setup (store and corpus, this worker's shards, teacher, manifest: create, resume or refuse) → loop
+(for each uncommitted shard: read its input ids, forward in inference mode, top-k log-probs and samples
+on the device, hand them to the background writer, which commits whole shards) → cleanup (flip the
+status to complete once every shard is committed; report where the cache is and its bytes per token).
+
+Resumable and shardable by construction: a shard is the unit of work and of commit, batches never
+straddle shards, and sampling is seeded per row, so whatever the interruptions or the split of shards
+among workers, each shard's bytes are those an uninterrupted single run writes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+import zarr
+
+from chorus import __version__
+from chorus._progress import Progress, say
+from chorus.config import CacheConfig
+from chorus.errors import ChorusError
+from chorus.pipeline._teacher import (
+    OutOfMemory,
+    Teacher,
+    check_tokenizer,
+    dtype_name,
+    first_bad_position,
+    load_teacher,
+    resolve_device,
+    resolve_dtype,
+    sparse_targets,
+)
+from chorus.pipeline._writer import ShardWriter
+from chorus.storage import CorpusManifest, Store, TeacherManifest, encode_targets, fingerprint, target_specs, value_params
+
+TARGETS = "topk log_softmax fp32 + inverse-cdf samples seeded by (seed, row), v1"  # in the fingerprint: change it with the math
+WAIT_FOR_CREATOR_S = float(os.environ.get("CHORUS_WAIT_FOR_CREATOR_S", 600))
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+# ---------------------------------------------------------------------------------------------- setup helpers
+def shard_assignment(spec: str | None, env: dict | None = None) -> tuple[int, int]:
+    """(i, n) from ``--shard i/n``, else from torchrun's RANK/WORLD_SIZE, else (0, 1)."""
+    env = os.environ if env is None else env
+    if spec:
+        m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", spec)
+        if not m or not 0 <= int(m.group(1)) < int(m.group(2)):
+            raise ChorusError(f"--shard: expected i/n with 0 <= i < n (e.g. 0/4), got {spec!r}")
+        return int(m.group(1)), int(m.group(2))
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"])
+    return 0, 1
+
+
+def default_name(model: str) -> str:
+    base = os.path.basename(os.path.normpath(os.path.expanduser(model))) or model
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-._") or "teacher"
+
+
+def _open_store(cfg: CacheConfig) -> tuple[Store, CorpusManifest]:
+    if not Store.exists(cfg.store, cfg.storage_options):
+        raise ChorusError(f"no chorus store at '{cfg.store}'; run `chorus prepare --out {cfg.store}` first")
+    store = Store.open(cfg.store, "a", cfg.storage_options)
+    if store.group.attrs.get("chorus") is None:
+        raise ChorusError(f"store '{cfg.store}' has no corpus (no manifest: `chorus prepare` did not finish); rerun it")
+    corpus = store.manifest
+    if len(store.commits("corpus")) != corpus.num_shards:
+        raise ChorusError(f"the corpus of '{cfg.store}' is incomplete; rerun `chorus prepare`")
+    return store, corpus
+
+
+def _check_args(cfg: CacheConfig, corpus: CorpusManifest) -> str:
+    vocab = corpus.tokenizer.vocab_size
+    if not 1 <= cfg.top_k <= vocab:
+        raise ChorusError(f"--top-k must be between 1 and the vocabulary size {vocab}, got {cfg.top_k}")
+    if cfg.samples < 0:
+        raise ChorusError(f"--samples must be >= 0 (0: no sampled targets), got {cfg.samples}")
+    if cfg.batch_size < 1:
+        raise ChorusError(f"--batch-size must be >= 1, got {cfg.batch_size}")
+    name = cfg.name or default_name(cfg.teacher)
+    if not _NAME.match(name):
+        raise ChorusError(f"--name {name!r}: use letters, digits, '.', '_' and '-' (no '/')")
+    value_params(cfg.value_codec)  # refuses an unknown codec
+    return name
+
+
+def _existing(store: Store, name: str) -> TeacherManifest | None:
+    """The unit's manifest, or None while it does not exist (or is being created)."""
+    if name not in store.teacher_names():
+        return None
+    try:
+        data = zarr.open_group(store=store.group.store, path=f"teachers/{name}", mode="r").attrs.get("chorus")
+    except FileNotFoundError:  # deleted between the listing and the read (worker 0 replacing it)
+        return None
+    return TeacherManifest.from_dict(data) if data is not None else None
+
+
+def _differences(old: TeacherManifest, new: TeacherManifest) -> str:
+    keys = ("model", "revision", "weights_fingerprint", "top_k", "num_samples", "seed", "value_codec", "dtype",
+            "corpus_fingerprint", "tokenizer_fingerprint")
+    diffs = [f"{k} {getattr(old, k)!r} → {getattr(new, k)!r}" for k in keys if getattr(old, k) != getattr(new, k)]
+    return "; ".join(diffs) or "target settings"
+
+
+def _claim_unit(store: Store, manifest: TeacherManifest, specs, corpus: CorpusManifest, *, worker: int, overwrite: bool) -> None:
+    """Worker 0 creates the unit (or replaces it under --overwrite); the others wait for it to exist."""
+    unit, deadline = f"teachers/{manifest.name}", time.monotonic() + WAIT_FOR_CREATOR_S
+    announced = False
+    while True:
+        old = _existing(store, manifest.name)
+        if old is not None and old.fingerprint == manifest.fingerprint:
+            return
+        if old is not None and not overwrite:
+            raise ChorusError(
+                f"cache '{manifest.name}' in '{store.url}' was made with other settings ({_differences(old, manifest)}); "
+                "pass --overwrite to replace it, or choose another --name"
+            )
+        if worker == 0:
+            if old is not None:
+                say(f"replacing cache '{manifest.name}' ({_differences(old, manifest)})")
+            store.delete_unit(unit)  # also a half-created unit with no manifest
+            store.create_arrays(unit, specs, corpus.num_rows, corpus.rows_per_shard)
+            store.write_teacher_manifest(manifest)  # last: a unit with a manifest has all its arrays
+            return
+        if time.monotonic() > deadline:
+            raise ChorusError(f"cache '{manifest.name}' was not created within {WAIT_FOR_CREATOR_S:.0f}s; "
+                              "start the worker with --shard 0/N (it creates the cache), then the others")
+        if not announced:
+            say(f"waiting for worker 0 to create cache '{manifest.name}'")
+            announced = True
+        time.sleep(0.5)
+
+
+def _rewrite_corrupt(store: Store, unit: str, shards: list[int]) -> None:
+    """Under --overwrite with unchanged settings: forget commits of this worker's shards whose bytes are bad."""
+    mine = set(shards)
+    for line in store.verify(unit):
+        shard = int(re.search(r" shard (\d+) ", line).group(1))
+        if shard in mine:
+            say(f"rewriting {line.split(':')[0]} (its bytes do not match the commit record)")
+            store.fs.rm(store._commit_path(unit, shard))
+
+
+def _bytes_per_token(store: Store, unit: str, corpus: CorpusManifest) -> float:
+    positions = corpus.num_rows * corpus.seq_len
+    return sum(store.nbytes(unit, n) for n in store.array_names(unit)) / max(positions, 1)
+
+
+# ---------------------------------------------------------------------------------------------- recipe
+def run(cfg: CacheConfig) -> TeacherManifest:
+    # ------------------------------------------------------------------ setup
+    worker, workers = shard_assignment(cfg.shard)
+    store, corpus = _open_store(cfg)
+    name = _check_args(cfg, corpus)
+    unit = f"teachers/{name}"
+    device = resolve_device(cfg.device, int(os.environ["LOCAL_RANK"]) if "LOCAL_RANK" in os.environ else None)
+    dtype = resolve_dtype(cfg.dtype, device)
+    match = check_tokenizer(cfg.teacher, corpus.tokenizer, tokenizer=cfg.tokenizer, revision=cfg.revision,
+                            trust_remote_code=cfg.trust_remote_code)
+    teacher = load_teacher(cfg.teacher, vocab_size=corpus.tokenizer.vocab_size, device=device, dtype=dtype,
+                           revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, tokenizer_match=match)
+    max_pos = getattr(teacher.model.config, "max_position_embeddings", None)
+    if max_pos is not None and corpus.seq_len > max_pos:
+        raise ChorusError(f"store rows are {corpus.seq_len} tokens but teacher '{cfg.teacher}' handles at most {max_pos}")
+    params = value_params(cfg.value_codec)
+    manifest = _manifest(cfg, name, corpus, teacher, params)
+    specs = target_specs(corpus.seq_len, cfg.top_k, cfg.samples, corpus.tokenizer.vocab_size, cfg.value_codec, params)
+    _claim_unit(store, manifest, specs, corpus, worker=worker, overwrite=cfg.overwrite)
+    mine = [s for s in range(corpus.num_shards) if s % workers == worker]
+    if cfg.overwrite:
+        _rewrite_corrupt(store, unit, mine)
+    done = store.commits(unit)
+    todo = [s for s in mine if s not in done]
+    rows_todo = sum(corpus.shard_rows(s)[1] - corpus.shard_rows(s)[0] for s in todo)
+    say(f"cache '{name}': {teacher.model_id} on {device} ({dtype_name(dtype)}), k={cfg.top_k} samples={cfg.samples} "
+        f"values={cfg.value_codec}; worker {worker}/{workers}: {len(todo)} of {len(mine)} shards to do"
+        + ("" if match == "tokenizer" else " (tokenizer differs from the store's but its vocabulary is identical)"))
+
+    def encode(shard: int, row_start: int, host: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        bad = first_bad_position(host["topk_logprobs"])
+        if bad is not None:
+            raise ChorusError(
+                f"teacher '{cfg.teacher}' gave NaN or inf logits at row {row_start + bad[0]} (position {bad[1]}, shard "
+                f"{shard}); nothing was written for that shard: check the weights, or try --dtype fp32")
+        return encode_targets(host["topk_ids"], host["topk_logprobs"], vocab_size=corpus.tokenizer.vocab_size,
+                              codec=cfg.value_codec, params=params, draws=host.get("draws"))
+
+    # ------------------------------------------------------------------ loop
+    if todo:
+        _cache_shards(store, unit, corpus, teacher, todo, rows_todo, encode, cfg)
+
+    # ------------------------------------------------------------------ cleanup
+    committed = store.commits(unit)
+    status = "complete" if len(committed) == corpus.num_shards else "incomplete"
+    current = _existing(store, name)
+    if status == "complete" and current is not None and current.status != "complete":
+        store.write_teacher_manifest(current.replace(status="complete"))  # two workers both flipping is fine
+    bpt = _bytes_per_token(store, unit, corpus)
+    say(f"cache '{name}' → {store.url} ({unit}): {status}, {len(committed)}/{corpus.num_shards} shards, "
+        f"{bpt:.1f} B/token")
+    return _existing(store, name) or manifest
+
+
+def _manifest(cfg: CacheConfig, name: str, corpus: CorpusManifest, teacher: Teacher, params: dict) -> TeacherManifest:
+    settings = {"top_k": cfg.top_k, "samples": cfg.samples, "seed": cfg.seed if cfg.samples else None,
+                "value_codec": cfg.value_codec, "value_params": params, "dtype": dtype_name(teacher.dtype), "targets": TARGETS}
+    fp = fingerprint("teacher-cache", corpus.fingerprint, corpus.tokenizer.fingerprint, teacher.weights_fingerprint,
+                     teacher.model_id, teacher.revision, settings)
+    return TeacherManifest(
+        name=name, model=cfg.teacher, revision=teacher.revision, weights_fingerprint=teacher.weights_fingerprint,
+        dtype=dtype_name(teacher.dtype), device=teacher.device.type, top_k=cfg.top_k, num_samples=cfg.samples,
+        seed=cfg.seed, value_codec=cfg.value_codec, value_params=params, corpus_fingerprint=corpus.fingerprint,
+        tokenizer_fingerprint=corpus.tokenizer.fingerprint, vocab_size=corpus.tokenizer.vocab_size, fingerprint=fp,
+        created_by=__version__,
+    )
+
+
+def _cache_shards(store: Store, unit: str, corpus: CorpusManifest, teacher: Teacher, todo: list[int], rows_todo: int,
+                  encode, cfg: CacheConfig) -> None:
+    """The loop: the main thread only reads ahead (one shard), runs the teacher and queues tensors."""
+    reader = ThreadPoolExecutor(1, thread_name_prefix="chorus-read")
+    read = lambda s: store.read_shard("corpus", s, ["input_ids"])["input_ids"]  # noqa: E731
+    pending = reader.submit(read, todo[0])
+    try:
+        with ShardWriter(store, unit, encode=encode) as writer, Progress(f"cache {unit}", total=rows_todo) as bar:
+            for n, shard in enumerate(todo):
+                ids = pending.result()
+                if n + 1 < len(todo):
+                    pending = reader.submit(read, todo[n + 1])
+                row_start, _ = corpus.shard_rows(shard)
+                for offset in range(0, len(ids), cfg.batch_size):
+                    x = torch.from_numpy(ids[offset: offset + cfg.batch_size].astype(np.int64)).to(teacher.device)
+                    try:
+                        with torch.inference_mode():
+                            targets = sparse_targets(teacher.logits(x), top_k=cfg.top_k, num_samples=cfg.samples,
+                                                     seed=cfg.seed, row_start=row_start + offset)
+                    except OutOfMemory:
+                        raise ChorusError(
+                            f"out of memory on {teacher.device} at --batch-size {cfg.batch_size} (shard {shard}); "
+                            f"rerun with a smaller --batch-size, e.g. {max(1, cfg.batch_size // 2)} (committed shards are kept)"
+                        ) from None
+                    writer.put(shard, row_start, len(ids), offset, targets)
+                    bar.update(len(x), tokens=x.numel(), shards=f"{len(writer.committed)}/{len(todo)}")
+    finally:
+        reader.shutdown(wait=True, cancel_futures=True)

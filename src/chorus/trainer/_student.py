@@ -1,0 +1,164 @@
+"""The student: any ``AutoModelForCausalLM`` (a directory, a hub id, or a model-config YAML trained from
+scratch), checked against the store's vocabulary and split into a body (hidden states) and the LM
+head's weight, so the loss can compute log-probs a chunk of positions at a time instead of
+materializing [B, L, V] fp32 logits.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from chorus.errors import ChorusError
+from chorus.trainer.losses import chunked_distill_loss, distill_loss_from_logits
+from chorus.trainer.sparse import SparseDist
+
+YAML_SUFFIXES = (".yaml", ".yml")
+
+
+def _read_model_yaml(path: str) -> dict:
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ChorusError(f"student config '{path}' could not be read: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict) or "model_type" not in data:
+        raise ChorusError(f"student config '{path}': expected a mapping with 'model_type' (e.g. llama) and config keys")
+    return data
+
+
+def load_student(spec: str, *, vocab_size: int, seq_len: int, seed: int = 0, trust_remote_code: bool = False) -> nn.Module:
+    """A causal LM from a directory / hub id (pretrained) or a model-config YAML (random init, seeded).
+
+    The model must have at least ``vocab_size`` embedding rows (padded rows are cut from the softmax)
+    and room for ``seq_len`` positions; a YAML without ``vocab_size`` gets the store's."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if spec.endswith(YAML_SUFFIXES):
+        if not os.path.isfile(spec):
+            raise ChorusError(f"student config '{spec}' not found")
+        data = _read_model_yaml(spec)
+        model_type = data.pop("model_type")
+        data.setdefault("vocab_size", vocab_size)
+        try:
+            config = AutoConfig.for_model(model_type, **data)
+        except (ValueError, TypeError) as e:
+            raise ChorusError(f"student config '{spec}': {str(e).splitlines()[0]}") from None
+        _check_vocab(spec, config.vocab_size, vocab_size)
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    else:
+        if spec.startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(spec)):
+            raise ChorusError(f"student '{spec}' not found: no such directory or model-config YAML")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(spec), trust_remote_code=trust_remote_code)
+        except Exception as e:  # OSError, hub errors, unknown architectures
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ChorusError(f"student '{spec}' could not be loaded ({first}); pass a model directory, hub id or "
+                              "a model-config YAML") from None
+    _check_vocab(spec, model.get_input_embeddings().num_embeddings, vocab_size)
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(max_pos, int) and max_pos < seq_len:
+        raise ChorusError(f"student '{spec}' handles {max_pos} positions but the store's rows have {seq_len} tokens")
+    return model
+
+
+def _check_vocab(spec: str, rows: int, vocab_size: int) -> None:
+    if rows < vocab_size:
+        raise ChorusError(f"student '{spec}' has {rows} vocabulary rows but the store's tokenizer has {vocab_size} ids; "
+                          "student and store must share the tokenizer (set vocab_size in the model config)")
+
+
+class Student(nn.Module):
+    """A causal LM seen as body + LM head. ``forward`` returns the training loss, so DDP wraps the whole
+    computation; ``log_probs_chunks`` serves evaluation.
+
+    ``vocab_size`` is the store's: LM-head rows past it (padding of the embedding matrix) are dropped
+    before the softmax, so every distribution is over the tokenizer's ids."""
+
+    def __init__(self, model: nn.Module, vocab_size: int) -> None:
+        super().__init__()
+        self.model, self.vocab_size = model, vocab_size
+        self.split = self._can_split()
+
+    # ------------------------------------------------------------------ structure
+    def _body(self) -> nn.Module:
+        get = getattr(self.model, "get_decoder", None)
+        body = get() if callable(get) else None
+        return body if body is not None else getattr(self.model, self.model.base_model_prefix)
+
+    def _head(self) -> nn.Linear | None:
+        head = self.model.get_output_embeddings()
+        return head if isinstance(head, nn.Linear) else None
+
+    @torch.no_grad()
+    def _can_split(self) -> bool:
+        """Body + head reproduce the model's logits (no soft-capping, logit scaling or extra projection)?
+        Checked once on a tiny input; otherwise the loss falls back to the model's own logits."""
+        if self._head() is None:
+            return False
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            ids = torch.arange(4, device=self.device)[None] % self.vocab_size
+            full = self.model(input_ids=ids).logits.float()
+            h = self._body()(input_ids=ids).last_hidden_state
+            head = self._head()
+            split = F.linear(h, head.weight, head.bias).float()
+            return full.shape == split.shape and torch.allclose(full, split, atol=1e-4, rtol=1e-4)
+        except Exception:
+            return False
+        finally:
+            self.model.train(was_training)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def head_params(self) -> tuple[Tensor, Tensor | None]:
+        head = self._head()
+        w, b = head.weight[: self.vocab_size], head.bias
+        return w, (b[: self.vocab_size] if b is not None else None)
+
+    # ------------------------------------------------------------------ compute
+    def hidden(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """(B, L, H) final hidden states (after the final norm)."""
+        return self._body()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, select: Tensor, gold: Tensor,
+                targets: SparseDist | None, *, loss_fn: Any, kd_weight: float, temperature: float = 1.0,
+                chunk_size: int = 1024, divergence_kwargs: dict | None = None) -> tuple[Tensor, dict]:
+        """Loss over the N selected next-token positions. ``select`` (N,) indexes the flattened
+        (B·(L-1)) positions that predict a real token, ``gold`` (N,) their tokens, ``targets`` a
+        SparseDist over the same N positions (None: hard-label CE only)."""
+        kw = dict(loss_fn=loss_fn, kd_weight=kd_weight, temperature=temperature, divergence_kwargs=divergence_kwargs)
+        if self.split:
+            h = self.hidden(input_ids, attention_mask)
+            h = h[:, :-1].reshape(-1, h.shape[-1])[select]
+            w, b = self.head_params()
+            return chunked_distill_loss(h, w, gold, targets, chunk_size=chunk_size, lm_head_bias=b, **kw)
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        logits = logits[:, :-1, : self.vocab_size].reshape(-1, self.vocab_size)[select]
+        return distill_loss_from_logits(logits, gold, targets, **kw)
+
+    def log_probs_chunks(self, input_ids: Tensor, attention_mask: Tensor, select: Tensor, chunk_size: int = 1024):
+        """Yields (slice, (n, V) fp32 log-probs) over the N selected positions, chunk by chunk."""
+        if self.split:
+            h = self.hidden(input_ids, attention_mask)
+            h = h[:, :-1].reshape(-1, h.shape[-1])[select]
+            w, b = self.head_params()
+            for start in range(0, h.shape[0], chunk_size):
+                sl = slice(start, start + chunk_size)
+                yield sl, F.log_softmax(F.linear(h[sl], w, b).float(), dim=-1)
+        else:
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+            logits = logits[:, :-1, : self.vocab_size].reshape(-1, self.vocab_size)[select]
+            for start in range(0, logits.shape[0], chunk_size):
+                sl = slice(start, start + chunk_size)
+                yield sl, F.log_softmax(logits[sl].float(), dim=-1)

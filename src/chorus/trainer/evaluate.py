@@ -1,0 +1,227 @@
+"""`chorus eval`: held-out per-domain loss and perplexity, mean and worst domain, calibration (ECE of
+next-token top-1 probabilities), and for each cached teacher the student's KL to it and top-1
+agreement with it; ensemble diagnostics when there are several teachers.
+
+A teacher is evaluated from its cache (``--model teacher:NAME``) without loading it: the gold token's
+log-prob is the cached one when it is in the top-k, else the even-tail estimate tail / (V − k).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import defaultdict
+
+import torch
+
+from chorus._progress import say
+from chorus.config import EvalConfig
+from chorus.errors import ChorusError
+from chorus.storage import Store
+from chorus.trainer import ensemble
+from chorus.trainer.calibration import expected_calibration_error, top1_confidence
+from chorus.trainer.data import CachedRows, check_teachers, complete_teachers, pool_teachers, positions, teacher_dist
+from chorus.trainer.losses import forward_kl
+from chorus.trainer.sparse import from_topk, log_prob_of
+
+
+class _Sums:
+    """Per-domain token-weighted sums."""
+
+    def __init__(self) -> None:
+        self.sum: dict = defaultdict(float)
+        self.n: dict = defaultdict(int)
+
+    def add(self, values: torch.Tensor, domain: torch.Tensor, num_domains: int) -> None:
+        values = values.double().cpu()
+        domain = domain.cpu()
+        s = torch.bincount(domain, weights=values, minlength=num_domains)
+        c = torch.bincount(domain, minlength=num_domains)
+        for d in range(num_domains):
+            if c[d]:
+                self.sum[d] += float(s[d])
+                self.n[d] += int(c[d])
+
+    def total(self) -> float:
+        return sum(self.sum.values()) / max(sum(self.n.values()), 1)
+
+    def per_domain(self, names) -> dict:
+        return {names[d]: self.sum[d] / self.n[d] for d in sorted(self.n)}
+
+
+def _summary(loss: _Sums, names, conf: list, correct: list) -> dict:
+    per = loss.per_domain(names)
+    if not per:
+        raise ChorusError("no held-out tokens to evaluate (every selected row is padding)")
+    worst = max(per, key=per.get)
+    return {
+        "per_domain": per,
+        "ppl": {d: math.exp(min(v, 700.0)) for d, v in per.items()},
+        "tokens": {names[d]: n for d, n in sorted(loss.n.items())},
+        "mean": sum(per.values()) / len(per),
+        "worst": per[worst],
+        "worst_domain": worst,
+        "token_mean": loss.total(),
+        "ece": expected_calibration_error(torch.cat(conf), torch.cat(correct)),
+    }
+
+
+@torch.no_grad()
+def evaluate_model(model, store: str, *, split: str = "valid", batch_size: int = 8, max_rows: int | None = None,
+                   teachers: list[str] | None = None, chunk_size: int = 1024, operator: str = "mixture",
+                   weighting: str = "none", alpha: float = 0.5, beta: float = 1.0,
+                   storage_options: dict | None = None) -> dict:
+    """Metrics of ``model`` (a :class:`~chorus.trainer._student.Student`, or a causal LM it wraps) on
+    ``split``. ``teachers``: cached teachers to compare with (None: every complete one)."""
+    from chorus.trainer._student import Student
+
+    st = Store.open(store, "r", storage_options)
+    m = st.manifest
+    names = list(m.domains)
+    teachers = complete_teachers(st) if teachers is None else list(teachers)
+    student = model if isinstance(model, Student) else Student(model, m.tokenizer.vocab_size)
+    device = student.device
+    was_training = student.training
+    student.eval()
+    data = CachedRows(store, batch_size=batch_size, teachers=teachers, split=split, shuffle=False, epochs=1,
+                      max_rows=max_rows, rank=0, world_size=1, storage_options=storage_options)
+    v, nd = m.tokenizer.vocab_size, len(names)
+    loss, conf, correct = _Sums(), [], []
+    kl = {t: _Sums() for t in teachers}
+    agree = {t: _Sums() for t in teachers}
+    jsd, differs, weights = _Sums(), {t: _Sums() for t in teachers}, {t: _Sums() for t in teachers}
+    rows = 0
+    for batch in data:
+        rows += len(batch["row"])
+        pos = positions(batch, device)
+        dists = [teacher_dist(batch["teachers"][t], pos.select, target="topk_tail", vocab_size=v, device=device)
+                 for t in teachers]
+        for sl, s_logp in student.log_probs_chunks(batch["input_ids"].to(device), pos.attention_mask, pos.select,
+                                                   chunk_size):
+            gold, dom = pos.gold[sl], pos.domain[sl]
+            top_logp, pred = s_logp.max(-1)
+            loss.add(-s_logp.gather(1, gold[:, None])[:, 0], dom, nd)
+            conf.append(top_logp.exp().cpu())
+            correct.append((pred == gold).cpu())
+            chunk = [d.rows(sl) for d in dists]
+            for t, d in zip(teachers, chunk):
+                kl[t].add(forward_kl(d, s_logp), dom, nd)
+                agree[t].add((ensemble.top1(d) == pred).double(), dom, nd)
+            if len(chunk) >= 2:
+                jsd.add(ensemble.mean_pairwise_jsd(chunk), dom, nd)
+                prior = torch.ones(len(gold), len(chunk), device=device)
+                pooled, w = pool_teachers(chunk, prior, operator=operator, weighting=weighting, gold=gold,
+                                          alpha=alpha, beta=beta)
+                top = ensemble.top1(pooled)
+                for i, (t, d) in enumerate(zip(teachers, chunk)):
+                    differs[t].add((ensemble.top1(d) != top).double(), dom, nd)
+                    weights[t].add(w[:, i], dom, nd)
+    student.train(was_training)
+    out = {"split": split, "rows": rows, **_summary(loss, names, conf, correct), "teachers": {}}
+    for t in teachers:
+        out["teachers"][t] = {"kl": kl[t].total(), "top1_agreement": agree[t].total(),
+                              "per_domain": {d: {"kl": kl[t].per_domain(names)[d],
+                                                 "top1_agreement": agree[t].per_domain(names)[d]}
+                                             for d in kl[t].per_domain(names)}}
+    if len(teachers) >= 2:
+        out["ensemble"] = {
+            "operator": operator, "weighting": weighting,
+            "mean_jsd": jsd.total(), "jsd_per_domain": jsd.per_domain(names),
+            "weights_per_domain": {d: {t: weights[t].per_domain(names)[d] for t in teachers}
+                                   for d in jsd.per_domain(names)},
+            "pooled_top1_differs": {t: differs[t].total() for t in teachers},
+        }
+    return out
+
+
+@torch.no_grad()
+def evaluate_teacher_cache(store: str, name: str, *, split: str = "valid", batch_size: int = 64,
+                           max_rows: int | None = None, storage_options: dict | None = None) -> dict:
+    """A cached teacher's own held-out metrics, without loading it: gold log-prob from the cache when
+    the gold token is in its top-k, else the even-tail estimate; ECE of its top-1 probabilities."""
+    st = Store.open(store, "r", storage_options)
+    m = st.manifest
+    names = list(m.domains)
+    (tm,) = check_teachers(st, [name])
+    data = CachedRows(store, batch_size=batch_size, teachers=[name], split=split, shuffle=False, epochs=1,
+                      max_rows=max_rows, rank=0, world_size=1, storage_options=storage_options)
+    loss, conf, correct, in_topk, rows = _Sums(), [], [], _Sums(), 0
+    for batch in data:
+        rows += len(batch["row"])
+        pos = positions(batch)
+        arrays = batch["teachers"][name]
+        d = teacher_dist(arrays, pos.select, target="topk_tail", vocab_size=m.tokenizer.vocab_size)
+        loss.add(-log_prob_of(d, pos.gold[:, None])[:, 0].clamp_min(-1e4), pos.domain, len(names))
+        ids = arrays["topk_ids"][:, :-1].reshape(-1, tm.top_k)[pos.select].long()
+        in_topk.add((ids == pos.gold[:, None]).any(-1).double(), pos.domain, len(names))
+        c, ok = top1_confidence(d, pos.gold)
+        conf.append(c)
+        correct.append(ok)
+    out = {"split": split, "rows": rows, **_summary(loss, names, conf, correct), "teachers": {},
+           "source": "cache", "temperature": tm.temperature, "gold_in_topk": in_topk.total(),
+           "note": f"gold log-prob from the cached top-{tm.top_k} when present ({in_topk.total():.1%} of tokens), "
+                   f"else the even-tail estimate tail/(V-{tm.top_k}); the teacher was not loaded"}
+    return out
+
+
+def _table(res: dict, title: str) -> str:
+    lines = [title, f"{'domain':<16}{'loss':>9}{'ppl':>11}{'tokens':>9}"]
+    for d, v in res["per_domain"].items():
+        lines.append(f"{d:<16}{v:>9.4f}{res['ppl'][d]:>11.2f}{res['tokens'][d]:>9}")
+    lines.append(f"{'mean':<16}{res['mean']:>9.4f}{math.exp(min(res['mean'], 700)):>11.2f}")
+    lines.append(f"{'worst':<16}{res['worst']:>9.4f}   ({res['worst_domain']})")
+    lines.append(f"ECE (top-1, 15 bins): {res['ece']:.4f}")
+    if res.get("note"):
+        lines.append(f"note: {res['note']}")
+    if res["teachers"]:
+        lines.append(f"{'teacher':<16}{'KL(t||s)':>10}{'top-1 agree':>13}")
+        for t, r in res["teachers"].items():
+            lines.append(f"{t:<16}{r['kl']:>10.4f}{r['top1_agreement']:>13.3f}")
+    ens = res.get("ensemble")
+    if ens:
+        lines.append(f"ensemble ({ens['operator']}, weighting {ens['weighting']}): mean inter-teacher JSD "
+                     f"{ens['mean_jsd']:.4f}")
+        for d, j in ens["jsd_per_domain"].items():
+            ws = ", ".join(f"{t} {w:.2f}" for t, w in ens["weights_per_domain"][d].items())
+            lines.append(f"  {d:<14} JSD {j:.4f}  weights {ws}")
+        lines.append("  pooled top-1 differs from: " + ", ".join(f"{t} {x:.1%}" for t, x in ens["pooled_top1_differs"].items()))
+    return "\n".join(lines)
+
+
+def _model_dir(path: str) -> str:
+    """A `chorus train` run directory holds the model in ``model/``."""
+    sub = os.path.join(path, "model")
+    return sub if os.path.isfile(os.path.join(sub, "config.json")) else path
+
+
+def run(cfg: EvalConfig) -> dict:
+    if cfg.split not in ("train", "valid"):
+        raise ChorusError(f"--split must be train or valid, got '{cfg.split}'")
+    st = Store.open(cfg.store, "r", cfg.storage_options)
+    m = st.manifest
+    if cfg.model.startswith("teacher:"):
+        name = cfg.model.split(":", 1)[1]
+        res = evaluate_teacher_cache(cfg.store, name, split=cfg.split, batch_size=cfg.batch_size, max_rows=cfg.max_rows,
+                                     storage_options=cfg.storage_options)
+        res["model"] = cfg.model
+        title = f"teacher '{name}' from its cache on split '{cfg.split}' ({res['rows']} rows)"
+    else:
+        from chorus.trainer._student import Student, load_student
+
+        device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device)
+        model = load_student(_model_dir(cfg.model), vocab_size=m.tokenizer.vocab_size, seq_len=m.seq_len).to(device)
+        teachers = cfg.teachers or complete_teachers(st)
+        res = evaluate_model(Student(model, m.tokenizer.vocab_size), cfg.store, split=cfg.split, batch_size=cfg.batch_size,
+                             max_rows=cfg.max_rows, teachers=teachers, chunk_size=cfg.chunk_size,
+                             operator=cfg.aggregate, weighting=cfg.weighting, alpha=cfg.alpha, beta=cfg.beta,
+                             storage_options=cfg.storage_options)
+        res["model"] = cfg.model
+        title = f"model '{cfg.model}' on split '{cfg.split}' ({res['rows']} rows)"
+    print(_table(res, title))
+    if cfg.out:
+        os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
+        with open(cfg.out, "w") as f:
+            json.dump(res, f, indent=2)
+        say(f"metrics → {cfg.out}")
+    return res

@@ -1,0 +1,405 @@
+"""`chorus train`: distill a student from cached teachers (plain CE training with none).
+
+setup (distributed, run directory, data, student, optimizer, resume) → loop (micro-batches, targets
+from the cache, loss, step, log, eval, checkpoint) → cleanup (final eval, ``model/``, ``config.yaml``).
+No teacher model is ever loaded: targets are the teachers' cached sparse distributions, softened by
+each teacher's calibrated temperature, pooled per token, and matched by a sparse divergence.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from chorus import __version__
+from chorus._progress import Progress, say
+from chorus.config import TrainConfig, to_dict
+from chorus.errors import ChorusError
+from chorus.storage import Store
+from chorus.trainer import _checkpoint as ckpt
+from chorus.trainer import ensemble
+from chorus.trainer._student import Student, load_student
+from chorus.trainer.data import CachedRows, StreamLoader, check_teachers, pool_teachers, positions, teacher_dist
+from chorus.trainer.evaluate import evaluate_model
+from chorus.trainer.losses import get_loss
+from chorus.trainer.sparse import soften
+
+# Keys that may differ between a run and its resumption without making it another run.
+VOLATILE_KEYS = ("resume", "overwrite", "num_workers", "storage_options")
+
+
+# ---------------------------------------------------------------------------------------------- setup
+class _Dist:
+    """torchrun plumbing: rank, world size, device; a single process when not launched by torchrun."""
+
+    def __init__(self, device: str) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", 1))
+        self.rank = int(os.environ.get("RANK", 0))
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ChorusError("--device cuda was asked for but no CUDA device is available")
+        self.device = torch.device(f"cuda:{local}" if cuda else "cpu")
+        if cuda:
+            torch.cuda.set_device(self.device)
+        self.owns_group = False
+        if self.world > 1 and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if cuda else "gloo")
+            self.owns_group = True
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def sum(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64)
+        if self.world > 1:
+            torch.distributed.all_reduce(t)
+        return t.tolist()
+
+    def gather(self, obj: object) -> list:
+        if self.world == 1:
+            return [obj]
+        out: list = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def close(self) -> None:
+        if self.owns_group:
+            torch.distributed.destroy_process_group()
+
+
+def _validate(cfg: TrainConfig, domains: tuple[str, ...]) -> None:
+    get_loss(cfg.loss)
+    if cfg.aggregate not in ensemble.OPERATORS:
+        raise ChorusError(f"unknown operator '{cfg.aggregate}'; expected one of: {', '.join(ensemble.OPERATORS)}")
+    if cfg.weighting not in ensemble.WEIGHTINGS:
+        raise ChorusError(f"unknown weighting '{cfg.weighting}'; expected one of: {', '.join(ensemble.WEIGHTINGS)}")
+    for key in ("steps", "batch_size", "grad_accum", "chunk_size"):
+        if getattr(cfg, key) < 1:
+            raise ChorusError(f"train key '{key}': expected a positive integer, got {getattr(cfg, key)}")
+    if not 0.0 <= cfg.kd_weight <= 1.0:
+        raise ChorusError(f"train key 'kd_weight': expected a number in [0, 1], got {cfg.kd_weight}")
+    if len(set(cfg.teachers)) != len(cfg.teachers):
+        raise ChorusError(f"train key 'teachers': a teacher is listed twice in {cfg.teachers}")
+    for name in cfg.teacher_weights:
+        if name not in cfg.teachers:
+            raise ChorusError(f"teacher_weights names '{name}', which is not in --teachers ({', '.join(cfg.teachers)})")
+    for dom, ws in cfg.domain_weights.items():
+        if dom not in domains:
+            raise ChorusError(f"domain_weights names domain '{dom}'; the store has: {', '.join(domains)}")
+        if not isinstance(ws, dict) or any(t not in cfg.teachers for t in ws):
+            raise ChorusError(f"domain_weights['{dom}']: expected {{teacher: weight}} over --teachers, got {ws!r}")
+
+
+def _prior_table(cfg: TrainConfig, domains: tuple[str, ...]) -> torch.Tensor:
+    """(D, T) teacher weight per domain: global teacher_weights × per-domain domain_weights (default 1)."""
+    table = torch.tensor([[float(cfg.teacher_weights.get(t, 1.0)) * float(cfg.domain_weights.get(d, {}).get(t, 1.0))
+                           for t in cfg.teachers] for d in domains], dtype=torch.float32)
+    if cfg.teachers and (not torch.isfinite(table).all() or (table < 0).any() or (table.sum(1) <= 0).any()):
+        bad = [d for d, row in zip(domains, table) if row.sum() <= 0 or (row < 0).any()]
+        raise ChorusError(f"teacher weights must be >= 0 with a positive sum in every domain; check domain(s) {bad}")
+    return table
+
+
+def _prepare_run_dir(cfg: TrainConfig, dist: _Dist) -> Path | None:
+    """Refuse a directory holding another run; return the checkpoint to resume from (None: start)."""
+    out = Path(cfg.out)
+    saved_cfg = out / "config.yaml"
+    holds_run = saved_cfg.is_file() or bool(ckpt.checkpoints(out))
+    new = {k: v for k, v in to_dict(cfg).items() if k not in VOLATILE_KEYS}
+    if holds_run and not cfg.overwrite:
+        old = yaml.safe_load(saved_cfg.read_text()) if saved_cfg.is_file() else {}
+        old = {k: v for k, v in (old or {}).items() if k not in VOLATILE_KEYS}
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if not cfg.resume:
+            if changed:
+                raise ChorusError(f"'{cfg.out}' holds another run (its config differs in: {', '.join(changed)}); "
+                                  "pass --resume to continue it, --overwrite to replace it, or choose another --out")
+            if (out / "model" / "chorus.json").is_file():
+                return "done"  # type: ignore[return-value]
+            if ckpt.checkpoints(out):
+                raise ChorusError(f"'{cfg.out}' holds an unfinished run of this config; pass --resume to continue it "
+                                  "or --overwrite to start over")
+        elif changed and dist.main:
+            say(f"resuming with changed settings: {', '.join(changed)}")
+    dist.barrier()  # every rank has looked before rank 0 writes
+    if dist.main:
+        if cfg.overwrite and out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    dist.barrier()
+    return ckpt.latest(out) if cfg.resume else None
+
+
+def _lr_lambda(cfg: TrainConfig):
+    def f(step: int) -> float:  # step = optimizer steps taken so far
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        span = max(cfg.steps - cfg.warmup_steps, 1)
+        progress = min((step - cfg.warmup_steps) / span, 1.0)
+        return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return f
+
+
+def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    rest = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]  # norms and biases: no decay
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+                             lr=cfg.lr, betas=(0.9, 0.95))
+
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    """(context factory, dtype or None): bf16 where supported, fp16 on older GPUs, fp32 on CPU by default."""
+    p = cfg.precision
+    if p == "auto":
+        p = "fp32" if device.type == "cpu" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    if p == "fp32":
+        return nullcontext, None
+    dtype = torch.bfloat16 if p == "bf16" else torch.float16
+    return (lambda: torch.autocast(device.type, dtype=dtype)), dtype
+
+
+class _Log:
+    """metrics.csv (one row per logged or evaluated step, fixed columns) and TensorBoard when installed."""
+
+    def __init__(self, out: Path, columns: list[str], resume_step: int | None, enabled: bool) -> None:
+        self.path, self.columns, self.enabled, self.tb = out / "metrics.csv", ["step", *columns], enabled, None
+        if not enabled:
+            return
+        if resume_step is not None and self.path.is_file():  # drop rows logged after the checkpoint
+            with open(self.path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+        else:
+            rows = []
+        with open(self.path, "w", newline="") as f:
+            w = csv.DictWriter(f, self.columns, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=(resume_step or 0) + 1 if resume_step else None)
+        except ImportError:  # TensorBoard is optional
+            pass
+
+    def write(self, step: int, values: dict) -> None:
+        if not self.enabled or not values:
+            return
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, self.columns, extrasaction="ignore").writerow({"step": step, **values})
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+# ---------------------------------------------------------------------------------------------- recipe
+def run(cfg: TrainConfig) -> dict:
+    dist = _Dist(cfg.device)
+    try:
+        return _train(cfg, dist)
+    finally:
+        dist.close()
+
+
+def _train(cfg: TrainConfig, dist: _Dist) -> dict:
+    # ---- setup: store, teachers, run directory
+    store = Store.open(cfg.store, "r", cfg.storage_options)
+    m = store.manifest
+    vocab, domains = m.tokenizer.vocab_size, m.domains
+    _validate(cfg, domains)
+    manifests = check_teachers(store, cfg.teachers, need_samples=cfg.target == "samples")
+    prior_table = _prior_table(cfg, domains).to(dist.device)
+    temps = [t.temperature if cfg.calibrated else 1.0 for t in manifests]
+    resume_from = _prepare_run_dir(cfg, dist)
+    if resume_from == "done":
+        say(f"'{cfg.out}' already holds this finished run; nothing to do (pass --overwrite to train again)")
+        return json.loads((Path(cfg.out) / "model" / "chorus.json").read_text())
+    out = Path(cfg.out)
+
+    # ---- setup: seeds, student, optimizer, data
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model = load_student(cfg.student, vocab_size=vocab, seq_len=m.seq_len, seed=cfg.seed).to(dist.device)
+    student = Student(model, vocab)
+    net = student
+    if dist.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(student, device_ids=[dist.device] if dist.device.type == "cuda" else None)
+    optimizer = _optimizer(student, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
+    autocast, amp_dtype = _autocast(cfg, dist.device)
+    scaler = torch.amp.GradScaler(dist.device.type, enabled=amp_dtype == torch.float16)
+    data = CachedRows(cfg.store, batch_size=cfg.batch_size, teachers=cfg.teachers, split="train",
+                      domains=cfg.train_domains or None, samples=cfg.target == "samples", topk=cfg.target != "samples",
+                      shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, rank=dist.rank, world_size=dist.world,
+                      storage_options=cfg.storage_options)
+    loader = StreamLoader(data, num_workers=cfg.num_workers, pin_memory=dist.device.type == "cuda")
+
+    start, tokens_seen = 0, 0
+    if resume_from is not None:
+        state = ckpt.load(resume_from)
+        student.model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        loader.load_state_dict(state["loader"])
+        rngs = state["rng"]
+        ckpt.set_rng_state(rngs[dist.rank] if len(rngs) == dist.world else rngs[0])
+        start, tokens_seen = state["step"], state["tokens"]
+        if dist.main:
+            say(f"resuming from {resume_from.name} (step {start})")
+    elif cfg.resume and dist.main:
+        say(f"no checkpoint in '{cfg.out}' yet; starting from step 0")
+
+    diag = len(cfg.teachers) >= 2
+    columns = ["lr", "loss", "ce", "kd", "grad_norm", "tokens", "tokens_per_s"]
+    columns += [f"eval/{d}" for d in domains] + ["eval/mean", "eval/worst", "eval/ece"]
+    if diag:
+        columns += [f"weight/{d}/{t}" for d in domains for t in cfg.teachers]
+        columns += [f"top1_differs/{t}" for t in cfg.teachers] + ["teacher_jsd"]
+    log = _Log(out, columns, start if resume_from is not None else None, dist.main)
+    loss_fn = get_loss(cfg.loss)
+    if dist.main:
+        what = f"distilling from {', '.join(cfg.teachers)} ({cfg.loss}, {cfg.target}" + \
+            (f", {cfg.aggregate} pool, {cfg.weighting} weighting)" if diag else ")") if cfg.teachers else "CE only (no teachers)"
+        say(f"train: {sum(p.numel() for p in student.parameters()):,} parameters, {what}, {cfg.steps} steps of "
+            f"{cfg.batch_size * cfg.grad_accum * dist.world} rows on {dist.device}")
+
+    def targets_for(batch: dict, pos):
+        """The pooled sparse target over the batch's positions, and each teacher's per-token weight."""
+        if not cfg.teachers:
+            return None, None, None
+        dists = []
+        for t, temp in zip(cfg.teachers, temps):
+            d = teacher_dist(batch["teachers"][t], pos.select, target=cfg.target, vocab_size=vocab, device=dist.device)
+            dists.append(soften(d, temp) if temp != 1.0 else d)  # calibrate before pooling
+        pooled, w = pool_teachers(dists, prior_table[pos.domain], operator=cfg.aggregate, weighting=cfg.weighting,
+                                  gold=pos.gold, alpha=cfg.alpha, beta=cfg.beta)
+        return pooled, w, dists
+
+    # ---- loop
+    acc = {"loss": 0.0, "ce": 0.0, "kd": 0.0, "grad_norm": 0.0, "steps": 0, "tokens": 0}
+    wsum = torch.zeros(len(domains), max(len(cfg.teachers), 1), dtype=torch.float64)
+    wcount = torch.zeros(len(domains), dtype=torch.float64)
+    differs, jsd, diag_n = torch.zeros(max(len(cfg.teachers), 1), dtype=torch.float64), 0.0, 0
+    batches = iter(loader)
+    t_last = time.perf_counter()
+    result: dict = {}
+    student.train()
+    with Progress("train", total=cfg.steps, unit="steps") as bar:
+        bar.update(start)
+        for step in range(start + 1, cfg.steps + 1):
+            log_now = step % cfg.log_every == 0 or step == cfg.steps
+            step_loss = [0.0, 0.0, 0.0, 0.0]  # loss, ce, kd (position-weighted sums), positions
+            for micro in range(cfg.grad_accum):
+                batch = next(batches)
+                pos = positions(batch, dist.device)
+                targets, w, dists = targets_for(batch, pos)
+                sync = micro == cfg.grad_accum - 1 or dist.world == 1
+                with (nullcontext() if sync else net.no_sync()), autocast():
+                    loss, parts = net(batch["input_ids"].to(dist.device, non_blocking=True), pos.attention_mask,
+                                      pos.select, pos.gold, targets, loss_fn=loss_fn, kd_weight=cfg.kd_weight,
+                                      temperature=cfg.temperature, chunk_size=cfg.chunk_size)
+                    scaler.scale(loss / cfg.grad_accum).backward()
+                n = int((pos.gold != -100).sum())
+                step_loss = [a + b for a, b in zip(step_loss, [float(loss.detach()) * n, parts["ce"] * n, parts["kd"] * n, n])]
+                if diag:  # ensemble diagnostics: weights every micro-batch, disagreement on logged steps
+                    wsum.index_add_(0, pos.domain.cpu(), w.detach().double().cpu())
+                    wcount += torch.bincount(pos.domain.cpu(), minlength=len(domains)).double()
+                    if log_now and micro == 0:
+                        top = ensemble.top1(targets)
+                        differs += torch.stack([(ensemble.top1(d) != top).double().mean() for d in dists]).cpu()
+                        jsd += float(ensemble.mean_pairwise_jsd(dists).mean())
+                        diag_n += 1
+            scaler.unscale_(optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.clip if cfg.clip > 0 else float("inf"))
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+
+            total = dist.sum(step_loss)
+            positions_all = max(total[3], 1.0)
+            acc["loss"] += total[0] / positions_all
+            acc["ce"] += total[1] / positions_all
+            acc["kd"] += total[2] / positions_all
+            acc["grad_norm"] += float(norm)
+            acc["steps"] += 1
+            acc["tokens"] += int(total[3])
+            tokens_seen += int(total[3])
+            bar.update(1, tokens=int(total[3]), loss=f"{total[0] / positions_all:.3f}")
+
+            row: dict = {}
+            if log_now:
+                now = time.perf_counter()
+                k = acc["steps"]
+                row = {"lr": scheduler.get_last_lr()[0], "loss": acc["loss"] / k, "ce": acc["ce"] / k,
+                       "kd": acc["kd"] / k, "grad_norm": acc["grad_norm"] / k, "tokens": tokens_seen,
+                       "tokens_per_s": acc["tokens"] / max(now - t_last, 1e-9)}
+                if diag:
+                    mean_w = wsum / wcount.clamp_min(1)[:, None]
+                    row.update({f"weight/{d}/{t}": float(mean_w[i, j]) for i, d in enumerate(domains)
+                                for j, t in enumerate(cfg.teachers) if wcount[i] > 0})
+                    row.update({f"top1_differs/{t}": float(differs[j] / max(diag_n, 1)) for j, t in enumerate(cfg.teachers)})
+                    row["teacher_jsd"] = jsd / max(diag_n, 1)
+                    wsum.zero_(), wcount.zero_(), differs.zero_()
+                    jsd, diag_n = 0.0, 0
+                acc = {key: 0 if key in ("steps", "tokens") else 0.0 for key in acc}
+                t_last = now
+            if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
+                if dist.main:
+                    res = evaluate_model(student, cfg.store, max_rows=cfg.eval_rows, batch_size=cfg.batch_size,
+                                         teachers=[], chunk_size=cfg.chunk_size, storage_options=cfg.storage_options)
+                    row.update({f"eval/{d}": v for d, v in res["per_domain"].items()})
+                    row.update({"eval/mean": res["mean"], "eval/worst": res["worst"], "eval/ece": res["ece"]})
+                    result = res
+                dist.barrier()
+            log.write(step, row)
+            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
+                _save_checkpoint(out, step, tokens_seen, student, optimizer, scheduler, scaler, loader, dist)
+
+    # ---- cleanup: the final model, its tokenizer info, the config
+    log.close()
+    if dist.main:
+        final = out / "model"
+        student.model.save_pretrained(final)
+        info = {"created_by": __version__, "steps": cfg.steps, "store": cfg.store, "corpus_fingerprint": m.fingerprint,
+                "tokenizer": m.tokenizer.to_dict(), "teachers": cfg.teachers, "config": to_dict(cfg),
+                "eval": result}
+        (final / "chorus.json").write_text(json.dumps(info, indent=2))
+        say(f"trained {cfg.steps} steps → {final}" + (f" (held-out mean loss {result['mean']:.4f}, worst "
+                                                          f"{result['worst_domain']} {result['worst']:.4f})" if result else ""))
+    dist.barrier()
+    return {"steps": cfg.steps, "eval": result, "out": str(out)}
+
+
+def _save_checkpoint(out: Path, step: int, tokens: int, student: Student, optimizer, scheduler, scaler,
+                     loader: StreamLoader, dist: _Dist) -> None:
+    rngs = dist.gather(ckpt.rng_state())  # every rank's generators, so dropout resumes exactly
+    if dist.main:
+        ckpt.save(out, step, {"step": step, "tokens": tokens, "model": student.model.state_dict(),
+                              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                              "scaler": scaler.state_dict(), "loader": loader.state_dict(), "rng": rngs,
+                              "created_by": __version__})
+    dist.barrier()

@@ -1,0 +1,135 @@
+"""`chorus demo`: the corpus, the report, and one quick end-to-end run that puts the claim to the test.
+
+The end-to-end run is a single test (about a minute on one CPU core): split into several tests, a
+parallel runner (pytest -n 2) could run the demo once per worker."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import pytest
+import yaml
+
+from chorus import _demo_corpus, demo
+from chorus.cli import main
+
+
+# ---------------------------------------------------------------------------------------------- corpus
+def test_corpus_domains_are_distinct_and_deterministic():
+    a = _demo_corpus.domain_documents(20_000)
+    b = _demo_corpus.domain_documents(20_000)
+    assert a == b
+    assert set(a) == set(_demo_corpus.DOMAINS)
+    assert all(len(docs) >= 5 for docs in a.values())
+    assert all(line.startswith("U+") for doc in a["unicode"] for line in doc.splitlines())
+    assert any("def " in doc for doc in a["code"]) and any("statement" in doc for doc in a["prose"])
+
+
+def test_corpus_is_balanced_by_tokens_and_reused(tmp_path):
+    from transformers import AutoTokenizer
+
+    corpus, tok = _demo_corpus.build(tmp_path, chars_per_domain=40_000, tokens_per_domain=4_000, vocab_size=300)
+    t = AutoTokenizer.from_pretrained(str(tok))
+    assert (t.eos_token, t.pad_token) == ("<eos>", "<pad>") and len(t) == 300
+    counts: dict = {}
+    for line in corpus.read_text().splitlines():
+        doc = json.loads(line)
+        counts[doc["domain"]] = counts.get(doc["domain"], 0) + len(t(doc["text"])["input_ids"]) + 1
+    assert set(counts) == set(_demo_corpus.DOMAINS)
+    assert all(4_000 <= n < 4_000 * 1.5 for n in counts.values()), counts  # the cap, overshot by < 1 document
+    mtime = corpus.stat().st_mtime_ns
+    _demo_corpus.build(tmp_path, chars_per_domain=40_000, tokens_per_domain=4_000, vocab_size=300)
+    assert corpus.stat().st_mtime_ns == mtime
+
+
+# ---------------------------------------------------------------------------------------------- report
+def _fake_rows(ensemble_worst: float) -> list[dict]:
+    def row(name, kind, losses):
+        per = dict(zip(("code", "prose", "unicode"), losses))
+        return {"name": name, "kind": kind, "per_domain": per, "mean": sum(losses) / 3, "worst": max(losses), "ece": 0.01}
+
+    return [row("teacher-code", "teacher", (2.0, 5.0, 6.0)), row("student-kd-code", "student", (2.5, 5.5, 6.5)),
+            row("student-kd-prose", "student", (5.5, 2.5, 6.0)), row("student-ensemble", "student", (2.8, 2.9, ensemble_worst))]
+
+
+def test_claim_compares_worst_domains():
+    assert demo.claim(_fake_rows(3.0))[0]
+    holds, text = demo.claim(_fake_rows(6.2))  # beats kd-code (6.5) but not kd-prose (6.0)
+    assert not holds and "does NOT" in text
+
+
+def test_table_and_plot(tmp_path):
+    rows = _fake_rows(3.0)
+    table = demo.format_table(rows, ["code", "prose", "unicode"])
+    assert table.splitlines()[0].split() == ["model", "kind", "code", "prose", "unicode", "mean", "worst", "ECE"]
+    assert "student-ensemble" in table and "6.500" in table
+    demo.plot(rows, ["code", "prose", "unicode"], tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+def _check_schema(results: dict) -> None:
+    domains = results["domains"]
+    assert sorted(domains) == sorted(_demo_corpus.DOMAINS)
+    names = [r["name"] for r in results["rows"]]
+    assert names == [f"teacher-{d}" for d in domains] + ["student-ce"] + [f"student-kd-{d}" for d in domains] + [
+        "student-ensemble"]
+    for r in results["rows"]:
+        assert {"name", "kind", "per_domain", "mean", "worst", "ece"} <= set(r)
+        assert r["kind"] == ("teacher" if r["name"].startswith("teacher-") else "student")
+        losses = [r["per_domain"][d] for d in domains]
+        assert all(math.isfinite(v) and v > 0 for v in losses)
+        assert r["worst"] == pytest.approx(max(losses)) and r["mean"] == pytest.approx(sum(losses) / len(losses))
+        assert 0.0 <= r["ece"] <= 1.0
+
+
+def _check_students_differ_only_in_teachers(out) -> None:
+    """Honest comparison: one model config, step count, row stream, seed and loss for every student."""
+    configs = {p.parent.name: yaml.safe_load(p.read_text()) for p in sorted((out / "students").glob("*/config.yaml"))}
+    assert len(configs) == 5
+    rest = [{k: v for k, v in c.items() if k not in ("teachers", "out")} for c in configs.values()]
+    assert all(c == rest[0] for c in rest[1:])
+    assert rest[0]["train_domains"] == [] and rest[0]["kd_weight"] == 1.0
+    assert configs["student-ce"]["teachers"] == []
+    assert sorted(configs["student-ensemble"]["teachers"]) == sorted(_demo_corpus.DOMAINS)
+
+
+def test_quick_demo_puts_the_claim_to_the_test(tmp_path, capfd):
+    out = tmp_path / "demo"
+    t0 = time.perf_counter()
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    first_run = time.perf_counter() - t0
+    captured = capfd.readouterr()
+    results = json.loads((out / "results.json").read_text())
+    rows = {r["name"]: r for r in results["rows"]}
+    domains = results["domains"]
+
+    # The scenario the claim rests on: every teacher is the best teacher on its own domain.
+    for d in domains:
+        own = rows[f"teacher-{d}"]["per_domain"][d]
+        assert all(own < rows[f"teacher-{o}"]["per_domain"][d] for o in domains if o != d), (d, rows)
+    # The claim: at its worst domain, the ensemble student beats every single-teacher student.
+    ens = rows["student-ensemble"]["worst"]
+    singles = {n: r["worst"] for n, r in rows.items() if n.startswith("student-kd-")}
+    assert len(singles) == 3 and all(ens < w for w in singles.values()), (ens, singles)
+    assert results["claim"]["holds"]
+
+    _check_schema(results)
+    _check_students_differ_only_in_teachers(out)
+    png = out / "results.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    last = captured.out.strip().splitlines()[-2:]
+    assert last == [f"table: {out / 'results.json'}", f"plot:  {png}"]
+    assert "student-ensemble" in captured.out and "[7/7]" in captured.err
+
+    # A rerun reuses every finished stage: no model is trained again and it takes a fraction of the time.
+    weights = sorted(out.glob("*/*/model/*.safetensors"))
+    assert len(weights) == 8
+    before = [p.stat().st_mtime_ns for p in weights]
+    t0 = time.perf_counter()
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    assert [p.stat().st_mtime_ns for p in weights] == before
+    assert time.perf_counter() - t0 < first_run / 2
+    assert json.loads((out / "results.json").read_text())["rows"] == results["rows"]
