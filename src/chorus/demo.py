@@ -21,7 +21,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -95,11 +95,10 @@ class _Stages:
         (self.dir / f"{name}.json").unlink(missing_ok=True)
         (self.dir / f"{name}.started.json").write_text(json.dumps({"key": key}))
 
-    def finish(self, name: str, key: str, **extra: Any) -> None:
-        (self.dir / f"{name}.json").write_text(json.dumps({"key": key, **extra}))
+    def finish(self, name: str, key: str) -> None:
+        (self.dir / f"{name}.json").write_text(json.dumps({"key": key}))
+        (self.dir / f"{name}.started.json").unlink(missing_ok=True)
 
-    def record(self, name: str) -> dict:
-        return json.loads((self.dir / f"{name}.json").read_text())
 
 
 def _stage(i: int, text: str) -> None:
@@ -113,45 +112,55 @@ def _cfg_key(cfg: Any) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- stages
+def _once(stages: _Stages, name: str, key: str, *, present: Callable[[], bool], work: Callable[[bool], Any],
+          reused: str) -> None:
+    """Run ``work`` unless this stage finished with the same ``key`` and its output is still there.
+    ``work(resume)``: ``resume`` is true when an earlier try with the same key was interrupted."""
+    if stages.done(name, key) and present():
+        say(f"      reusing {reused} (finished earlier with these settings)")
+        return
+    resume = stages.started(name, key)
+    stages.start(name, key)
+    work(resume)
+    stages.finish(name, key)
+
+
 def _train(stages: _Stages, name: str, cfg: TrainConfig, upstream: list[str]) -> str:
     from chorus.trainer import train
 
     key = stages.key(name, _cfg_key(cfg), upstream)
-    if stages.done(name, key) and Path(cfg.out).is_dir():
-        say(f"      reusing {cfg.out} (already trained with these settings)")
-        return key
-    resume = stages.started(name, key) and Path(cfg.out).is_dir()
-    stages.start(name, key)
-    train.run(dataclasses.replace(cfg, resume=resume, overwrite=not resume))
-    stages.finish(name, key)
+    # An interrupted run of the same settings resumes from its last checkpoint; anything else starts over.
+    _once(stages, name, key, present=lambda: (Path(cfg.out) / "model" / "chorus.json").is_file(),
+          work=lambda resume: train.run(dataclasses.replace(cfg, resume=resume, overwrite=not resume)), reused=cfg.out)
     return key
 
 
-def _cache(stages: _Stages, name: str, cfg: CacheConfig, upstream: str) -> str:
+def _calibrated(store: str, name: str) -> bool:
+    from chorus.storage import Store
+
+    st = Store.open(store, "r")
+    return name in st.teacher_names() and bool(st.teacher_manifest(name).calibration)
+
+
+def _cache(stages: _Stages, cfg: CacheConfig, upstream: str) -> str:
     from chorus.pipeline import cache
+    from chorus.storage import Store
+    from chorus.trainer.data import complete_teachers
 
-    key = stages.key(f"cache-{name}", _cfg_key(cfg), upstream)
-    if stages.done(f"cache-{name}", key):
-        say(f"      reusing the cache of teacher {name}")
-        return key
-    # Same settings as a half-finished try: resume it (committed shards are kept); else replace.
-    resume = stages.started(f"cache-{name}", key)
-    stages.start(f"cache-{name}", key)
-    cache.run(dataclasses.replace(cfg, overwrite=not resume))
-    stages.finish(f"cache-{name}", key)
+    key = stages.key(f"cache-{cfg.name}", _cfg_key(cfg), upstream)
+    # An interrupted cache of the same settings keeps its committed shards; anything else is replaced.
+    _once(stages, f"cache-{cfg.name}", key, present=lambda: cfg.name in complete_teachers(Store.open(cfg.store, "r")),
+          work=lambda resume: cache.run(dataclasses.replace(cfg, overwrite=not resume)),
+          reused=f"the cache of teacher {cfg.name}")
     return key
 
 
-def _calibrate(stages: _Stages, name: str, cfg: CalibrateConfig, upstream: str) -> str:
+def _calibrate(stages: _Stages, cfg: CalibrateConfig, upstream: str) -> str:
     from chorus.trainer import calibrate
 
-    key = stages.key(f"calibrate-{name}", _cfg_key(cfg), upstream)
-    if stages.done(f"calibrate-{name}", key):
-        say(f"      reusing the calibration of teacher {name}")
-        return key
-    stages.start(f"calibrate-{name}", key)
-    calibrate.run(cfg)
-    stages.finish(f"calibrate-{name}", key)
+    key = stages.key(f"calibrate-{cfg.teacher}", _cfg_key(cfg), upstream)
+    _once(stages, f"calibrate-{cfg.teacher}", key, present=lambda: _calibrated(cfg.store, cfg.teacher),
+          work=lambda resume: calibrate.run(cfg), reused=f"the temperature of teacher {cfg.teacher}")
     return key
 
 
@@ -159,14 +168,9 @@ def _evaluate(stages: _Stages, name: str, cfg: EvalConfig, upstream: str) -> dic
     from chorus.trainer import evaluate
 
     key = stages.key(f"eval-{name}", _cfg_key(cfg), upstream)
-    if stages.done(f"eval-{name}", key) and cfg.out and Path(cfg.out).is_file():
-        return json.loads(Path(cfg.out).read_text())
-    stages.start(f"eval-{name}", key)
-    metrics = evaluate.run(cfg)
-    if cfg.out:
-        Path(cfg.out).write_text(json.dumps(metrics, indent=1, default=float))
-    stages.finish(f"eval-{name}", key)
-    return metrics
+    _once(stages, f"eval-{name}", key, present=lambda: Path(cfg.out).is_file(), work=lambda resume: evaluate.run(cfg),
+          reused=f"the metrics of {name}")
+    return json.loads(Path(cfg.out).read_text())
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -213,10 +217,12 @@ def plot(rows: list[dict], domains: list[str], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(max(8.0, 1.2 * len(rows)), 4.8), dpi=120)
     for j, d in enumerate(domains):
         vals = [r["per_domain"][d] for r in rows]
-        ax.bar(x + (j - (len(domains) - 1) / 2) * width, vals, width, label=d, color=f"C{j}")
+        worst = [max(r["per_domain"], key=r["per_domain"].get) == d for r in rows]
+        ax.bar(x + (j - (len(domains) - 1) / 2) * width, vals, width, label=d, color=f"C{j}",
+               edgecolor=["black" if w else "none" for w in worst], linewidth=1.5)
     ens = next((r for r in rows if r["name"] == "student-ensemble"), None)
     if ens is not None:
-        ax.axhline(ens["worst"], color="black", linestyle="--", linewidth=1, label="ensemble student's worst")
+        ax.axhline(ens["worst"], color="black", linestyle="--", linewidth=1)
     n_teachers = sum(r["kind"] == "teacher" for r in rows)
     ax.axvline(n_teachers - 0.5, color="grey", linewidth=1)
     top = max(max(r["per_domain"].values()) for r in rows)
@@ -224,9 +230,17 @@ def plot(rows: list[dict], domains: list[str], path: Path) -> None:
     ax.text((n_teachers + len(rows)) / 2 - 0.5, top * 1.04, "students (same size, steps, rows)", ha="center", color="grey")
     ax.set_ylim(0, top * 1.12)
     ax.set_xticks(x, [r["name"] for r in rows], rotation=20, ha="right")
+    for label in ax.get_xticklabels():
+        if label.get_text() == "student-ensemble":
+            label.set_fontweight("bold")
     ax.set_ylabel("held-out loss (nats/token, lower is better)")
-    ax.set_title("chorus demo: per-domain held-out loss")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=9)
+    ax.set_title("chorus demo: per-domain held-out loss (outlined: each model's worst domain)")
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color=f"C{j}", label=d) for j, d in enumerate(domains)]
+    handles.append(Line2D([], [], color="black", linestyle="--", linewidth=1, label="ensemble student's worst"))
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -290,13 +304,13 @@ def _run(cfg: DemoConfig) -> dict:
 
     for d in domains:
         _stage(4, f"caching teacher {d} (top-{scale.top_k} log-probs + {scale.samples} samples per position)")
-        ccfg = CacheConfig(store=store, teacher=_final_model(out / "teachers" / d), name=d, top_k=scale.top_k,
+        ccfg = CacheConfig(store=store, teacher=_final_model(out / "teachers" / d), name=d, tokenizer=str(tokenizer), top_k=scale.top_k,
                            samples=scale.samples, seed=cfg.seed, batch_size=scale.batch_size)
-        keys[d] = _cache(stages, d, ccfg, keys[d])
+        keys[d] = _cache(stages, ccfg, keys[d])
 
     for d in domains:
         _stage(5, f"calibrating teacher {d} (temperature fitted on held-out rows)")
-        keys[d] = _calibrate(stages, d, CalibrateConfig(store=store, teacher=d), keys[d])
+        keys[d] = _calibrate(stages, CalibrateConfig(store=store, teacher=d), keys[d])
 
     students = {"student-ce": [], **{f"student-kd-{d}": [d] for d in domains}, "student-ensemble": list(domains)}
     for name, teachers in students.items():

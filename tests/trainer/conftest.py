@@ -102,7 +102,7 @@ def _one_thread():
     os.environ["OMP_NUM_THREADS"] = "1"  # for subprocesses (torchrun, the CLI)
 
 
-def cache_teacher(url: str, name: str, model_dir: str, top_k: int = 32) -> None:
+def cache_teacher(url: str, name: str, model_dir: str, tokenizer: str, top_k: int = 32) -> None:
     """Cache a real model's top-k with `chorus cache` (the model is loaded here, in the test, never by training)."""
     try:
         from chorus.pipeline import cache
@@ -119,4 +119,5 @@ def cache_teacher(url: str, name: str, model_dir: str, top_k: int = 32) -> None:
         return
     from chorus.config import CacheConfig
 
-    cache.run(CacheConfig(store=url, teacher=model_dir, name=name, top_k=top_k, device="cpu", dtype="fp32", batch_size=16))
+    cache.run(CacheConfig(store=url, teacher=model_dir, name=name, tokenizer=tokenizer, top_k=top_k, device="cpu",
+                          dtype="fp32", batch_size=16))

@@ -58,8 +58,7 @@ def test_recovers_a_known_temperature_and_writes_it(tmp_path, prepared_store, vo
 
 
 def test_a_calibrated_teacher_stays_near_one(tmp_path, prepared_store, vocab_size):
-    """The bigram teacher's own draws are not the corpus, but a teacher already matched to its gold
-    tokens (T* = 1) must not be moved far."""
+    """A teacher whose gold tokens are draws from its own distribution (T* = 1) is left near 1."""
     url = copy_store(prepared_store, tmp_path / "s.zarr")
     write_teacher(url, "fair", overconfident(vocab_size, 1.0, seed=3), top_k=32)
     assert calibrate.run(CalibrateConfig(store=url, teacher="fair"))["temperature"] == pytest.approx(1.0, rel=0.05)

@@ -110,6 +110,11 @@ def test_from_samples_is_the_empirical_distribution():
     assert int(n_tail_ids(d)[1]) == 7  # the padding slots are not support
 
 
+def test_encoded_logprobs_are_rejected():
+    with pytest.raises(ChorusError, match="floating-point"):
+        from_topk(torch.tensor([[1, 2]]), torch.tensor([[100, 200]], dtype=torch.int32), 10)
+
+
 def test_shape_mismatch_is_a_chorus_error():
     with pytest.raises(ChorusError):
         SparseDist(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 4), torch.zeros(2), 10)

@@ -29,9 +29,16 @@ def _cfg(store: str, out: Path, student: str, **kw) -> TrainConfig:
     return TrainConfig(store=store, student=student, out=str(out), **{**base, **kw})
 
 
-def _losses(run: Path) -> list[tuple[int, str, str, str]]:
+def _losses(run: Path) -> list[tuple]:
+    """Every logged value except wall-clock throughput."""
     with open(run / "metrics.csv", newline="") as f:
-        return [(int(r["step"]), r["loss"], r["kd"], r["eval/mean"]) for r in csv.DictReader(f)]
+        return [(int(r["step"]), *(v for k, v in r.items() if k not in ("step", "tokens_per_s")))
+                for r in csv.DictReader(f)]
+
+
+def _column(run: Path, name: str) -> list[float]:
+    with open(run / "metrics.csv", newline="") as f:
+        return [float(r[name]) if name != "step" else int(r[name]) for r in csv.DictReader(f)]
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
@@ -51,7 +58,7 @@ def student(tmp_path_factory) -> str:
 
 
 def test_stop_after_checkpoint_then_resume_is_bit_identical(teacher_store, student, tmp_path, monkeypatch, capsys):
-    kw = dict(teachers=["a", "b"], aggregate="geometric", weighting="confidence", num_workers=0)
+    kw = dict(teachers=["a", "b"], aggregate="geometric", weighting="confidence", num_workers=0, log_every=3)
     train.run(_cfg(teacher_store, tmp_path / "full", student, **kw))
 
     real_save = train._save_checkpoint
@@ -65,31 +72,32 @@ def test_stop_after_checkpoint_then_resume_is_bit_identical(teacher_store, stude
     with pytest.raises(KeyboardInterrupt):
         train.run(_cfg(teacher_store, tmp_path / "cut", student, **kw))
     monkeypatch.setattr(train, "_save_checkpoint", real_save)
-    assert [s for s, *_ in _losses(tmp_path / "cut")] == [1, 2, 3, 4]
+    assert [s for s, *_ in _losses(tmp_path / "cut")] == [3, 4]  # logged at 3, evaluated at 4
     capsys.readouterr()
     train.run(_cfg(teacher_store, tmp_path / "cut", student, resume=True, **kw))
     assert "resuming from step-00000004.pt (step 4)" in capsys.readouterr().err
 
     assert _losses(tmp_path / "cut") == _losses(tmp_path / "full")
-    assert [s for s, *_ in _losses(tmp_path / "full")] == list(range(1, 9))
+    assert [s for s, *_ in _losses(tmp_path / "full")] == [3, 4, 6, 8]  # the resumed log interval 4-6 is whole
     _assert_same_weights(tmp_path / "full", tmp_path / "cut")
 
 
 @pytest.mark.slow
 def test_sigkill_mid_run_then_resume_is_bit_identical(teacher_store, student, tmp_path):
-    kw = dict(teachers=["c"], steps=24, save_every=6, eval_every=12, num_workers=1)
+    kw = dict(teachers=["c"], steps=40, save_every=5, eval_every=20, num_workers=1)
     train.run(_cfg(teacher_store, tmp_path / "full", student, **kw))
     cut = tmp_path / "cut"
     args = [sys.executable, "-m", "chorus", "train", "--store", teacher_store, "--student", student, "--out", str(cut),
-            "--teachers", "c", "--steps", "24", "--save-every", "6", "--eval-every", "12", "--batch-size", "4",
+            "--teachers", "c", "--steps", "40", "--save-every", "5", "--eval-every", "20", "--batch-size", "4",
             "--lr", "0.003", "--num-workers", "1", "warmup_steps=2", "eval_rows=16", "log_every=1"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 120
     while not list((cut / "checkpoints").glob("step-*.pt")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)  # wherever it is: mid-step, mid-checkpoint or already done
+    proc.send_signal(signal.SIGKILL)  # wherever it is: mid-step, mid-checkpoint, mid-log
     proc.wait()
+    assert not (cut / "model").exists(), "the run finished before it could be killed"
     train.run(_cfg(teacher_store, cut, student, resume=True, **kw))
     assert _losses(cut) == _losses(tmp_path / "full")
     _assert_same_weights(tmp_path / "full", cut)
@@ -105,10 +113,9 @@ def test_torchrun_two_ranks_matches_one_process(teacher_store, student, tmp_path
                          capture_output=True, text=True, env=env, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert cli_main(["train", "--out", str(tmp_path / "one"), "--batch-size", "8", *common]) == 0
-    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "ddp")
-    assert [s for s, *_ in one] == [s for s, *_ in two] == list(range(1, 11))
-    a = torch.tensor([float(x[1]) for x in one])
-    b = torch.tensor([float(x[1]) for x in two])
+    assert _column(tmp_path / "one", "step") == _column(tmp_path / "ddp", "step") == list(range(1, 11))
+    a = torch.tensor(_column(tmp_path / "one", "loss"))
+    b = torch.tensor(_column(tmp_path / "ddp", "loss"))
     assert a[-1] < a[0] - 0.05  # it learns, so the comparison means something
     torch.testing.assert_close(b, a, rtol=1e-2, atol=0)
     # both ranks updated the same replica: rank 0 saved it, and it is close to the single-process one
@@ -116,14 +123,14 @@ def test_torchrun_two_ranks_matches_one_process(teacher_store, student, tmp_path
         torch.testing.assert_close(_weights(tmp_path / "ddp")[k], w, rtol=0.05, atol=2e-3)
 
 
-def test_student_distilled_from_cache_beats_ce(prepared_store, tmp_path):
+def test_student_distilled_from_cache_beats_ce(prepared_store, tokenizer_dir, tmp_path):
     """A bigger teacher trained by `chorus train` (CE), cached; a small student distilled from the cache
     reaches a lower held-out loss than the same student trained with CE for the same steps."""
     url = copy_store(prepared_store, tmp_path / "s.zarr")
     teacher = _cfg(url, tmp_path / "teacher", student_yaml(tmp_path / "t.yaml", hidden=64), steps=150, batch_size=16,
                    warmup_steps=20, eval_every=0, save_every=0, log_every=50)
     train.run(teacher)
-    cache_teacher(url, "big", str(tmp_path / "teacher" / "model"), top_k=32)
+    cache_teacher(url, "big", str(tmp_path / "teacher" / "model"), tokenizer_dir, top_k=32)
     small = student_yaml(tmp_path / "s.yaml", hidden=32)
     kw = dict(steps=100, batch_size=8, warmup_steps=5, eval_every=0, save_every=0, log_every=20, eval_rows=10_000)
     ce = train.run(_cfg(url, tmp_path / "ce", small, **kw))["eval"]
@@ -235,3 +242,13 @@ def test_padded_student_vocabulary_is_cut_to_the_store(teacher_store, tmp_path):
     wide.write_text(Path(student_yaml(tmp_path / "s.yaml")).read_text() + "vocab_size: 320\n")
     res = train.run(_cfg(teacher_store, tmp_path / "run", str(wide), teachers=["a"], steps=2, eval_every=0))
     assert torch.isfinite(torch.tensor(res["eval"]["mean"]))
+
+
+@pytest.mark.parametrize("name", ["example", "multi_teacher"])
+def test_shipped_train_configs_run(teacher_store, tmp_path, name):
+    root = Path(__file__).parents[2]
+    cfg = load_config(TrainConfig, str(root / "configs" / "train" / f"{name}.yaml"),
+                      [f"store={teacher_store}", f"out={tmp_path / 'run'}", "teachers=a,b,c", "teacher_weights={}",
+                       "domain_weights={}", "steps=2", "eval_every=0", "eval_rows=8", "warmup_steps=1",
+                       f"student={root / 'configs' / 'student' / 'tiny-llama.yaml'}"])
+    assert torch.isfinite(torch.tensor(train.run(cfg)["eval"]["mean"]))

@@ -36,7 +36,7 @@ from chorus.pipeline._teacher import (
     resolve_dtype,
     sparse_targets,
 )
-from chorus.pipeline._writer import ShardWriter
+from chorus.pipeline._writer import ShardWriter, open_for_writing
 from chorus.storage import CorpusManifest, Store, TeacherManifest, encode_targets, fingerprint, target_specs, value_params
 
 TARGETS = "topk log_softmax fp32 + inverse-cdf samples seeded by (seed, row), v1"  # in the fingerprint: change it with the math
@@ -172,6 +172,7 @@ def run(cfg: CacheConfig) -> TeacherManifest:
     manifest = _manifest(cfg, name, corpus, teacher, params)
     specs = target_specs(corpus.seq_len, cfg.top_k, cfg.samples, corpus.tokenizer.vocab_size, cfg.value_codec, params)
     _claim_unit(store, manifest, specs, corpus, worker=worker, overwrite=cfg.overwrite)
+    open_for_writing(store, unit, specs)
     mine = [s for s in range(corpus.num_shards) if s % workers == worker]
     if cfg.overwrite:
         _rewrite_corrupt(store, unit, mine)
@@ -243,7 +244,7 @@ def _cache_shards(store: Store, unit: str, corpus: CorpusManifest, teacher: Teac
                     except OutOfMemory:
                         raise ChorusError(
                             f"out of memory on {teacher.device} at --batch-size {cfg.batch_size} (shard {shard}); "
-                            f"rerun with a smaller --batch-size, e.g. {max(1, cfg.batch_size // 2)} (committed shards are kept)"
+                            f"rerun with a smaller --batch-size (e.g. --batch-size {max(1, cfg.batch_size // 2)}); committed shards are kept"
                         ) from None
                     writer.put(shard, row_start, len(ids), offset, targets)
                     bar.update(len(x), tokens=x.numel(), shards=f"{len(writer.committed)}/{len(todo)}")

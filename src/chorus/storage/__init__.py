@@ -13,6 +13,8 @@ from chorus.storage._targets import (
     encode_targets,
     encode_values,
     id_dtype,
+    plain_values,
+    stored_values,
     target_specs,
     value_params,
 )
@@ -28,6 +30,8 @@ __all__ = [
     "encode_targets",
     "encode_values",
     "id_dtype",
+    "plain_values",
+    "stored_values",
     "target_specs",
     "value_params",
     "ArraySpec",

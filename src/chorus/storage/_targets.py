@@ -119,6 +119,20 @@ def decode_values(stored: np.ndarray, codec: str, params: dict) -> np.ndarray:
     raise ChorusError(f"unknown value codec '{codec}' in manifest; expected one of: {', '.join(VALUE_CODECS)}")
 
 
+def plain_values(stored: np.ndarray, codec: str, params: dict) -> np.ndarray:
+    """Stored values → the codec's values without delta coding: float16 log-probs (fp16) or uint8 codes (q8)."""
+    if not params.get("delta"):
+        return stored
+    return _undelta(np.asarray(stored).view(np.uint16)).view(np.float16) if codec == "fp16" else _undelta(stored)
+
+
+def stored_values(plain: np.ndarray, codec: str, params: dict) -> np.ndarray:
+    """Inverse of :func:`plain_values`, exactly (delta coding is a bijection on the codes)."""
+    if not params.get("delta"):
+        return plain
+    return _delta(np.asarray(plain, dtype=np.float16).view(np.uint16)) if codec == "fp16" else _delta(np.asarray(plain, dtype=np.uint8))
+
+
 # ---------------------------------------------------------------------------------------------- samples
 def compact_samples(draws: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
     """Draws [P, M] (ids, with repeats) → unique ids and counts [P, width], ordered by id, 0-count padding."""

@@ -43,7 +43,7 @@ def run(cfg: CalibrateConfig) -> dict:
             pos = positions(batch)
             arrays = batch["teachers"][cfg.teacher]
             k = arrays["topk_ids"].shape[-1]
-            ids.append(arrays["topk_ids"][:, :-1].reshape(-1, k)[pos.select])
+            ids.append(arrays["topk_ids"][:, :-1].reshape(-1, k)[pos.select].to(torch.int32))
             logp.append(arrays["topk_logprobs"][:, :-1].reshape(-1, k)[pos.select])
             gold.append(pos.gold)
             bar.update(len(batch["row"]), tokens=len(pos.select))

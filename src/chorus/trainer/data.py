@@ -89,8 +89,10 @@ class CachedRows(IterableDataset):
 
     Each item is a dict: ``input_ids`` (B, L) int64, ``segment_ids`` (B, L) int32 (0 = padding),
     ``domain`` (B,) int64, ``row`` (B,) int64 (store row index), ``stop`` (stream offset after this
-    batch) and ``teachers``: {name: {"topk_ids" (B, L, k) int32, "topk_logprobs" (B, L, k) float32,
-    and with ``samples``: "sample_ids" (B, L, m) int32, "sample_counts" (B, L, m) int32}}.
+    batch) and ``teachers``: {name: {"topk_ids" (B, L, k), "topk_logprobs" (B, L, k), and with
+    ``samples``: "sample_ids" (B, L, m), "sample_counts" (B, L, m)}}. Ids and counts keep their stored
+    unsigned dtype (:func:`teacher_dist` widens them on the training device, so the loader moves
+    fewer bytes); log-probs are float32, decoded by ``chorus.storage.decode_values`` per the manifest.
 
     ``epochs=None`` streams forever (training); ``epochs=n`` stops after n epochs (evaluation, tests).
     """
@@ -303,10 +305,9 @@ class CachedRows(IterableDataset):
             out = {}
             for name in t.arrays:
                 a = gather(t.name, name)
-                if name == "topk_logprobs":
+                if name == "topk_logprobs":  # the format's own decoder (codec, delta coding) on the batch's rows
                     a = decode_values(a, t.codec, t.params)
-                elif a.dtype != np.int32:
-                    a = a.astype(np.int32)
+                # ids and counts keep their stored unsigned dtype: widened on the training device, after the copy
                 out[name] = torch.from_numpy(a)
             batch["teachers"][t.name] = out
         return batch
@@ -372,9 +373,10 @@ def teacher_dist(arrays: dict, select: torch.Tensor, *, target: str, vocab_size:
     from chorus.trainer import sparse
 
     def take(name: str) -> torch.Tensor:
-        a = arrays[name]
-        a = a[:, :-1].reshape(-1, a.shape[-1])
-        return a.to(device, non_blocking=True)[select]
+        a = arrays[name].to(device, non_blocking=True)
+        if a.dtype in (torch.uint16, torch.uint32):  # few kernels take them: widen before indexing
+            a = a.long()
+        return a[:, :-1].reshape(-1, a.shape[-1])[select]
 
     if target == "samples":
         return sparse.from_samples(take("sample_ids"), take("sample_counts"), vocab_size)

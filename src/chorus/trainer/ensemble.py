@@ -77,12 +77,11 @@ def _union(dists: Sequence[SparseDist]) -> _Union:
         [torch.where(valid_mask(d), d.ids, torch.full_like(d.ids, v)) for d in dists], dim=-1
     )
     logps = torch.cat([d.logp for d in dists], dim=-1)
-    owner = torch.cat(
-        [torch.full((d.ids.shape[1],), i, dtype=torch.long, device=keys.device) for i, d in enumerate(dists)]
-    )
+    widths = torch.tensor([d.ids.shape[1] for d in dists], device=keys.device)
+    owner = torch.repeat_interleave(torch.arange(t, device=keys.device), widths)  # teacher of each column
     keys, order = torch.sort(keys, dim=-1)
     logps = torch.gather(logps, 1, order)
-    owner = owner[order]  # (N, W)
+    owner = torch.gather(owner.expand(n, -1), 1, order)  # (N, W)
     real = keys < v
     first = real.clone()
     first[:, 1:] &= keys[:, 1:] != keys[:, :-1]

@@ -109,6 +109,15 @@ def _check_vocab(vocab_size: int, width: int, what: str) -> None:
         raise ChorusError(f"{what} has {width} ids per position but the vocabulary has only {vocab_size}")
 
 
+def _check_logprobs(logprobs: Tensor) -> None:
+    # Encoded cache values (e.g. uint16 codes) would otherwise be read as log-probs silently.
+    if not logprobs.dtype.is_floating_point:
+        raise ChorusError(
+            f"top-k log-probs must be a floating-point tensor, got {logprobs.dtype}: "
+            "decode the stored values before building targets"
+        )
+
+
 # ------------------------------------------------------------------------ constructors
 
 
@@ -119,6 +128,7 @@ def from_topk(ids: Tensor, logprobs: Tensor, vocab_size: int) -> SparseDist:
     Rows whose explicit mass exceeds 1 (fp16 rounding) or that cover the whole vocabulary
     are renormalized over the support with tail 0, so every row is a distribution."""
     _check_vocab(vocab_size, ids.shape[-1], "top-k targets")
+    _check_logprobs(logprobs)
     ids, logp = _sanitize(ids, logprobs)
     n_valid = (logp > NEG_INF).sum(-1)
     mass = logp.exp().sum(-1)
@@ -134,6 +144,7 @@ def from_topk_renormalized(ids: Tensor, logprobs: Tensor, vocab_size: int) -> Sp
     (it claims the teacher puts zero mass outside its top-k). Rows with no valid entry
     become uniform (tail 1)."""
     _check_vocab(vocab_size, ids.shape[-1], "top-k targets")
+    _check_logprobs(logprobs)
     ids, logp = _sanitize(ids, logprobs)
     lse = torch.logsumexp(logp, dim=-1)
     empty = lse == NEG_INF

@@ -117,8 +117,9 @@ def _prior_table(cfg: TrainConfig, domains: tuple[str, ...]) -> torch.Tensor:
     return table
 
 
-def _prepare_run_dir(cfg: TrainConfig, dist: _Dist) -> Path | None:
-    """Refuse a directory holding another run; return the checkpoint to resume from (None: start)."""
+def _prepare_run_dir(cfg: TrainConfig, dist: _Dist) -> tuple[bool, Path | None]:
+    """Refuse a directory holding another run. Returns (finished: this very run is already done,
+    the checkpoint to resume from or None)."""
     out = Path(cfg.out)
     saved_cfg = out / "config.yaml"
     holds_run = saved_cfg.is_file() or bool(ckpt.checkpoints(out))
@@ -132,7 +133,7 @@ def _prepare_run_dir(cfg: TrainConfig, dist: _Dist) -> Path | None:
                 raise ChorusError(f"'{cfg.out}' holds another run (its config differs in: {', '.join(changed)}); "
                                   "pass --resume to continue it, --overwrite to replace it, or choose another --out")
             if (out / "model" / "chorus.json").is_file():
-                return "done"  # type: ignore[return-value]
+                return True, None
             if ckpt.checkpoints(out):
                 raise ChorusError(f"'{cfg.out}' holds an unfinished run of this config; pass --resume to continue it "
                                   "or --overwrite to start over")
@@ -145,7 +146,7 @@ def _prepare_run_dir(cfg: TrainConfig, dist: _Dist) -> Path | None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     dist.barrier()
-    return ckpt.latest(out) if cfg.resume else None
+    return False, (ckpt.latest(out) if cfg.resume else None)
 
 
 def _lr_lambda(cfg: TrainConfig):
@@ -213,6 +214,52 @@ class _Log:
             self.tb.close()
 
 
+class _EnsembleStats:
+    """Training-log diagnostics of the pooled target: the mean weight each teacher received per domain
+    (every micro-batch), and on logged steps the mean inter-teacher JSD and how often the pooled top-1
+    differs from each teacher's."""
+
+    def __init__(self, domains: tuple[str, ...], teachers: list[str]) -> None:
+        self.domains, self.teachers = domains, teachers
+        self.reset()
+
+    def reset(self) -> None:
+        self.wsum = torch.zeros(len(self.domains), len(self.teachers), dtype=torch.float64)
+        self.wcount = torch.zeros(len(self.domains), dtype=torch.float64)
+        self.differs = torch.zeros(len(self.teachers), dtype=torch.float64)
+        self.jsd, self.n = 0.0, 0
+
+    def add_weights(self, domain: torch.Tensor, w: torch.Tensor) -> None:
+        self.wsum.index_add_(0, domain.cpu(), w.detach().double().cpu())
+        self.wcount += torch.bincount(domain.cpu(), minlength=len(self.domains)).double()
+
+    def add_disagreement(self, pooled, dists: list) -> None:
+        top = ensemble.top1(pooled)
+        self.differs += torch.stack([(ensemble.top1(d) != top).double().mean() for d in dists]).cpu()
+        self.jsd += float(ensemble.mean_pairwise_jsd(dists).mean())
+        self.n += 1
+
+    def state_dict(self) -> dict:
+        return {"wsum": self.wsum, "wcount": self.wcount, "differs": self.differs, "jsd": self.jsd, "n": self.n}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+    def columns(self) -> list[str]:
+        return ([f"weight/{d}/{t}" for d in self.domains for t in self.teachers]
+                + [f"top1_differs/{t}" for t in self.teachers] + ["teacher_jsd"])
+
+    def row(self) -> dict:
+        mean_w = self.wsum / self.wcount.clamp_min(1)[:, None]
+        out = {f"weight/{d}/{t}": float(mean_w[i, j]) for i, d in enumerate(self.domains)
+               for j, t in enumerate(self.teachers) if self.wcount[i] > 0}
+        if self.n:
+            out.update({f"top1_differs/{t}": float(self.differs[j] / self.n) for j, t in enumerate(self.teachers)})
+            out["teacher_jsd"] = self.jsd / self.n
+        self.reset()
+        return out
+
+
 # ---------------------------------------------------------------------------------------------- recipe
 def run(cfg: TrainConfig) -> dict:
     dist = _Dist(cfg.device)
@@ -231,8 +278,8 @@ def _train(cfg: TrainConfig, dist: _Dist) -> dict:
     manifests = check_teachers(store, cfg.teachers, need_samples=cfg.target == "samples")
     prior_table = _prior_table(cfg, domains).to(dist.device)
     temps = [t.temperature if cfg.calibrated else 1.0 for t in manifests]
-    resume_from = _prepare_run_dir(cfg, dist)
-    if resume_from == "done":
+    finished, resume_from = _prepare_run_dir(cfg, dist)
+    if finished:
         say(f"'{cfg.out}' already holds this finished run; nothing to do (pass --overwrite to train again)")
         return json.loads((Path(cfg.out) / "model" / "chorus.json").read_text())
     out = Path(cfg.out)
@@ -256,6 +303,8 @@ def _train(cfg: TrainConfig, dist: _Dist) -> dict:
                       storage_options=cfg.storage_options)
     loader = StreamLoader(data, num_workers=cfg.num_workers, pin_memory=dist.device.type == "cuda")
 
+    diag = _EnsembleStats(domains, cfg.teachers) if len(cfg.teachers) >= 2 else None
+    acc = _fresh_acc()  # running sums between two logged steps (checkpointed, so a resumed log is identical)
     start, tokens_seen = 0, 0
     if resume_from is not None:
         state = ckpt.load(resume_from)
@@ -267,17 +316,17 @@ def _train(cfg: TrainConfig, dist: _Dist) -> dict:
         rngs = state["rng"]
         ckpt.set_rng_state(rngs[dist.rank] if len(rngs) == dist.world else rngs[0])
         start, tokens_seen = state["step"], state["tokens"]
+        acc = state["log"]["acc"]
+        if diag:
+            diag.load_state_dict(state["log"]["diag"])
         if dist.main:
             say(f"resuming from {resume_from.name} (step {start})")
     elif cfg.resume and dist.main:
         say(f"no checkpoint in '{cfg.out}' yet; starting from step 0")
 
-    diag = len(cfg.teachers) >= 2
     columns = ["lr", "loss", "ce", "kd", "grad_norm", "tokens", "tokens_per_s"]
     columns += [f"eval/{d}" for d in domains] + ["eval/mean", "eval/worst", "eval/ece"]
-    if diag:
-        columns += [f"weight/{d}/{t}" for d in domains for t in cfg.teachers]
-        columns += [f"top1_differs/{t}" for t in cfg.teachers] + ["teacher_jsd"]
+    columns += diag.columns() if diag else []
     log = _Log(out, columns, start if resume_from is not None else None, dist.main)
     loss_fn = get_loss(cfg.loss)
     if dist.main:
@@ -299,10 +348,6 @@ def _train(cfg: TrainConfig, dist: _Dist) -> dict:
         return pooled, w, dists
 
     # ---- loop
-    acc = {"loss": 0.0, "ce": 0.0, "kd": 0.0, "grad_norm": 0.0, "steps": 0, "tokens": 0}
-    wsum = torch.zeros(len(domains), max(len(cfg.teachers), 1), dtype=torch.float64)
-    wcount = torch.zeros(len(domains), dtype=torch.float64)
-    differs, jsd, diag_n = torch.zeros(max(len(cfg.teachers), 1), dtype=torch.float64), 0.0, 0
     batches = iter(loader)
     t_last = time.perf_counter()
     result: dict = {}
@@ -317,21 +362,18 @@ def _train(cfg: TrainConfig, dist: _Dist) -> dict:
                 pos = positions(batch, dist.device)
                 targets, w, dists = targets_for(batch, pos)
                 sync = micro == cfg.grad_accum - 1 or dist.world == 1
-                with (nullcontext() if sync else net.no_sync()), autocast():
-                    loss, parts = net(batch["input_ids"].to(dist.device, non_blocking=True), pos.attention_mask,
-                                      pos.select, pos.gold, targets, loss_fn=loss_fn, kd_weight=cfg.kd_weight,
-                                      temperature=cfg.temperature, chunk_size=cfg.chunk_size)
+                with nullcontext() if sync else net.no_sync():  # DDP all-reduces on the last micro-batch only
+                    with autocast():
+                        loss, parts = net(batch["input_ids"].to(dist.device, non_blocking=True), pos.attention_mask,
+                                          pos.select, pos.gold, targets, loss_fn=loss_fn, kd_weight=cfg.kd_weight,
+                                          temperature=cfg.temperature, chunk_size=cfg.chunk_size)
                     scaler.scale(loss / cfg.grad_accum).backward()
                 n = int((pos.gold != -100).sum())
                 step_loss = [a + b for a, b in zip(step_loss, [float(loss.detach()) * n, parts["ce"] * n, parts["kd"] * n, n])]
-                if diag:  # ensemble diagnostics: weights every micro-batch, disagreement on logged steps
-                    wsum.index_add_(0, pos.domain.cpu(), w.detach().double().cpu())
-                    wcount += torch.bincount(pos.domain.cpu(), minlength=len(domains)).double()
+                if diag:  # weights every micro-batch, disagreement on logged steps only (it costs a union)
+                    diag.add_weights(pos.domain, w)
                     if log_now and micro == 0:
-                        top = ensemble.top1(targets)
-                        differs += torch.stack([(ensemble.top1(d) != top).double().mean() for d in dists]).cpu()
-                        jsd += float(ensemble.mean_pairwise_jsd(dists).mean())
-                        diag_n += 1
+                        diag.add_disagreement(targets, dists)
             scaler.unscale_(optimizer)
             norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.clip if cfg.clip > 0 else float("inf"))
             scaler.step(optimizer)
@@ -358,14 +400,8 @@ def _train(cfg: TrainConfig, dist: _Dist) -> dict:
                        "kd": acc["kd"] / k, "grad_norm": acc["grad_norm"] / k, "tokens": tokens_seen,
                        "tokens_per_s": acc["tokens"] / max(now - t_last, 1e-9)}
                 if diag:
-                    mean_w = wsum / wcount.clamp_min(1)[:, None]
-                    row.update({f"weight/{d}/{t}": float(mean_w[i, j]) for i, d in enumerate(domains)
-                                for j, t in enumerate(cfg.teachers) if wcount[i] > 0})
-                    row.update({f"top1_differs/{t}": float(differs[j] / max(diag_n, 1)) for j, t in enumerate(cfg.teachers)})
-                    row["teacher_jsd"] = jsd / max(diag_n, 1)
-                    wsum.zero_(), wcount.zero_(), differs.zero_()
-                    jsd, diag_n = 0.0, 0
-                acc = {key: 0 if key in ("steps", "tokens") else 0.0 for key in acc}
+                    row.update(diag.row())
+                acc = _fresh_acc()
                 t_last = now
             if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
                 if dist.main:
@@ -377,7 +413,8 @@ def _train(cfg: TrainConfig, dist: _Dist) -> dict:
                 dist.barrier()
             log.write(step, row)
             if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
-                _save_checkpoint(out, step, tokens_seen, student, optimizer, scheduler, scaler, loader, dist)
+                log_state = {"acc": acc, "diag": diag.state_dict() if diag else None}
+                _save_checkpoint(out, step, tokens_seen, student, optimizer, scheduler, scaler, loader, log_state, dist)
 
     # ---- cleanup: the final model, its tokenizer info, the config
     log.close()
@@ -394,12 +431,16 @@ def _train(cfg: TrainConfig, dist: _Dist) -> dict:
     return {"steps": cfg.steps, "eval": result, "out": str(out)}
 
 
+def _fresh_acc() -> dict:
+    return {"loss": 0.0, "ce": 0.0, "kd": 0.0, "grad_norm": 0.0, "steps": 0, "tokens": 0}
+
+
 def _save_checkpoint(out: Path, step: int, tokens: int, student: Student, optimizer, scheduler, scaler,
-                     loader: StreamLoader, dist: _Dist) -> None:
+                     loader: StreamLoader, log_state: dict, dist: _Dist) -> None:
     rngs = dist.gather(ckpt.rng_state())  # every rank's generators, so dropout resumes exactly
     if dist.main:
         ckpt.save(out, step, {"step": step, "tokens": tokens, "model": student.model.state_dict(),
                               "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                              "scaler": scaler.state_dict(), "loader": loader.state_dict(), "rng": rngs,
+                              "scaler": scaler.state_dict(), "loader": loader.state_dict(), "rng": rngs, "log": log_state,
                               "created_by": __version__})
     dist.barrier()

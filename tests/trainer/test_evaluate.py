@@ -1,0 +1,105 @@
+"""`chorus eval`: per-domain loss against a dense reference, the required JSON, teachers from their cache."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from chorus.cli import main as cli_main
+from chorus.config import EvalConfig
+from chorus.storage import Store
+from chorus.trainer import evaluate
+from tests.conftest import build_tiny_llama
+from tests.trainer.conftest import bigram_teacher, copy_store, write_teacher
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, vocab_size) -> str:
+    return build_tiny_llama(str(tmp_path_factory.mktemp("model")), vocab_size, seed=3)
+
+
+def _reference_losses(url: str, model_dir: str) -> dict[str, float]:
+    """Per-domain mean NLL from the model's own full logits, position by position."""
+    from transformers import AutoModelForCausalLM
+
+    store = Store.open(url, "r")
+    m = store.manifest
+    n = m.num_rows
+    split = store.read_rows("corpus", "split", 0, n)
+    rows = np.flatnonzero(split == 1)
+    ids = torch.from_numpy(store.read_rows("corpus", "input_ids", 0, n)[rows].astype(np.int64))
+    segs = torch.from_numpy(store.read_rows("corpus", "segment_ids", 0, n)[rows].astype(np.int64))
+    dom = store.read_rows("corpus", "domain", 0, n)[rows]
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids, attention_mask=(segs > 0).long()).logits.float(), -1)
+    nll = -logp[:, :-1].gather(2, ids[:, 1:, None])[..., 0]
+    ok = (segs[:, :-1] > 0) & (segs[:, 1:] > 0)
+    out = {}
+    for d, name in enumerate(m.domains):
+        mask = ok & torch.from_numpy(dom == d)[:, None]
+        if mask.any():
+            out[name] = float(nll[mask].mean())
+    return out
+
+
+def test_eval_json_matches_a_dense_reference(teacher_store, model_dir, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    res = evaluate.run(EvalConfig(store=teacher_store, model=model_dir, out=str(out), batch_size=16, chunk_size=100))
+    saved = json.loads(out.read_text())
+    assert {"per_domain", "mean", "worst", "ece", "teachers"} <= set(saved)
+    assert saved["worst"] == max(saved["per_domain"].values())
+    assert saved["mean"] == pytest.approx(np.mean(list(saved["per_domain"].values())))
+    ref = _reference_losses(teacher_store, model_dir)
+    assert saved["per_domain"].keys() == ref.keys()
+    for d in ref:
+        assert saved["per_domain"][d] == pytest.approx(ref[d], rel=1e-5)
+        assert saved["ppl"][d] == pytest.approx(math.exp(ref[d]), rel=1e-4)
+    assert 0 <= saved["ece"] <= 1
+    assert set(saved["teachers"]) == {"a", "b", "c"}
+    for t in saved["teachers"].values():
+        assert t["kl"] > 0 and 0 <= t["top1_agreement"] <= 1
+    ens = saved["ensemble"]  # three teachers: diagnostics per domain
+    assert set(ens["jsd_per_domain"]) == set(ref) and all(0 < v < math.log(2) for v in ens["jsd_per_domain"].values())
+    for ws in ens["weights_per_domain"].values():
+        assert sum(ws.values()) == pytest.approx(1.0)
+    table = capsys.readouterr().out
+    assert "worst" in table and "KL(t||s)" in table and res == saved
+
+
+def test_teacher_evaluated_from_its_cache(tmp_path, prepared_store, vocab_size):
+    url = copy_store(prepared_store, tmp_path / "s.zarr")
+    table = bigram_teacher(vocab_size, seed=5, sharpness=1.0)
+    write_teacher(url, "full", table, top_k=vocab_size)  # every id cached: the loss is exact
+    write_teacher(url, "short", table, top_k=8)  # the gold is often outside: even-tail estimate
+    exact = evaluate.run(EvalConfig(store=url, model="teacher:full"))
+    short = evaluate.run(EvalConfig(store=url, model="teacher:short", out=str(tmp_path / "t.json")))
+    # reference: the bigram table's NLL of every held-out next token
+    store = Store.open(url, "r")
+    n = store.manifest.num_rows
+    rows = np.flatnonzero(store.read_rows("corpus", "split", 0, n) == 1)
+    ids = store.read_rows("corpus", "input_ids", 0, n)[rows]
+    segs = store.read_rows("corpus", "segment_ids", 0, n)[rows]
+    ok = (segs[:, :-1] > 0) & (segs[:, 1:] > 0)
+    nll = -np.take_along_axis(table(ids[:, :-1]), ids[:, 1:, None], -1)[..., 0]
+    assert exact["token_mean"] == pytest.approx(float(nll[ok].mean()), rel=1e-3)
+    assert exact["gold_in_topk"] == 1.0
+    assert math.isfinite(short["mean"]) and short["worst"] == max(short["per_domain"].values())
+    assert 0 < short["gold_in_topk"] < 1 and "even-tail estimate" in short["note"]
+    assert json.loads((tmp_path / "t.json").read_text())["source"] == "cache"
+
+
+def test_cli_eval_of_a_run_directory(teacher_store, model_dir, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(model_dir, run / "model")
+    assert cli_main(["eval", "--store", teacher_store, "--model", str(run), "--teachers", "a", "--max-rows", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "mean" in out and "ensemble" not in out
+    assert cli_main(["eval", "--store", teacher_store, "--model", "teacher:zzz"]) == 2
+    assert "no teacher 'zzz'" in capsys.readouterr().err
