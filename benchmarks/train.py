@@ -133,7 +133,7 @@ def main() -> None:
     if args.quick:
         vocab, seq_len, rows, rps, hidden, layers, batch, repeats = 8192, 256, 512, 64, 128, 2, 8, 5
     else:
-        vocab, seq_len, rows, rps, hidden, layers, batch, repeats = 32000, 512, 1024, 128, 256, 4, 8, 7
+        vocab, seq_len, rows, rps, hidden, layers, batch, repeats = 32000, 512, 1024, 128, 256, 4, 4, 5
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     work = Path(tempfile.mkdtemp(prefix="chorus-bench-train-"))
     url = str(work / "store.zarr")

@@ -101,8 +101,9 @@ class TrainConfig:
     log_every: int = opt(10, "log every N steps")
     precision: str = opt("auto", "autocast dtype", choices=("auto", "fp32", "bf16", "fp16"))
     device: str = opt("auto", "training device", choices=("auto", "cpu", "cuda"))
-    num_workers: int = opt(0, "DataLoader worker processes")
-    shuffle_buffer: int = opt(1024, "rows held for shuffling")
+    num_workers: int = opt(0, "DataLoader worker processes (1 overlaps loading with the step; each worker decodes "
+                              "the shards of its own batches, so more add no decode throughput)")
+    shuffle_buffer: int = opt(1024, "rows shuffled together (after the shard order is shuffled)")
     chunk_size: int = opt(1024, "positions per chunk of the loss (bounds fp32 logits memory)")
     resume: bool = opt(False, "continue from the last checkpoint in --out")
     overwrite: bool = opt(False, "replace a run directory that holds another run")

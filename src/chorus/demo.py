@@ -1,7 +1,7 @@
 """`chorus demo`: the whole pipeline on text shipped with Python, ending in the claim put to the test.
 
-setup (corpus + tokenizer, `prepare`) → three specialist teachers (`train`, CE only, each mostly on
-one domain) → `cache` and `calibrate` each → five students with the same size, steps, rows and seed
+setup (corpus + tokenizer, `prepare`) → three specialist teachers (`train`, CE only, each on the
+rows of one domain) → `cache` and `calibrate` each → five students with the same size, steps, rows and seed
 (CE only; KD from each single teacher; KD from the calibrated mixture of all three) → `eval`
 everything on held-out rows → one table, ``results.json`` and ``results.png``.
 
@@ -54,6 +54,7 @@ class Scale:
     warmup_steps: int
     top_k: int
     samples: int
+    cache_batch: int = 64  # rows per teacher forward pass when caching
 
 
 def _llama(hidden: int, layers: int, heads: int, seq_len: int) -> dict:
@@ -63,10 +64,10 @@ def _llama(hidden: int, layers: int, heads: int, seq_len: int) -> dict:
 
 
 FULL = Scale(chars_per_domain=400_000, tokens_per_domain=100_000, vocab_size=2048, seq_len=128, valid_fraction=0.1,
-             teacher=_llama(96, 2, 4, 128), student=_llama(64, 2, 4, 128), teacher_steps=300, student_steps=300,
+             teacher=_llama(64, 2, 4, 128), student=_llama(48, 2, 4, 128), teacher_steps=400, student_steps=300,
              batch_size=16, lr=3e-3, warmup_steps=20, top_k=32, samples=16)
-QUICK = Scale(chars_per_domain=120_000, tokens_per_domain=30_000, vocab_size=1024, seq_len=64, valid_fraction=0.1,
-              teacher=_llama(64, 2, 4, 64), student=_llama(48, 2, 4, 64), teacher_steps=80, student_steps=80,
+QUICK = Scale(chars_per_domain=180_000, tokens_per_domain=45_000, vocab_size=1024, seq_len=64, valid_fraction=0.1,
+              teacher=_llama(64, 2, 4, 64), student=_llama(48, 2, 4, 64), teacher_steps=160, student_steps=80,
               batch_size=16, lr=5e-3, warmup_steps=10, top_k=16, samples=8)
 
 
@@ -78,7 +79,12 @@ class _Stages:
     def __init__(self, out: Path) -> None:
         self.dir = out / ".demo"
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.n = 0
+        self.t0 = time.perf_counter()
+
+    def announce(self, i: int, text: str) -> None:
+        """The line a user follows: stage number, time since the start, what runs now."""
+        elapsed = int(time.perf_counter() - self.t0)
+        say(f"[{i}/{N_STAGES}] {elapsed // 60}:{elapsed % 60:02d} {text} …")
 
     def key(self, name: str, *parts: Any) -> str:
         return fingerprint("demo-stage", name, *parts)
@@ -99,10 +105,6 @@ class _Stages:
         (self.dir / f"{name}.json").write_text(json.dumps({"key": key}))
         (self.dir / f"{name}.started.json").unlink(missing_ok=True)
 
-
-
-def _stage(i: int, text: str) -> None:
-    say(f"[{i}/{N_STAGES}] {text} …")
 
 
 def _cfg_key(cfg: Any) -> dict:
@@ -270,14 +272,13 @@ def _run(cfg: DemoConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     stages = _Stages(out)
     store = str(out / "store.zarr")
-    t0 = time.perf_counter()
     say(f"chorus demo ({'quick' if cfg.quick else 'full'}) → {out}")
 
-    _stage(1, f"building the corpus ({', '.join(DOMAINS)}) and a {scale.vocab_size}-id byte-level BPE tokenizer")
+    stages.announce(1, f"building the corpus ({', '.join(DOMAINS)}) and a {scale.vocab_size}-id byte-level BPE tokenizer")
     corpus, tokenizer = _demo_corpus.build(out / "corpus", chars_per_domain=scale.chars_per_domain,
                                            tokens_per_domain=scale.tokens_per_domain, vocab_size=scale.vocab_size)
 
-    _stage(2, "preparing the store (chorus prepare)")
+    stages.announce(2, "preparing the store (chorus prepare)")
     prep = PrepareConfig(dataset=str(corpus), tokenizer=str(tokenizer), out=store, seq_len=scale.seq_len,
                          domain_field="domain", valid_fraction=scale.valid_fraction)
     corpus_key = stages.key("prepare", _cfg_key(prep), (out / "corpus" / "settings.json").read_text())
@@ -297,26 +298,26 @@ def _run(cfg: DemoConfig) -> dict:
 
     keys: dict[str, str] = {}
     for d in domains:
-        _stage(3, f"training teacher {d} from scratch on {d} rows only (CE, {scale.teacher_steps} steps)")
+        stages.announce(3, f"training teacher {d} from scratch on {d} rows only (CE, {scale.teacher_steps} steps)")
         tcfg = TrainConfig(student=str(models / "teacher.yaml"), out=str(out / "teachers" / d), steps=scale.teacher_steps,
                            train_domains=[d], **common)
         keys[d] = _train(stages, f"teacher-{d}", tcfg, [corpus_key, scale.teacher])
 
     for d in domains:
-        _stage(4, f"caching teacher {d} (top-{scale.top_k} log-probs + {scale.samples} samples per position)")
+        stages.announce(4, f"caching teacher {d} (top-{scale.top_k} log-probs + {scale.samples} samples per position)")
         ccfg = CacheConfig(store=store, teacher=_final_model(out / "teachers" / d), name=d, tokenizer=str(tokenizer), top_k=scale.top_k,
-                           samples=scale.samples, seed=cfg.seed, batch_size=scale.batch_size)
+                           samples=scale.samples, seed=cfg.seed, batch_size=scale.cache_batch)
         keys[d] = _cache(stages, ccfg, keys[d])
 
     for d in domains:
-        _stage(5, f"calibrating teacher {d} (temperature fitted on held-out rows)")
+        stages.announce(5, f"calibrating teacher {d} (temperature fitted on held-out rows)")
         keys[d] = _calibrate(stages, CalibrateConfig(store=store, teacher=d), keys[d])
 
     students = {"student-ce": [], **{f"student-kd-{d}": [d] for d in domains}, "student-ensemble": list(domains)}
     for name, teachers in students.items():
         how = ("CE only" if not teachers else f"KD from teacher {teachers[0]}" if len(teachers) == 1
                else "KD from the calibrated mixture of all teachers")
-        _stage(6, f"training {name}: {how}, {scale.student_steps} steps")
+        stages.announce(6, f"training {name}: {how}, {scale.student_steps} steps")
         scfg = TrainConfig(student=str(models / "student.yaml"), out=str(out / "students" / name), teachers=teachers,
                            steps=scale.student_steps, **common)
         keys[name] = _train(stages, name, scfg, [corpus_key, scale.student, *(keys[t] for t in teachers)])
@@ -327,7 +328,7 @@ def _run(cfg: DemoConfig) -> dict:
     for kind, names, base in (("teacher", domains, out / "teachers"), ("student", list(students), out / "students")):
         for name in names:
             label = f"teacher-{name}" if kind == "teacher" else name
-            _stage(7, f"evaluating {label} on held-out rows")
+            stages.announce(7, f"evaluating {label} on held-out rows")
             ecfg = EvalConfig(store=store, model=_final_model(base / name), out=str(evals / f"{label}.json"),
                               batch_size=32)
             rows.append(_row(label, kind, _evaluate(stages, label, ecfg, keys[name])))
@@ -339,7 +340,7 @@ def _run(cfg: DemoConfig) -> dict:
     plot(rows, domains, out / "results.png")
     print(format_table(rows, domains), flush=True)
     print(f"\n{'claim holds' if holds else 'claim does not hold'}: {text}", flush=True)
-    print(f"finished in {time.perf_counter() - t0:.0f} s", flush=True)
+    print(f"finished in {time.perf_counter() - stages.t0:.0f} s", flush=True)
     print(f"table: {out / 'results.json'}", flush=True)
     print(f"plot:  {out / 'results.png'}", flush=True)
     return results

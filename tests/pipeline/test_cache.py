@@ -227,6 +227,7 @@ def test_bad_shard_spec_is_refused(cached_store, teacher_model, capsys, spec):
     _assert_one_line_error(rc, err, "--shard")
 
 
+@pytest.mark.slow  # > 20 s on a shared 2-core machine: three interpreters start torch
 def test_torchrun_two_workers_on_cpu(store_copy, cached_store, teacher_model):
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--standalone", "-m", "chorus",
@@ -268,6 +269,11 @@ def test_tokenizer_with_the_same_vocabulary_is_accepted(tmp_path, store_copy, te
 def test_top_k_out_of_range_is_refused(cached_store, teacher_model, capsys, k):
     rc, err = _cli(cli_args(cached_store, teacher_model, top_k=k), capsys)
     _assert_one_line_error(rc, err, "--top-k")
+
+
+def test_missing_teacher_directory_is_refused(cached_store, capsys):
+    rc, err = _cli(cli_args(cached_store, "./no/such/teacher"), capsys)
+    _assert_one_line_error(rc, err, "teacher './no/such/teacher' not found")
 
 
 def test_store_without_corpus_is_refused(tmp_path, teacher_model, capsys):

@@ -117,10 +117,10 @@ def test_torchrun_two_ranks_matches_one_process(teacher_store, student, tmp_path
     a = torch.tensor(_column(tmp_path / "one", "loss"))
     b = torch.tensor(_column(tmp_path / "ddp", "loss"))
     assert a[-1] < a[0] - 0.05  # it learns, so the comparison means something
-    torch.testing.assert_close(b, a, rtol=1e-2, atol=0)
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=0)  # same global batch: equal up to float summation order
     # both ranks updated the same replica: rank 0 saved it, and it is close to the single-process one
     for k, w in _weights(tmp_path / "one").items():
-        torch.testing.assert_close(_weights(tmp_path / "ddp")[k], w, rtol=0.05, atol=2e-3)
+        torch.testing.assert_close(_weights(tmp_path / "ddp")[k], w, rtol=1e-3, atol=1e-4)
 
 
 def test_student_distilled_from_cache_beats_ce(prepared_store, tokenizer_dir, tmp_path):

@@ -78,6 +78,12 @@ def _first_line(e: BaseException) -> str:
     return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
+def _check_local(spec: str, what: str) -> None:
+    """A path-like spec (./, /, ~) must be an existing directory; anything else may be a hub id."""
+    if spec.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(spec)):
+        raise ChorusError(f"{what} '{spec}' not found: no such directory")
+
+
 def check_tokenizer(model: str, expected: TokenizerInfo, *, tokenizer: str | None, revision: str | None,
                     trust_remote_code: bool) -> str:
     """Load the teacher's tokenizer (``tokenizer`` or the model's own) and compare it with the store's.
@@ -86,6 +92,9 @@ def check_tokenizer(model: str, expected: TokenizerInfo, *, tokenizer: str | Non
     normalizer or chat template) → "vocabulary"; anything else is refused: the ids would mean other tokens."""
     from transformers import AutoTokenizer
 
+    _check_local(model, "teacher")
+    if tokenizer:
+        _check_local(tokenizer, "tokenizer")
     spec = os.path.expanduser(tokenizer or model)
     try:
         tok = AutoTokenizer.from_pretrained(spec, revision=revision, trust_remote_code=trust_remote_code)
@@ -140,8 +149,7 @@ def load_teacher(model: str, *, vocab_size: int, device: torch.device, dtype: to
     from transformers import AutoModelForCausalLM
 
     path = os.path.expanduser(model)
-    if model.startswith((".", "/", "~")) and not os.path.isdir(path):
-        raise ChorusError(f"teacher '{model}' not found: no such directory")
+    _check_local(model, "teacher")
     kwargs = {"revision": revision} if revision else {}
     try:
         net = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)

@@ -30,7 +30,7 @@ from chorus.pipeline._writer import open_for_writing
 from chorus.storage import CorpusManifest, Store, TeacherManifest, plain_values, stored_values, target_specs
 
 SIDECAR = "chorus.json"
-ROWS_PER_FILE = 1 << 15  # whole shards are grouped into files of about this many rows
+FILE_BYTES = 512 << 20  # whole shards are grouped into files of about this many (uncompressed) bytes
 EXPORT_VERSION = 1
 
 
@@ -64,7 +64,9 @@ def run_export(cfg: ExportConfig) -> list[str]:
         raise ChorusError(f"cache '{cfg.teacher}' is incomplete ({len(commits)}/{corpus.num_shards} shards); "
                           "finish it with `chorus cache` (same arguments) before exporting")
     names = store.array_names(unit)
-    shards_per_file = max(1, ROWS_PER_FILE // corpus.rows_per_shard)
+    row_bytes = sum(np.dtype(store.array(unit, n).dtype).itemsize * int(np.prod(store.array(unit, n).shape[1:]))
+                    for n in names) + 6 * corpus.seq_len  # + input_ids and segment_ids
+    shards_per_file = max(1, FILE_BYTES // (row_bytes * corpus.rows_per_shard))
     groups = [list(range(i, min(i + shards_per_file, corpus.num_shards))) for i in range(0, corpus.num_shards, shards_per_file)]
     ext = "parquet" if cfg.format == "parquet" else "arrow"
     files = [f"{cfg.teacher}-{i:05d}-of-{len(groups):05d}.{ext}" for i in range(len(groups))]
@@ -153,8 +155,11 @@ def run_import(cfg: ImportConfig) -> TeacherManifest:
     specs = target_specs(corpus.seq_len, exported.top_k, exported.num_samples, corpus.tokenizer.vocab_size,
                          exported.value_codec, dict(exported.value_params))
     if name in store.teacher_names():
-        old = store.teacher_manifest(name)
-        if old.fingerprint != manifest.fingerprint and not cfg.overwrite:
+        try:
+            old = store.teacher_manifest(name)
+        except KeyError:  # a unit whose creation was interrupted: no manifest yet
+            old = manifest.replace(fingerprint="")
+        if old.fingerprint != manifest.fingerprint and old.fingerprint and not cfg.overwrite:
             raise ChorusError(f"store '{cfg.store}' already has a cache '{name}' with other settings; "
                               "pass --overwrite to replace it, or --name to import under another name")
         if old.fingerprint != manifest.fingerprint or cfg.overwrite:

@@ -141,10 +141,12 @@ class CachedRows(IterableDataset):
                      t.value_codec, dict(t.value_params))
             for t in self.teacher_manifests
         ]
-        if len(st.commits("corpus")) != m.num_shards:
+        commits = st.commits("corpus")  # listed once: every shard's record is read here
+        if len(commits) != m.num_shards:
             raise ChorusError(f"store '{store}' has uncommitted corpus shards; rerun `chorus prepare`")
-        split_of = st.read_rows("corpus", "split", 0, m.num_rows)
-        domain_of = st.read_rows("corpus", "domain", 0, m.num_rows).astype(np.int64)
+        meta = [st.read_shard("corpus", i, ("split", "domain"), commit=commits[i]) for i in range(m.num_shards)]
+        split_of = np.concatenate([x["split"] for x in meta])
+        domain_of = np.concatenate([x["domain"] for x in meta]).astype(np.int64)
         keep = split_of == SPLITS[split]
         if domains:
             unknown = [d for d in domains if d not in m.domains]
@@ -152,8 +154,8 @@ class CachedRows(IterableDataset):
                 raise ChorusError(f"unknown domain(s) {', '.join(unknown)}; the store has: {', '.join(m.domains)}")
             keep &= np.isin(domain_of, [m.domains.index(d) for d in domains])
         rows = np.flatnonzero(keep)
-        if max_rows is not None:
-            rows = rows[:max_rows]
+        if max_rows is not None and max_rows < len(rows):  # evenly spread over the store, not its first rows
+            rows = rows[np.linspace(0, len(rows) - 1, max(max_rows, 1)).astype(np.int64)]
         if len(rows) == 0:
             what = f"split '{split}'" + (f" and domains {', '.join(domains)}" if domains else "")
             raise ChorusError(f"store '{store}' has no rows in {what}")
