@@ -104,20 +104,8 @@ def _one_thread():
 
 def cache_teacher(url: str, name: str, model_dir: str, tokenizer: str, top_k: int = 32) -> None:
     """Cache a real model's top-k with `chorus cache` (the model is loaded here, in the test, never by training)."""
-    try:
-        from chorus.pipeline import cache
-    except ImportError:  # before `chorus cache` exists: the same targets, computed here
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-
-        def logprobs(ids: np.ndarray) -> np.ndarray:
-            with torch.no_grad():
-                return torch.log_softmax(model(torch.from_numpy(ids).long()).logits.float(), -1).numpy()
-
-        write_teacher(url, name, logprobs, top_k=top_k)
-        return
     from chorus.config import CacheConfig
+    from chorus.pipeline import cache
 
     cache.run(CacheConfig(store=url, teacher=model_dir, name=name, tokenizer=tokenizer, top_k=top_k, device="cpu",
                           dtype="fp32", batch_size=16))
