@@ -225,3 +225,25 @@ def test_soften_keeps_zero_tail_zero():
 def test_entropy_of_uniform_is_log_v():
     d = SparseDist(torch.zeros(1, 1, dtype=torch.long), torch.tensor([[-math.inf]]), torch.ones(1), 7)
     torch.testing.assert_close(entropy(d), torch.tensor([math.log(7)]))
+
+
+def test_from_topk_drops_a_tail_that_is_fp16_rounding_noise():
+    """A teacher whose top-k holds all but 1e-7 of its mass, stored in fp16: the apparent tail
+    1 - Σ exp is rounding noise (up to ~1e-4); kept, softening at T = 2 would inflate it over
+    V - k ids into most of the distribution."""
+    import torch
+
+    from chorus.trainer.sparse import entropy, from_topk, soften
+
+    V, k = 32000, 8
+    probs = torch.tensor([[0.5, 0.2, 0.1, 0.08, 0.06, 0.03, 0.02, 0.01 - 1e-7]], dtype=torch.float64)
+    stored = probs.log().to(torch.float16)
+    ids = torch.arange(k)[None]
+    d = from_topk(ids, stored, V)
+    assert float(d.tail[0]) == 0.0
+    soft = soften(d, 2.0)
+    assert float(soft.tail[0]) == 0.0 and float(entropy(soft)[0]) < 2.5  # stays on the top-k
+    # a real tail far above the noise is kept (within fp16 rounding)
+    real = torch.tensor([[0.5, 0.2, 0.1, 0.08, 0.06, 0.03, 0.02, 0.001]])
+    d = from_topk(ids, real.log().to(torch.float16), V)
+    assert abs(float(d.tail[0]) - 0.009) < 1e-3

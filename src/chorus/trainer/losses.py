@@ -54,17 +54,32 @@ def _student_log_tail(s_sup: Tensor, valid: Tensor) -> Tensor:
     return tail.log()
 
 
-def _buckets(p: SparseDist, s_logp: Tensor) -> _Buckets:
+@dataclass
+class Gathered:
+    """The student's log-probs already gathered at the target's ids, (N, S): lets the driver
+    take CE and KD from one gather, so backward scatters into one (N, V) buffer, not two."""
+
+    values: Tensor
+
+
+def _support_ids(p: SparseDist) -> Tensor:
+    """(N, S) the target's ids with padding slots pointed at id 0 (masked later)."""
+    return torch.where(valid_mask(p), p.ids, torch.zeros_like(p.ids))
+
+
+def _buckets(p: SparseDist, s_logp: Tensor | Gathered) -> _Buckets:
     """Gather the student's log-probs at the teacher's ids and add the tail bucket.
-    p: (N, S) sparse target, s_logp: (N, V) fp32 student log-probs."""
-    if s_logp.shape != (p.n_positions, p.vocab_size):
-        raise ChorusError(
-            f"student log-probs have shape {tuple(s_logp.shape)}; the targets need "
-            f"({p.n_positions}, {p.vocab_size}) (positions, vocabulary)"
-        )
+    p: (N, S) sparse target, s_logp: (N, V) fp32 student log-probs (or already Gathered)."""
     valid = valid_mask(p)
-    ids = torch.where(valid, p.ids, torch.zeros_like(p.ids))
-    s_sup = torch.gather(s_logp.float(), 1, ids)
+    if isinstance(s_logp, Gathered):
+        s_sup = s_logp.values.float()
+    else:
+        if s_logp.shape != (p.n_positions, p.vocab_size):
+            raise ChorusError(
+                f"student log-probs have shape {tuple(s_logp.shape)}; the targets need "
+                f"({p.n_positions}, {p.vocab_size}) (positions, vocabulary)"
+            )
+        s_sup = torch.gather(s_logp.float(), 1, _support_ids(p))
     neg_inf = torch.full_like(s_sup, NEG_INF)
     s_sup = torch.where(valid, s_sup, neg_inf)
     has_tail = n_tail_ids(p) > 0
@@ -187,10 +202,16 @@ def _per_position(
     """(N,) CE and (N,) KD for one block of logits (N, V) of any dtype; fp32 inside."""
     logits = logits.float()
     log_s1 = F.log_softmax(logits, dim=-1)
-    ce = cross_entropy(log_s1, gold)
     if targets is None:
-        return ce, torch.zeros_like(ce)
-    s_logp = log_s1 if temperature == 1.0 else F.log_softmax(logits / temperature, dim=-1)
+        return cross_entropy(log_s1, gold), torch.zeros(gold.shape, device=logits.device)
+    if temperature == 1.0:  # one gather for gold and support: a single (N, V) scatter in backward
+        ignore = gold == IGNORE_INDEX
+        idx = torch.cat([torch.where(ignore, torch.zeros_like(gold), gold)[:, None].long(), _support_ids(targets)], 1)
+        picked = torch.gather(log_s1, 1, idx)
+        ce = torch.where(ignore, torch.zeros_like(picked[:, 0]), -picked[:, 0])
+        return ce, loss_fn(targets, Gathered(picked[:, 1:]), **divergence_kwargs)
+    ce = cross_entropy(log_s1, gold)
+    s_logp = F.log_softmax(logits / temperature, dim=-1)
     # T² keeps the KD gradient scale independent of T (Hinton et al., 2015).
     kd = loss_fn(soften(targets, temperature), s_logp, **divergence_kwargs) * temperature**2
     return ce, kd

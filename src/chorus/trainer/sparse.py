@@ -121,18 +121,30 @@ def _check_logprobs(logprobs: Tensor) -> None:
 # ------------------------------------------------------------------------ constructors
 
 
-def from_topk(ids: Tensor, logprobs: Tensor, vocab_size: int) -> SparseDist:
+# fp16 keeps 11 significant bits: a stored log-prob is off by at most |logp|·2^-11.
+FP16_REL_ERROR = 2.0**-11
+
+
+def from_topk(
+    ids: Tensor, logprobs: Tensor, vocab_size: int, *, rel_error: float = FP16_REL_ERROR, abs_error: float = 0.0
+) -> SparseDist:
     """Top-k as cached: ids (N, k) any int dtype, logprobs (N, k) fp16/fp32 normalized
     over the full vocabulary. tail = clamp(1 - sum exp(logprobs), 0, 1) in fp32.
 
     Rows whose explicit mass exceeds 1 (fp16 rounding) or that cover the whole vocabulary
-    are renormalized over the support with tail 0, so every row is a distribution."""
+    are renormalized over the support with tail 0, so every row is a distribution. So are
+    rows whose tail is below the rounding noise of the stored values, Σ p_i·(|logp_i|·rel_error
+    + abs_error): such a "tail" is an artefact of storage, and softening with T > 1 would
+    spread it over V - k ids and inflate it (n·(τ/n)^{1/T}) into real mass."""
     _check_vocab(vocab_size, ids.shape[-1], "top-k targets")
     _check_logprobs(logprobs)
     ids, logp = _sanitize(ids, logprobs)
     n_valid = (logp > NEG_INF).sum(-1)
-    mass = logp.exp().sum(-1)
-    renorm = (mass > 1.0) | ((n_valid >= vocab_size) & (mass > 0))
+    p = logp.exp()
+    mass = p.sum(-1)
+    finite = torch.where(logp > NEG_INF, logp.abs(), torch.zeros_like(logp))
+    noise = (p * (finite * rel_error + abs_error)).sum(-1)
+    renorm = (mass > 0) & ((1.0 - mass <= noise) | (n_valid >= vocab_size))
     log_mass = torch.where(renorm, mass.log(), torch.zeros_like(mass))
     logp = logp - log_mass[:, None]
     tail = torch.where(renorm, torch.zeros_like(mass), (1.0 - mass).clamp(0.0, 1.0))
