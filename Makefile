@@ -24,11 +24,14 @@ demo-quick: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 -q
 
+# Every benchmarks/*.py but the helpers (_*.py), then benchmarks/README.md from benchmarks/results/*.json.
 bench: $(STAMP)
-	for f in benchmarks/*.py; do $(BIN)/python $$f || exit 1; done
+	for f in benchmarks/[!_]*.py; do $(BIN)/python $$f || exit 1; done
+	$(BIN)/python benchmarks/_report.py
 
 bench-quick: $(STAMP)
-	for f in benchmarks/*.py; do $(BIN)/python $$f --quick || exit 1; done
+	for f in benchmarks/[!_]*.py; do $(BIN)/python $$f --quick || exit 1; done
+	$(BIN)/python benchmarks/_report.py
 
 clean:
 	rm -rf $(VENV) demo_out demo_out_quick

@@ -1,7 +1,8 @@
 """Benchmark of `chorus cache`: (a) throughput against a bare forward loop, (b) bytes/token and value error of
 each target encoding, (c) GPU bf16 tokens/s of a ~100M-parameter teacher (skipped without CUDA).
 
-    python benchmarks/cache.py [--quick]      → table on stdout, JSON in benchmarks/results/cache.json
+    python benchmarks/cache.py [--quick] [--threads 1]   → table on stdout, JSON in benchmarks/results/cache.json
+    (the committed results were run with --threads 1: one core for the teacher, one for the background writer)
 
 Text: Python's own documentation (pydoc topics) and standard-library sources, tokenized by a BPE (8192
 tokens) trained here. Distributions for (b): a random-init model gives near-uniform distributions that
@@ -329,7 +330,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer rows and positions (about a minute)")
     ap.add_argument("--out", default=RESULTS)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: torch's); 1 leaves a core to the background writer, as a GPU would")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     work = tempfile.mkdtemp(prefix="chorus-bench-cache-")
     try:
         info = machine()

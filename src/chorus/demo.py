@@ -64,8 +64,8 @@ def _llama(hidden: int, layers: int, heads: int, seq_len: int) -> dict:
 
 
 FULL = Scale(chars_per_domain=400_000, tokens_per_domain=100_000, vocab_size=2048, seq_len=128, valid_fraction=0.1,
-             teacher=_llama(64, 2, 4, 128), student=_llama(48, 2, 4, 128), teacher_steps=400, student_steps=300,
-             batch_size=16, lr=3e-3, warmup_steps=20, top_k=32, samples=16)
+             teacher=_llama(64, 2, 4, 128), student=_llama(48, 2, 4, 128), teacher_steps=300, student_steps=300,
+             batch_size=16, lr=3e-3, warmup_steps=20, top_k=32, samples=8)
 QUICK = Scale(chars_per_domain=180_000, tokens_per_domain=45_000, vocab_size=1024, seq_len=64, valid_fraction=0.1,
               teacher=_llama(64, 2, 4, 64), student=_llama(48, 2, 4, 64), teacher_steps=160, student_steps=80,
               batch_size=16, lr=5e-3, warmup_steps=10, top_k=16, samples=8)
@@ -104,7 +104,6 @@ class _Stages:
     def finish(self, name: str, key: str) -> None:
         (self.dir / f"{name}.json").write_text(json.dumps({"key": key}))
         (self.dir / f"{name}.started.json").unlink(missing_ok=True)
-
 
 
 def _cfg_key(cfg: Any) -> dict:
@@ -252,105 +251,127 @@ def plot(rows: list[dict], domains: list[str], path: Path) -> None:
 def run(cfg: DemoConfig) -> dict:
     import torch
 
-    threads = cfg.threads if cfg.threads is not None else (1 if cfg.quick else None)
-    if threads is not None and threads < 1:
-        raise ChorusError(f"demo key 'threads': expected a positive integer, got {threads}")
+    if cfg.threads < 1:
+        raise ChorusError(f"demo key 'threads': expected a positive integer, got {cfg.threads}")
     before = torch.get_num_threads()
-    if threads is not None:
-        # Tiny models gain little from a second thread, and lose a lot when another process
-        # (a parallel test worker) competes for the same cores.
-        torch.set_num_threads(threads)
+    # The demo's models are tiny: a second thread gains little, and when anything else competes for
+    # the cores (a parallel test worker, a browser) synchronizing threads made steps ~10x slower.
+    torch.set_num_threads(cfg.threads)
     try:
         return _run(cfg)
     finally:
         torch.set_num_threads(before)
 
 
+@dataclass
+class _Run:
+    """What every stage of one demo run needs."""
+
+    cfg: DemoConfig
+    scale: Scale
+    out: Path
+    stages: _Stages
+    store: str = ""
+    tokenizer: str = ""
+    domains: list = dataclasses.field(default_factory=list)
+    keys: dict = dataclasses.field(default_factory=dict)  # stage fingerprints that later stages depend on
+
+    def train_config(self, model: str, out: Path, steps: int, **kw: Any) -> TrainConfig:
+        s = self.scale
+        return TrainConfig(store=self.store, student=model, out=str(out), steps=steps, batch_size=s.batch_size, lr=s.lr,
+                           warmup_steps=s.warmup_steps, seed=self.cfg.seed, eval_every=0, save_every=0,
+                           eval_rows=TRAIN_EVAL_ROWS, **kw)
+
+
 def _run(cfg: DemoConfig) -> dict:
-    scale = QUICK if cfg.quick else FULL
     out = Path(cfg.out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
-    stages = _Stages(out)
-    store = str(out / "store.zarr")
+    r = _Run(cfg, QUICK if cfg.quick else FULL, out, _Stages(out))
     say(f"chorus demo ({'quick' if cfg.quick else 'full'}) → {out}")
+    _setup(r)
+    _teachers(r)
+    students = _students(r)
+    rows = _evaluate_all(r, students)
+    return _report(r, rows)
 
-    stages.announce(1, f"building the corpus ({', '.join(DOMAINS)}) and a {scale.vocab_size}-id byte-level BPE tokenizer")
-    corpus, tokenizer = _demo_corpus.build(out / "corpus", chars_per_domain=scale.chars_per_domain,
-                                           tokens_per_domain=scale.tokens_per_domain, vocab_size=scale.vocab_size)
 
-    stages.announce(2, "preparing the store (chorus prepare)")
-    prep = PrepareConfig(dataset=str(corpus), tokenizer=str(tokenizer), out=store, seq_len=scale.seq_len,
-                         domain_field="domain", valid_fraction=scale.valid_fraction)
-    corpus_key = stages.key("prepare", _cfg_key(prep), (out / "corpus" / "settings.json").read_text())
+def _setup(r: _Run) -> None:
     from chorus.pipeline import prepare
 
-    manifest = prepare.run(dataclasses.replace(prep, overwrite=not stages.done("prepare", corpus_key)))
-    stages.finish("prepare", corpus_key)
-    corpus_key = stages.key("prepare", corpus_key, manifest.fingerprint)
-    domains = list(manifest.domains)
+    s, stages = r.scale, r.stages
+    stages.announce(1, f"building the corpus ({', '.join(DOMAINS)}) and a {s.vocab_size}-id byte-level BPE tokenizer")
+    corpus, tokenizer = _demo_corpus.build(r.out / "corpus", chars_per_domain=s.chars_per_domain,
+                                           tokens_per_domain=s.tokens_per_domain, vocab_size=s.vocab_size)
+    r.store, r.tokenizer = str(r.out / "store.zarr"), str(tokenizer)
 
-    models = out / "models"
+    stages.announce(2, "preparing the store (chorus prepare)")
+    prep = PrepareConfig(dataset=str(corpus), tokenizer=r.tokenizer, out=r.store, seq_len=s.seq_len,
+                         domain_field="domain", valid_fraction=s.valid_fraction)
+    key = stages.key("prepare", _cfg_key(prep), (r.out / "corpus" / "settings.json").read_text())
+    # prepare is idempotent on its own (same inputs → nothing to do); a store from other settings is replaced
+    manifest = prepare.run(dataclasses.replace(prep, overwrite=not stages.done("prepare", key)))
+    stages.finish("prepare", key)
+    r.keys["corpus"] = stages.key("corpus", key, manifest.fingerprint)
+    r.domains = list(manifest.domains)
+    models = r.out / "models"
     models.mkdir(exist_ok=True)
-    (models / "teacher.yaml").write_text(yaml.safe_dump(scale.teacher, sort_keys=False))
-    (models / "student.yaml").write_text(yaml.safe_dump(scale.student, sort_keys=False))
-    common = dict(store=store, batch_size=scale.batch_size, lr=scale.lr, warmup_steps=scale.warmup_steps,
-                  seed=cfg.seed, eval_every=0, save_every=0, eval_rows=TRAIN_EVAL_ROWS)
+    (models / "teacher.yaml").write_text(yaml.safe_dump(s.teacher, sort_keys=False))
+    (models / "student.yaml").write_text(yaml.safe_dump(s.student, sort_keys=False))
 
-    keys: dict[str, str] = {}
-    for d in domains:
-        stages.announce(3, f"training teacher {d} from scratch on {d} rows only (CE, {scale.teacher_steps} steps)")
-        tcfg = TrainConfig(student=str(models / "teacher.yaml"), out=str(out / "teachers" / d), steps=scale.teacher_steps,
-                           train_domains=[d], **common)
-        keys[d] = _train(stages, f"teacher-{d}", tcfg, [corpus_key, scale.teacher])
 
-    for d in domains:
-        stages.announce(4, f"caching teacher {d} (top-{scale.top_k} log-probs + {scale.samples} samples per position)")
-        ccfg = CacheConfig(store=store, teacher=_final_model(out / "teachers" / d), name=d, tokenizer=str(tokenizer), top_k=scale.top_k,
-                           samples=scale.samples, seed=cfg.seed, batch_size=scale.cache_batch)
-        keys[d] = _cache(stages, ccfg, keys[d])
-
-    for d in domains:
+def _teachers(r: _Run) -> None:
+    s, stages = r.scale, r.stages
+    for d in r.domains:
+        stages.announce(3, f"training teacher {d} from scratch on {d} rows only (CE, {s.teacher_steps} steps)")
+        tcfg = r.train_config(str(r.out / "models" / "teacher.yaml"), r.out / "teachers" / d, s.teacher_steps,
+                              train_domains=[d])
+        r.keys[d] = _train(stages, f"teacher-{d}", tcfg, [r.keys["corpus"], s.teacher])
+    for d in r.domains:
+        stages.announce(4, f"caching teacher {d} (top-{s.top_k} log-probs + {s.samples} samples per position)")
+        ccfg = CacheConfig(store=r.store, teacher=str(r.out / "teachers" / d / "model"), name=d, tokenizer=r.tokenizer,
+                           top_k=s.top_k, samples=s.samples, seed=r.cfg.seed, batch_size=s.cache_batch)
+        r.keys[d] = _cache(stages, ccfg, r.keys[d])
+    for d in r.domains:
         stages.announce(5, f"calibrating teacher {d} (temperature fitted on held-out rows)")
-        keys[d] = _calibrate(stages, CalibrateConfig(store=store, teacher=d), keys[d])
+        r.keys[d] = _calibrate(stages, CalibrateConfig(store=r.store, teacher=d), r.keys[d])
 
-    students = {"student-ce": [], **{f"student-kd-{d}": [d] for d in domains}, "student-ensemble": list(domains)}
+
+def _students(r: _Run) -> dict[str, list[str]]:
+    """Five students, identical but for their teachers: none, each one alone, all three pooled."""
+    s = r.scale
+    students = {"student-ce": [], **{f"student-kd-{d}": [d] for d in r.domains}, "student-ensemble": list(r.domains)}
     for name, teachers in students.items():
         how = ("CE only" if not teachers else f"KD from teacher {teachers[0]}" if len(teachers) == 1
                else "KD from the calibrated mixture of all teachers")
-        stages.announce(6, f"training {name}: {how}, {scale.student_steps} steps")
-        scfg = TrainConfig(student=str(models / "student.yaml"), out=str(out / "students" / name), teachers=teachers,
-                           steps=scale.student_steps, **common)
-        keys[name] = _train(stages, name, scfg, [corpus_key, scale.student, *(keys[t] for t in teachers)])
+        r.stages.announce(6, f"training {name}: {how}, {s.student_steps} steps")
+        scfg = r.train_config(str(r.out / "models" / "student.yaml"), r.out / "students" / name, s.student_steps,
+                              teachers=teachers)
+        r.keys[name] = _train(r.stages, name, scfg, [r.keys["corpus"], s.student, *(r.keys[t] for t in teachers)])
+    return students
 
+
+def _evaluate_all(r: _Run, students: dict) -> list[dict]:
     rows = []
-    evals = out / "eval"
-    evals.mkdir(exist_ok=True)
-    for kind, names, base in (("teacher", domains, out / "teachers"), ("student", list(students), out / "students")):
-        for name in names:
-            label = f"teacher-{name}" if kind == "teacher" else name
-            stages.announce(7, f"evaluating {label} on held-out rows")
-            ecfg = EvalConfig(store=store, model=_final_model(base / name), out=str(evals / f"{label}.json"),
-                              batch_size=32)
-            rows.append(_row(label, kind, _evaluate(stages, label, ecfg, keys[name])))
+    (r.out / "eval").mkdir(exist_ok=True)
+    runs = [("teacher", f"teacher-{d}", d, r.out / "teachers" / d) for d in r.domains]
+    runs += [("student", name, name, r.out / "students" / name) for name in students]
+    for kind, label, key, run_dir in runs:
+        r.stages.announce(7, f"evaluating {label} on every held-out row")
+        ecfg = EvalConfig(store=r.store, model=str(run_dir / "model"), out=str(r.out / "eval" / f"{label}.json"),
+                          batch_size=32)
+        rows.append(_row(label, kind, _evaluate(r.stages, label, ecfg, r.keys[key])))
+    return rows
 
+
+def _report(r: _Run, rows: list[dict]) -> dict:
     holds, text = claim(rows)
-    results = {"rows": rows, "domains": domains, "claim": {"holds": holds, "text": text},
-               "settings": {"quick": cfg.quick, "seed": cfg.seed, **dataclasses.asdict(scale)}}
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    plot(rows, domains, out / "results.png")
-    print(format_table(rows, domains), flush=True)
+    results = {"rows": rows, "domains": r.domains, "claim": {"holds": holds, "text": text},
+               "settings": {"quick": r.cfg.quick, "seed": r.cfg.seed, **dataclasses.asdict(r.scale)}}
+    (r.out / "results.json").write_text(json.dumps(results, indent=1))
+    plot(rows, r.domains, r.out / "results.png")
+    print(format_table(rows, r.domains), flush=True)
     print(f"\n{'claim holds' if holds else 'claim does not hold'}: {text}", flush=True)
-    print(f"finished in {time.perf_counter() - stages.t0:.0f} s", flush=True)
-    print(f"table: {out / 'results.json'}", flush=True)
-    print(f"plot:  {out / 'results.png'}", flush=True)
+    print(f"finished in {time.perf_counter() - r.stages.t0:.0f} s", flush=True)
+    print(f"table: {r.out / 'results.json'}", flush=True)
+    print(f"plot:  {r.out / 'results.png'}", flush=True)
     return results
-
-
-def _final_model(run_dir: Path) -> str:
-    """The trained model inside a `chorus train` run directory."""
-    for sub in ("final", "model"):
-        if (run_dir / sub / "config.json").is_file():
-            return str(run_dir / sub)
-    if (run_dir / "config.json").is_file():
-        return str(run_dir)
-    raise ChorusError(f"no trained model in '{run_dir}'; rerun the demo (its finished stages are reused)")

@@ -1,0 +1,203 @@
+"""Render benchmarks/README.md from benchmarks/results/*.json, so the tables shown are the ones last measured.
+
+    python benchmarks/_report.py      (run at the end of `make bench` and `make bench-quick`)
+
+Each known benchmark (prepare, cache, train, quality) gets its own tables; any other result file gets its
+top-level numbers. Every section names the machine and date it ran on. The top-level README's
+``<!-- BENCH-TABLE -->`` section gets the quality table and a link here.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results"
+ORDER = ("quality", "prepare", "cache", "train")
+BEGIN, END = "<!-- BENCH-TABLE -->", "<!-- /BENCH-TABLE -->"
+
+INTRO = """# Benchmarks
+
+Measured comparisons. Each script writes `results/<name>.json` and prints its table; this file is
+rendered from those JSON files by `_report.py` (do not edit the tables by hand).
+
+```bash
+make bench          # every benchmarks/*.py (not _*.py), full size, then this README
+make bench-quick    # the same with --quick (minutes), then this README
+.venv/bin/python benchmarks/quality.py [--quick]   # one benchmark
+.venv/bin/python benchmarks/_report.py             # re-render this file from results/*.json
+```
+
+| script | measures |
+|---|---|
+| `quality.py` | student quality from cached sparse targets (top-k, tail bucket, samples, q8) against dense KD and CE: the small-scale version of the table in Anshumann et al., ACL 2025 |
+| `prepare.py` | `chorus prepare` throughput against a bare tokenizer loop |
+| `cache.py` | `chorus cache` throughput, bytes/token and value error of the target encodings |
+| `train.py` | training step cost of CE, cached KD and online KD; pooling cost; loader throughput |
+
+Timings are ratios measured in the same run on the same machine; absolute numbers name the machine.
+"""
+
+
+def _f(x, spec: str = ".4g") -> str:
+    if x is None:
+        return "-"
+    return format(x, spec) if isinstance(x, (int, float)) and not isinstance(x, bool) else str(x)
+
+
+def _cell(c) -> str:
+    return _f(c).replace("|", "\\|")  # a literal | would end the cell
+
+
+def md_table(headers: list, rows: list[list]) -> str:
+    out = ["| " + " | ".join(map(_cell, headers)) + " |", "|" + "---|" * len(headers)]
+    out += ["| " + " | ".join(map(_cell, r)) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def machine_line(res: dict) -> str:
+    m = res.get("machine", {})
+    parts = [m.get("cpu") or "unknown CPU", f"{m.get('cores', '?')} cores"]
+    if m.get("gpu"):
+        parts.append(m["gpu"])
+    parts += [f"torch {m['torch']}" if m.get("torch") else None, f"Python {m['python']}" if m.get("python") else None]
+    threads = res.get("threads", res.get("torch_threads"))
+    if threads:
+        parts.append(f"{threads} torch thread(s)")
+    load = res.get("load_average_at_start")
+    if load:
+        parts.append(f"load average {load[0]:.1f} at start")
+    mode = "quick run" if res.get("quick") else "full run"
+    return f"*{res.get('date', 'date not recorded')}, {mode}; machine: {', '.join(p for p in parts if p)}.*"
+
+
+# ---------------------------------------------------------------------------------------------- per benchmark
+def quality(res: dict) -> str:
+    s, t = res["setup"], res["teacher"]["heldout"]
+    smp = res["samples"]
+    lines = [
+        f"One teacher (Llama {s['teacher']['hidden_size']}×{s['teacher']['num_hidden_layers']}, "
+        f"{s['teacher_params']:,} params, CE, {s['teacher_steps']} steps): held-out loss {t['mean']:.4f}, "
+        f"ECE {100 * t['ece']:.2f} pts. Students: Llama {s['student']['hidden_size']}×{s['student']['num_hidden_layers']} "
+        f"({s['student_params']:,} params), {s['student_steps']} steps × {s['batch_size']} rows × {s['seq_len']} tokens, "
+        f"seeds {', '.join(map(str, s['seeds']))}, pure forward KL (kd_weight {s['kd_weight']}), T = 1. "
+        f"Corpus: the demo's three domains, {s['tokens']:,} tokens, V = {s['vocab_size']}. "
+        f"Samples: M = {smp['M']} draws per position, measured {smp['measured_unique']['mean']:.2f} unique ids per "
+        f"position on average (target {smp['target_unique']:g}).",
+        "",
+        md_table(res["headers"], res["table"]),
+        "",
+        "Mean ± half-range over seeds. Gap closed = (CE − x)/(CE − dense), paired by seed. ECE in points (%). "
+        "KL(t‖s): forward KL from the teacher's full distribution on held-out rows. B/token: stored bytes of the "
+        "arrays the mode reads / (rows × seq_len). step / CE: median step time with the modes interleaved step by "
+        "step; (runs): the training runs' own tokens/s, back to back (noisier on a shared machine).",
+        "",
+    ]
+    g = res["goal"]
+    verdict = (f"**met** by {', '.join(g['modes_meeting'])}" if g["met"] else "**not met** by any cached mode")
+    lines.append(f"Goal: a cached mode at ≤ {g['max_bytes_per_token']:g} B/token that closes ≥ {g['min_gap_closed']:.0%} of "
+                 f"the CE → dense-KD gap with ECE within {g['max_ece_points_from_dense']:g} points of dense KD: {verdict}.")
+    lines.append("")
+    lines.append(md_table(["mode", "B/token", "gap closed (mean)", "worst seed", "ECE − dense (pts)", "meets"],
+                          [[c["mode"], f"{c['bytes_per_token']:.1f}", f"{c['gap_closed']:.1%}",
+                            f"{c['gap_closed_min_seed']:.1%}", f"{c['ece_points_minus_dense']:+.2f}",
+                            "yes" if c["meets"] else "no (" + ", ".join(k for k, v in c["passes"].items() if not v) + ")"]
+                           for c in g["checks"]]))
+    w = res.get("wall_s", {})
+    if w:
+        lines += ["", "Wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in w.items()) + "."]
+    return "\n".join(lines)
+
+
+def prepare(res: dict) -> str:
+    rows = [[i, f"{r['bare_tok_per_s']:,.0f}", f"{r['prepare_tok_per_s']:,.0f}", f"{r['ratio']:.3f}"]
+            for i, r in enumerate(res["trials"])]
+    return (f"{res['documents']} documents, {res['tokens']:,} tokens, seq_len {res['seq_len']}.\n\n"
+            + md_table(["trial", "bare tokenizer tok/s", "chorus prepare tok/s", "ratio"], rows)
+            + f"\n\nMedian ratio {res['median_ratio']:.3f}.")
+
+
+def cache(res: dict) -> str:
+    th = res["throughput"]
+    lines = [f"(a) Throughput, CPU fp32, {th['model']}:", ""]
+    rows = []
+    for label in ("k64", "k64-samples64"):
+        r = th[label]
+        rows.append([label, f"{r['bare_tokens_per_s']:,.0f}", f"{r['forward_plus_targets_tokens_per_s']:,.0f}",
+                     f"{r['cache_tokens_per_s']:,.0f}", f"{r['ratio']:.3f}", f"{r['cpu_time_ratio']:.3f}",
+                     f"{r['store_bytes_per_token']:.1f}"])
+    lines.append(md_table(["targets", "bare forward tok/s", "forward+targets tok/s", "chorus cache tok/s", "ratio",
+                           "CPU-time ratio", "B/token"], rows))
+    for src, r in res["encodings"].items():
+        ks = [k for k in (8, 32, 64, 128) if f"k{k}" in next(iter(r["layouts"].values()))]
+        lines += ["", f"(b) Bytes/token, source '{src}' (mean entropy {r['mean_entropy_nats']:.2f} nats, top-1 p "
+                      f"{r['mean_top1_prob']:.2f}):", ""]
+        lines.append(md_table(["layout", *[f"k={k}" for k in ks], "k=64 max abs Δlogp", "k=64 max abs Δp", "status"],
+                              [[name, *[f"{row[f'k{k}']['bytes_per_token']:.1f}" for k in ks],
+                                f"{row['k64']['max_abs_logprob_err']:.4f}", f"{row['k64']['max_abs_prob_err']:.4f}",
+                                row["status"]] for name, row in r["layouts"].items()]))
+    g = res.get("gpu", {})
+    lines += ["", "(c) GPU bf16: " + (f"{g['tokens_per_s']:,.0f} tok/s, {g['params'] / 1e6:.0f}M params on {g['gpu']}"
+                                       if g.get("status") == "ok" else g.get("status", "not run"))]
+    return "\n".join(lines)
+
+
+def train(res: dict) -> str:
+    s = res["setup"]
+    med, over, peak = res["step_ms_median"], res["step_over_ce"], res.get("peak_bytes", {})
+    lines = [f"Vocab {s['vocab']}, batch {s['batch_rows']}×{s['seq_len']}, student {s['student_hidden']}×"
+             f"{s['student_layers']}, teacher {s['teacher_hidden']}×{s['teacher_layers']}, k = {s['k']}, "
+             f"median of {s['repeats']} interleaved repeats.", "",
+             md_table(["mode", "ms", "× CE step", "peak MiB"],
+                      [[k, f"{med[k]:.1f}", f"{over[k]:.3f}", f"{peak.get(k, 0) / 2**20:.0f}"] for k in med]),
+             "", "Loader (one epoch: decode + checksum + collate):", "",
+             md_table(["teachers", "workers", "positions/s", "target tokens/s"],
+                      [[r["teachers"], r["workers"], f"{r['positions_per_s']:,.0f}", f"{r['target_tokens_per_s']:,.0f}"]
+                       for r in res["loader"]])]
+    goals = res.get("goals", {})
+    if goals:
+        lines += ["", "Goals: " + "; ".join(f"{k} {_f(v)}" for k, v in goals.items()) + "."]
+    return "\n".join(lines)
+
+
+def generic(res: dict) -> str:
+    rows = [[k, _f(v)] for k, v in res.items() if isinstance(v, (int, float, str)) and k not in ("benchmark", "date")]
+    return md_table(["key", "value"], rows) if rows else "(no scalar results)"
+
+
+RENDER = {"quality": quality, "prepare": prepare, "cache": cache, "train": train}
+
+
+def section(name: str, res: dict) -> str:
+    try:
+        body = RENDER.get(name, generic)(res)
+    except (KeyError, TypeError, ValueError, StopIteration) as e:  # a result file of another shape: show what it has
+        body = f"(this file's layout is not the one `_report.py` knows: {type(e).__name__} {e}; its numbers:)\n\n" + generic(res)
+    return f"## {name}\n\n{machine_line(res)}\n\n{body}\n"
+
+
+def main() -> None:
+    files = sorted(RESULTS.glob("*.json"), key=lambda p: (ORDER.index(p.stem) if p.stem in ORDER else len(ORDER), p.stem))
+    results = {p.stem: json.loads(p.read_text()) for p in files}
+    parts = [INTRO] + [section(n, r) for n, r in results.items()]
+    if not results:
+        parts.append("No results yet: run `make bench`.\n")
+    (HERE / "README.md").write_text("\n".join(parts))
+    print(f"wrote {HERE / 'README.md'} ({', '.join(results) or 'no results'})")
+
+    top = HERE.parent / "README.md"
+    if "quality" in results and top.is_file() and BEGIN in (text := top.read_text()):
+        head, rest = text.split(BEGIN, 1)
+        tail = rest.split(END, 1)[1] if END in rest else rest
+        q = results["quality"]
+        summary = (f"\n{machine_line(q)}\n\n{md_table(q['headers'], q['table'])}\n\n"
+                   "Students distilled from one cached teacher, same data, steps and seeds; details, the goal check and "
+                   "the other benchmarks (prepare, cache, train) in [benchmarks/README.md](benchmarks/README.md).\n")
+        top.write_text(head + BEGIN + summary + END + tail)
+        print(f"updated the benchmark table in {top}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
