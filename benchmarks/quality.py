@@ -434,7 +434,7 @@ def _run(scale: Scale, work: Path, clock: Clock, args) -> dict:
         print(f"goal {c['mode']:<9} {'MEETS' if c['meets'] else 'misses'}: {c['bytes_per_token']:.1f} B/token, "
               f"gap closed {c['gap_closed']:.1%} (worst seed {c['gap_closed_min_seed']:.1%}), "
               f"ECE {c['ece_points_minus_dense']:+.2f} pts vs dense")
-    print(f"goal (≤ 64 B/token, ≥ 95% of the gap, ECE within 0.5 pts of dense): "
+    print("goal (≤ 64 B/token, ≥ 95% of the gap, ECE within 0.5 pts of dense): "
           + (f"met by {', '.join(meeting)}" if meeting else "NOT met by any cached mode"), flush=True)
 
     return {

@@ -91,8 +91,10 @@ def prepared_store(tmp_path_factory, corpus_file, tokenizer_dir) -> str:
 def teacher_dir(tmp_path_factory, tokenizer_dir) -> str:
     from transformers import AutoTokenizer
 
-    vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir))
-    return build_tiny_llama(str(tmp_path_factory.mktemp("teacher")), vocab)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    out = build_tiny_llama(str(tmp_path_factory.mktemp("teacher")), len(tok))
+    tok.save_pretrained(out)  # a teacher ships its tokenizer, as a hub model does
+    return out
 
 
 @pytest.fixture(scope="session")

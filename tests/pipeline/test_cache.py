@@ -18,7 +18,7 @@ from chorus.config import CacheConfig
 from chorus.pipeline import cache
 from chorus.storage import Store, decode_samples, decode_topk, decode_values, encode_values, value_params
 
-from .conftest import CACHE_ARGS, assert_same_cache, chorus_env, cli_args, read_cache, run_chorus
+from .conftest import CACHE_ARGS, assert_same_cache, chorus_env, cli_args, read_cache
 
 
 def _corpus_ids(url: str, rows: int | None = None) -> np.ndarray:

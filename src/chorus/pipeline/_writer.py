@@ -17,18 +17,10 @@ from typing import Callable
 
 import numpy as np
 import torch
-import zarr
 
-from chorus.storage import ArraySpec, Store
+from chorus.storage import Store
 
 _STOP = object()
-
-
-def open_for_writing(store: Store, unit: str, specs: list[ArraySpec]) -> None:
-    """Writable handles to the arrays of a unit created by an earlier run (``Store.array`` opens read-only)."""
-    for spec in specs:
-        key = f"{unit}/{spec.name}"
-        store._arrays[key] = zarr.open_array(store=store.group.store, path=key, mode="r+")
 
 
 @dataclass

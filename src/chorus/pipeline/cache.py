@@ -36,7 +36,7 @@ from chorus.pipeline._teacher import (
     resolve_dtype,
     sparse_targets,
 )
-from chorus.pipeline._writer import ShardWriter, open_for_writing
+from chorus.pipeline._writer import ShardWriter
 from chorus.storage import CorpusManifest, Store, TeacherManifest, encode_targets, fingerprint, target_specs, value_params
 
 TARGETS = "topk log_softmax fp32 + inverse-cdf samples seeded by (seed, row), v1"  # in the fingerprint: change it with the math
@@ -172,7 +172,6 @@ def run(cfg: CacheConfig) -> TeacherManifest:
     manifest = _manifest(cfg, name, corpus, teacher, params)
     specs = target_specs(corpus.seq_len, cfg.top_k, cfg.samples, corpus.tokenizer.vocab_size, cfg.value_codec, params)
     _claim_unit(store, manifest, specs, corpus, worker=worker, overwrite=cfg.overwrite)
-    open_for_writing(store, unit, specs)
     mine = [s for s in range(corpus.num_shards) if s % workers == worker]
     if cfg.overwrite:
         _rewrite_corrupt(store, unit, mine)

@@ -16,7 +16,6 @@ checks that its checksums equal the original ones: the round trip is bit-identic
 from __future__ import annotations
 
 import json
-import os
 
 import fsspec
 import numpy as np
@@ -26,7 +25,6 @@ import pyarrow.parquet as pq
 from chorus._progress import Progress, say
 from chorus.config import ExportConfig, ImportConfig
 from chorus.errors import ChorusError, IntegrityError
-from chorus.pipeline._writer import open_for_writing
 from chorus.storage import CorpusManifest, Store, TeacherManifest, plain_values, stored_values, target_specs
 
 SIDECAR = "chorus.json"
@@ -138,7 +136,7 @@ def _read_table(fs, path: str, fmt: str) -> pa.Table:
 def run_import(cfg: ImportConfig) -> TeacherManifest:
     fs, root, meta = _read_sidecar(cfg.src)
     exported = TeacherManifest.from_dict(meta["teacher"])
-    src_corpus = CorpusManifest.from_dict(meta["corpus"])
+    CorpusManifest.from_dict(meta["corpus"])  # a malformed sidecar fails here, naming the field
     if not Store.exists(cfg.store, cfg.storage_options):
         raise ChorusError(f"no chorus store at '{cfg.store}'; prepare the same corpus first (`chorus prepare`)")
     store = Store.open(cfg.store, "a", cfg.storage_options)
@@ -167,9 +165,7 @@ def run_import(cfg: ImportConfig) -> TeacherManifest:
     if name not in store.teacher_names():
         store.create_arrays(unit, specs, corpus.num_rows, corpus.rows_per_shard)
         store.write_teacher_manifest(manifest)
-    else:  # the same cache, partly imported before: resume
-        open_for_writing(store, unit, specs)
-    done = store.commits(unit)
+    done = store.commits(unit)  # the same cache partly imported before: resume past these
     originals = meta["commits"]
     with Progress(f"import {name}", total=corpus.num_rows) as bar:
         for fname in meta["files"]:

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import dataclass
 from typing import Any, Iterable
 
 import fsspec
+import fsspec.implementations.local
 import numcodecs
 import numpy as np
 import zarr
@@ -137,6 +139,8 @@ class Store:
             known = ", ".join(self.teacher_names()) or "none"
             raise ChorusError(f"no teacher '{name}' in store '{self.url}' (teachers: {known}); run `chorus cache` first")
         grp = zarr.open_group(store=self.group.store, path=f"teachers/{name}", mode="r")
+        if MANIFEST_KEY not in grp.attrs:
+            raise ChorusError(f"teacher '{name}' in '{self.url}' is still being created (no manifest yet); wait for `chorus cache`")
         return TeacherManifest.from_dict(grp.attrs[MANIFEST_KEY])
 
     def write_teacher_manifest(self, manifest: TeacherManifest) -> None:
@@ -175,8 +179,9 @@ class Store:
     def array(self, unit: str, name: str) -> zarr.Array:
         key = f"{unit}/{name}"
         if key not in self._arrays:
-            try:
-                self._arrays[key] = zarr.open_array(store=self.group.store, path=key, mode="r")
+            try:  # writable when the store is (a resumed writer appends shards to existing arrays)
+                mode = "r" if self.group.store.read_only else "r+"
+                self._arrays[key] = zarr.open_array(store=self.group.store, path=key, mode=mode)
             except Exception:
                 raise ChorusError(f"store '{self.url}' has no array '{key}'") from None
         return self._arrays[key]
@@ -216,14 +221,32 @@ class Store:
         blob = json.dumps(commit.to_dict(), sort_keys=True, indent=1).encode()
         self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         try:
-            with self.fs.open(path, "xb") as f:  # create-only: S3 If-None-Match, O_EXCL locally
-                f.write(blob)
+            self._create_only(path, blob)
         except FileExistsError:
             if self.fs.cat_file(path) != blob:
                 raise IntegrityError(
                     f"shard {commit.shard} of {commit.unit} was already committed with other content; "
                     "two writers disagree: rerun with --overwrite to rebuild this unit"
                 ) from None
+
+    def _create_only(self, path: str, blob: bytes) -> None:
+        """Create ``path`` with ``blob`` atomically, or raise FileExistsError. Locally the bytes go to a
+        temporary file first and are hard-linked into place (``link`` refuses an existing target), so a
+        kill can never leave an empty or partial record; object stores get a create-only PUT
+        (S3 ``If-None-Match: *``), which is atomic by itself."""
+        if not isinstance(self.fs, fsspec.implementations.local.LocalFileSystem):
+            with self.fs.open(path, "xb") as f:
+                f.write(blob)
+            return
+        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        finally:
+            os.unlink(tmp)
 
     def commits(self, unit: str) -> dict[int, ShardCommit]:
         base = f"{self.root}/{unit}/{COMMITS}"

@@ -23,7 +23,7 @@ from chorus.trainer import ensemble
 from chorus.trainer.calibration import expected_calibration_error, top1_confidence
 from chorus.trainer.data import CachedRows, check_teachers, complete_teachers, pool_teachers, positions, teacher_dist
 from chorus.trainer.losses import forward_kl
-from chorus.trainer.sparse import from_topk, log_prob_of
+from chorus.trainer.sparse import log_prob_of
 
 
 class _Sums:
