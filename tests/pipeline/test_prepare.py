@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from chorus.cli import main
 from chorus.config import PrepareConfig
 from chorus.errors import ChorusError
 from chorus.pipeline import prepare
@@ -117,8 +118,13 @@ def test_memory_and_s3_outputs_match_local(tmp_path, corpus_file, tokenizer_dir,
                                   _arrays(str(tmp_path / "s.zarr"))["input_ids"])
 
 
-def _cli(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "chorus", *args], capture_output=True, text=True, timeout=120)
+def test_cli_error_is_one_line_without_traceback(tmp_path, tokenizer_dir):
+    """The real process: exit code 2, one line on stderr, no traceback."""
+    proc = subprocess.run([sys.executable, "-m", "chorus", "prepare", "--dataset", str(tmp_path / "nope.jsonl"),
+                           "--tokenizer", tokenizer_dir, "--out", str(tmp_path / "o.zarr")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"chorus prepare: error: dataset '{tmp_path / 'nope.jsonl'}' not found: no such file or directory"]
 
 
 @pytest.mark.parametrize(
@@ -135,7 +141,7 @@ def _cli(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProce
         ("bad_value", "prepare key 'seq_len': expected an integer, got 'abc'"),
     ],
 )
-def test_bad_input_is_one_line_and_nothing_marked_complete(tmp_path, corpus_file, tokenizer_dir, case, expect):
+def test_bad_input_is_one_line_and_nothing_marked_complete(tmp_path, corpus_file, tokenizer_dir, case, expect, capsys):
     out = tmp_path / "out.zarr"
     args = {"--dataset": corpus_file, "--tokenizer": tokenizer_dir, "--out": str(out), "--seq-len": "32"}
     extra = []
@@ -159,11 +165,11 @@ def test_bad_input_is_one_line_and_nothing_marked_complete(tmp_path, corpus_file
         extra = ["seq_lenn=3"]
     elif case == "bad_value":
         args["--seq-len"] = "abc"
-    proc = _cli("prepare", *[x for kv in args.items() for x in kv], *extra)
-    assert proc.returncode == 2, proc.stderr
-    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and expect in lines[0], proc.stderr
-    assert "Traceback" not in proc.stderr
+    code = main(["prepare", *[x for kv in args.items() for x in kv], *extra])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [line for line in err.strip().splitlines() if line.strip() and not line.startswith("prepare")]
+    assert len(lines) == 1 and expect in lines[0], err
     if case != "exists" and Path(out).exists():
         with pytest.raises(ChorusError):  # half-written: no manifest, so no reader accepts it
             Store.open(str(out), "r").manifest
