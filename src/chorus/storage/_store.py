@@ -24,7 +24,7 @@ import zarr
 from zarr.codecs import BloscCodec, BytesCodec, ZstdCodec
 
 from chorus.errors import ChorusError, IntegrityError
-from chorus.storage._fingerprint import checksum
+from chorus.storage._fingerprint import checksum, matches
 from chorus.storage._manifest import CorpusManifest, ShardCommit, TeacherManifest
 
 MANIFEST_KEY = "chorus"
@@ -282,7 +282,7 @@ class Store:
             if name not in commit.checksums:
                 raise ChorusError(f"shard {shard} of {unit} has no array '{name}'")
             raw = self.fs.cat_file(self._chunk_path(unit, name, shard))
-            if verify and checksum(raw) != commit.checksums[name]:
+            if verify and not matches(raw, commit.checksums[name]):
                 raise IntegrityError(
                     f"checksum mismatch in {unit}/{name} shard {shard} (rows {commit.row_start}:{commit.row_stop}) "
                     f"of '{self.url}': the stored bytes are corrupt; rerun the job that wrote it with --overwrite"
@@ -324,7 +324,8 @@ class Store:
         for shard, commit in sorted(self.commits(unit).items()):
             for name, expected in sorted(commit.checksums.items()):
                 try:
-                    got = checksum(self.fs.cat_file(self._chunk_path(unit, name, shard)))
+                    raw = self.fs.cat_file(self._chunk_path(unit, name, shard))
+                    got = checksum(raw, expected.split(":", 1)[0])
                 except FileNotFoundError:
                     got = "missing"
                 if got != expected:

@@ -105,11 +105,13 @@ def encode_values(logp: np.ndarray, codec: str, params: dict) -> np.ndarray:
     raise ChorusError(f"unknown value codec '{codec}'; expected one of: {', '.join(VALUE_CODECS)}")
 
 
-def decode_values(stored: np.ndarray, codec: str, params: dict) -> np.ndarray:
-    """Stored values [..., k] → float32 log-probs."""
+def decode_values(stored: np.ndarray, codec: str, params: dict, *, dtype: Any = np.float32) -> np.ndarray:
+    """Stored values [..., k] → log-probs in ``dtype``. The fp16 codec's values are exactly float16:
+    ``dtype=np.float16`` returns them without numpy's slow half→float conversion (the trainer widens
+    on its device instead)."""
     if codec == "fp16":
         codes = np.asarray(stored).view(np.uint16)
-        return (_undelta(codes) if params.get("delta") else codes).view(np.float16).astype(np.float32)
+        return (_undelta(codes) if params.get("delta") else codes).view(np.float16).astype(dtype, copy=False)
     if codec == "q8":
         codes = _undelta(np.asarray(stored, dtype=np.uint8)) if params.get("delta") else np.asarray(stored, dtype=np.uint8)
         if "sqrt_range" in params:

@@ -92,7 +92,8 @@ class CachedRows(IterableDataset):
     batch) and ``teachers``: {name: {"topk_ids" (B, L, k), "topk_logprobs" (B, L, k), and with
     ``samples``: "sample_ids" (B, L, m), "sample_counts" (B, L, m)}}. Ids and counts keep their stored
     unsigned dtype (:func:`teacher_dist` widens them on the training device, so the loader moves
-    fewer bytes); log-probs are float32, decoded by ``chorus.storage.decode_values`` per the manifest.
+    fewer bytes); log-probs are float16 for the fp16 codec (exact; widened on the device) and float32
+    otherwise, decoded by ``chorus.storage.decode_values`` per the manifest.
 
     ``epochs=None`` streams forever (training); ``epochs=n`` stops after n epochs (evaluation, tests).
     """
@@ -308,7 +309,7 @@ class CachedRows(IterableDataset):
             for name in t.arrays:
                 a = gather(t.name, name)
                 if name == "topk_logprobs":  # the format's own decoder (codec, delta coding) on the batch's rows
-                    a = decode_values(a, t.codec, t.params)
+                    a = decode_values(a, t.codec, t.params, dtype=np.float16 if t.codec == "fp16" else np.float32)
                 # ids and counts keep their stored unsigned dtype: widened on the training device, after the copy
                 out[name] = torch.from_numpy(a)
             batch["teachers"][t.name] = out
