@@ -76,7 +76,8 @@ def machine_line(res: dict) -> str:
 # ---------------------------------------------------------------------------------------------- per benchmark
 def quality(res: dict) -> str:
     s, t = res["setup"], res["teacher"]["heldout"]
-    smp = res["samples"]
+    smp = "; ".join(f"{name}: M = {sp['M']} draws per position, measured {sp['measured_unique']['mean']:.2f} unique ids "
+                    f"per position on average (target {sp['target_unique']:g})" for name, sp in res["samples"].items())
     lines = [
         f"One teacher (Llama {s['teacher']['hidden_size']}×{s['teacher']['num_hidden_layers']}, "
         f"{s['teacher_params']:,} params, CE, {s['teacher_steps']} steps): held-out loss {t['mean']:.4f}, "
@@ -84,8 +85,7 @@ def quality(res: dict) -> str:
         f"({s['student_params']:,} params), {s['student_steps']} steps × {s['batch_size']} rows × {s['seq_len']} tokens, "
         f"seeds {', '.join(map(str, s['seeds']))}, pure forward KL (kd_weight {s['kd_weight']}), T = 1. "
         f"Corpus: the demo's three domains, {s['tokens']:,} tokens, V = {s['vocab_size']}. "
-        f"Samples: M = {smp['M']} draws per position, measured {smp['measured_unique']['mean']:.2f} unique ids per "
-        f"position on average (target {smp['target_unique']:g}).",
+        f"Sampled caches: {smp}.",
         "",
         md_table(res["headers"], res["table"]),
         "",

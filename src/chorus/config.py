@@ -163,6 +163,8 @@ class DemoConfig:
     seed: int = opt(0, "seed of every stage")
     threads: int = opt(1, "CPU threads for torch (the demo's models are tiny: one thread is about as fast, and "
                           "much faster when other work shares the cores)")
+    workers: Optional[int] = opt(None, "processes running independent stages side by side (default: 1 with --quick, "
+                                       "which runs beside other tests; else 2, the cores the demo is sized for)")
 
 
 # ---------------------------------------------------------------------------------------------- loading

@@ -71,10 +71,11 @@ QUICK = Scale(chars_per_domain=180_000, tokens_per_domain=45_000, vocab_size=102
               batch_size=16, lr=5e-3, warmup_steps=10, top_k=16, samples=8)
 
 
-# ---------------------------------------------------------------------------------------------- stage records
+# ---------------------------------------------------------------------------------------------- stages
 class _Stages:
     """One record per finished stage under ``OUT/.demo``: the fingerprint of everything the stage's
-    output depends on (its settings and the records of the stages it read). Same fingerprint → skip."""
+    output depends on (its settings and the fingerprints of the stages it read). Same fingerprint and
+    output still there → the stage is skipped; a ``.started`` record marks one that was interrupted."""
 
     def __init__(self, out: Path) -> None:
         self.dir = out / ".demo"
@@ -84,18 +85,20 @@ class _Stages:
     def announce(self, i: int, text: str) -> None:
         """The line a user follows: stage number, time since the start, what runs now."""
         elapsed = int(time.perf_counter() - self.t0)
-        say(f"[{i}/{N_STAGES}] {elapsed // 60}:{elapsed % 60:02d} {text} …")
+        say(f"[{i}/{N_STAGES}] {elapsed // 60}:{elapsed % 60:02d} {text}")
 
     def key(self, name: str, *parts: Any) -> str:
         return fingerprint("demo-stage", name, *parts)
 
-    def done(self, name: str, key: str) -> bool:
+    def _read(self, name: str) -> str | None:
         p = self.dir / f"{name}.json"
-        return p.is_file() and json.loads(p.read_text()).get("key") == key
+        return json.loads(p.read_text()).get("key") if p.is_file() else None
+
+    def done(self, name: str, key: str) -> bool:
+        return self._read(name) == key
 
     def started(self, name: str, key: str) -> bool:
-        p = self.dir / f"{name}.started.json"
-        return p.is_file() and json.loads(p.read_text()).get("key") == key
+        return self._read(f"{name}.started") == key
 
     def start(self, name: str, key: str) -> None:
         (self.dir / f"{name}.json").unlink(missing_ok=True)
@@ -112,28 +115,112 @@ def _cfg_key(cfg: Any) -> dict:
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}
 
 
-# ---------------------------------------------------------------------------------------------- stages
-def _once(stages: _Stages, name: str, key: str, *, present: Callable[[], bool], work: Callable[[bool], Any],
-          reused: str) -> None:
-    """Run ``work`` unless this stage finished with the same ``key`` and its output is still there.
-    ``work(resume)``: ``resume`` is true when an earlier try with the same key was interrupted."""
-    if stages.done(name, key) and present():
-        say(f"      reusing {reused} (finished earlier with these settings)")
-        return
-    resume = stages.started(name, key)
-    stages.start(name, key)
-    work(resume)
-    stages.finish(name, key)
+@dataclass
+class _Job:
+    """One recipe call: ``recipe`` ("module:function") on ``config(resume)``, where ``resume`` is true when
+    an earlier try with the same key was interrupted (train resumes, cache keeps committed shards)."""
+
+    stage: int
+    text: str
+    name: str
+    key: str
+    recipe: str
+    config: Callable[[bool], Any]
+    present: Callable[[], bool]  # is the stage's output still there?
 
 
-def _train(stages: _Stages, name: str, cfg: TrainConfig, upstream: list[str]) -> str:
-    from chorus.trainer import train
+def _work(recipe: str, cfg: Any, threads: int, progress: str | None) -> None:
+    """Runs in a worker process (or inline): one recipe, as `chorus <command>` would run it."""
+    import importlib
+    import os
 
-    key = stages.key(name, _cfg_key(cfg), upstream)
-    # An interrupted run of the same settings resumes from its last checkpoint; anything else starts over.
-    _once(stages, name, key, present=lambda: (Path(cfg.out) / "model" / "chorus.json").is_file(),
-          work=lambda resume: train.run(dataclasses.replace(cfg, resume=resume, overwrite=not resume)), reused=cfg.out)
-    return key
+    import torch
+
+    torch.set_num_threads(threads)
+    if progress is not None:
+        os.environ["CHORUS_PROGRESS"] = progress
+    module, fn = recipe.split(":")
+    getattr(importlib.import_module(module), fn)(cfg)
+
+
+class _Runner:
+    """Runs the jobs of a stage, skipping finished ones; independent jobs run side by side in up to
+    ``workers`` processes of one torch thread each (only the first shows its progress bar, so two bars
+    never fight over one terminal line). Each recipe seeds itself, so results do not depend on it."""
+
+    def __init__(self, stages: _Stages, workers: int, threads: int) -> None:
+        self.stages, self.workers, self.threads = stages, workers, threads
+        self.pool = None
+
+    def run(self, jobs: list[_Job]) -> None:
+        todo = []
+        for job in jobs:
+            if self.stages.done(job.name, job.key) and job.present():
+                self.stages.announce(job.stage, f"{job.text}: done earlier with these settings, reused")
+            else:
+                todo.append(job)
+        if self.workers == 1 or len(todo) == 1:
+            for job in todo:
+                self._announce(job)
+                _work(job.recipe, self._config(job), self.threads, None)
+                self.stages.finish(job.name, job.key)
+            return
+        self._run_parallel(todo)
+
+    def _announce(self, job: _Job, note: str = "") -> None:
+        self.stages.announce(job.stage, f"{job.text}{note} …")
+
+    def _config(self, job: _Job) -> Any:
+        cfg = job.config(self.stages.started(job.name, job.key))
+        self.stages.start(job.name, job.key)
+        return cfg
+
+    def _run_parallel(self, todo: list[_Job]) -> None:
+        import multiprocessing
+        import os
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+        if self.pool is None:
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+        shown = os.environ.get("CHORUS_PROGRESS", "auto")
+        running: dict = {}  # future → (job, slot)
+        queue = list(todo)
+        try:
+            while queue or running:
+                busy = {slot for _, slot in running.values()}
+                while queue and len(running) < self.workers:
+                    job, slot = queue.pop(0), min(set(range(self.workers)) - busy)
+                    busy.add(slot)
+                    self._announce(job, "" if slot == 0 else " (beside the one above, no progress bar)")
+                    fut = self.pool.submit(_work, job.recipe, self._config(job), self.threads, shown if slot == 0 else "off")
+                    running[fut] = (job, slot)
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    job, _ = running.pop(fut)
+                    fut.result()  # a recipe's error surfaces here, as the same exception
+                    self.stages.finish(job.name, job.key)
+        except BaseException:
+            self.close(cancel=True)
+            raise
+
+    def close(self, cancel: bool = False) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=cancel)
+            self.pool = None
+
+
+def _train_job(r: "_Run", stage: int, text: str, name: str, cfg: TrainConfig, upstream: list) -> _Job:
+    out = Path(cfg.out)
+    return _Job(stage, text, name, r.stages.key(name, _cfg_key(cfg), upstream), "chorus.trainer.train:run",
+                lambda resume: dataclasses.replace(cfg, resume=resume, overwrite=not resume),
+                lambda: (out / "model" / "chorus.json").is_file())
+
+
+def _cache_complete(store: str, name: str) -> bool:
+    from chorus.storage import Store
+    from chorus.trainer.data import complete_teachers
+
+    return name in complete_teachers(Store.open(store, "r"))
 
 
 def _calibrated(store: str, name: str) -> bool:
@@ -141,37 +228,6 @@ def _calibrated(store: str, name: str) -> bool:
 
     st = Store.open(store, "r")
     return name in st.teacher_names() and bool(st.teacher_manifest(name).calibration)
-
-
-def _cache(stages: _Stages, cfg: CacheConfig, upstream: str) -> str:
-    from chorus.pipeline import cache
-    from chorus.storage import Store
-    from chorus.trainer.data import complete_teachers
-
-    key = stages.key(f"cache-{cfg.name}", _cfg_key(cfg), upstream)
-    # An interrupted cache of the same settings keeps its committed shards; anything else is replaced.
-    _once(stages, f"cache-{cfg.name}", key, present=lambda: cfg.name in complete_teachers(Store.open(cfg.store, "r")),
-          work=lambda resume: cache.run(dataclasses.replace(cfg, overwrite=not resume)),
-          reused=f"the cache of teacher {cfg.name}")
-    return key
-
-
-def _calibrate(stages: _Stages, cfg: CalibrateConfig, upstream: str) -> str:
-    from chorus.trainer import calibrate
-
-    key = stages.key(f"calibrate-{cfg.teacher}", _cfg_key(cfg), upstream)
-    _once(stages, f"calibrate-{cfg.teacher}", key, present=lambda: _calibrated(cfg.store, cfg.teacher),
-          work=lambda resume: calibrate.run(cfg), reused=f"the temperature of teacher {cfg.teacher}")
-    return key
-
-
-def _evaluate(stages: _Stages, name: str, cfg: EvalConfig, upstream: str) -> dict:
-    from chorus.trainer import evaluate
-
-    key = stages.key(f"eval-{name}", _cfg_key(cfg), upstream)
-    _once(stages, f"eval-{name}", key, present=lambda: Path(cfg.out).is_file(), work=lambda resume: evaluate.run(cfg),
-          reused=f"the metrics of {name}")
-    return json.loads(Path(cfg.out).read_text())
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -249,17 +305,32 @@ def plot(rows: list[dict], domains: list[str], path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------- recipe
 def run(cfg: DemoConfig) -> dict:
+    import os
+
     import torch
 
     if cfg.threads < 1:
         raise ChorusError(f"demo key 'threads': expected a positive integer, got {cfg.threads}")
+    workers = cfg.workers if cfg.workers is not None else (1 if cfg.quick else min(2, os.cpu_count() or 1))
+    if workers < 1:
+        raise ChorusError(f"demo key 'workers': expected a positive integer, got {workers}")
     before = torch.get_num_threads()
-    # The demo's models are tiny: a second thread gains little, and when anything else competes for
-    # the cores (a parallel test worker, a browser) synchronizing threads made steps ~10x slower.
+    # The demo's models are tiny: a second thread gains little, and when anything else competes for the
+    # cores (a parallel test worker, the other demo worker) synchronizing threads made steps ~10x slower.
     torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    stages = _Stages(out)
+    r = _Run(cfg, QUICK if cfg.quick else FULL, out, stages, _Runner(stages, workers, cfg.threads))
     try:
-        return _run(cfg)
+        say(f"chorus demo ({'quick' if cfg.quick else 'full'}) → {out}"
+            + (f" ({workers} worker processes)" if workers > 1 else ""))
+        _setup(r)
+        _teachers(r)
+        students = _students(r)
+        return _report(r, _evaluate_all(r, students))
     finally:
+        r.runner.close()
         torch.set_num_threads(before)
 
 
@@ -271,6 +342,7 @@ class _Run:
     scale: Scale
     out: Path
     stages: _Stages
+    runner: _Runner
     store: str = ""
     tokenizer: str = ""
     domains: list = dataclasses.field(default_factory=list)
@@ -283,28 +355,16 @@ class _Run:
                            eval_rows=TRAIN_EVAL_ROWS, **kw)
 
 
-def _run(cfg: DemoConfig) -> dict:
-    out = Path(cfg.out).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    r = _Run(cfg, QUICK if cfg.quick else FULL, out, _Stages(out))
-    say(f"chorus demo ({'quick' if cfg.quick else 'full'}) → {out}")
-    _setup(r)
-    _teachers(r)
-    students = _students(r)
-    rows = _evaluate_all(r, students)
-    return _report(r, rows)
-
-
 def _setup(r: _Run) -> None:
     from chorus.pipeline import prepare
 
     s, stages = r.scale, r.stages
-    stages.announce(1, f"building the corpus ({', '.join(DOMAINS)}) and a {s.vocab_size}-id byte-level BPE tokenizer")
+    stages.announce(1, f"building the corpus ({', '.join(DOMAINS)}) and a {s.vocab_size}-id byte-level BPE tokenizer …")
     corpus, tokenizer = _demo_corpus.build(r.out / "corpus", chars_per_domain=s.chars_per_domain,
                                            tokens_per_domain=s.tokens_per_domain, vocab_size=s.vocab_size)
     r.store, r.tokenizer = str(r.out / "store.zarr"), str(tokenizer)
 
-    stages.announce(2, "preparing the store (chorus prepare)")
+    stages.announce(2, "preparing the store (chorus prepare) …")
     prep = PrepareConfig(dataset=str(corpus), tokenizer=r.tokenizer, out=r.store, seq_len=s.seq_len,
                          domain_field="domain", valid_fraction=s.valid_fraction)
     key = stages.key("prepare", _cfg_key(prep), (r.out / "corpus" / "settings.json").read_text())
@@ -321,46 +381,67 @@ def _setup(r: _Run) -> None:
 
 def _teachers(r: _Run) -> None:
     s, stages = r.scale, r.stages
+    jobs = []
     for d in r.domains:
-        stages.announce(3, f"training teacher {d} from scratch on {d} rows only (CE, {s.teacher_steps} steps)")
         tcfg = r.train_config(str(r.out / "models" / "teacher.yaml"), r.out / "teachers" / d, s.teacher_steps,
                               train_domains=[d])
-        r.keys[d] = _train(stages, f"teacher-{d}", tcfg, [r.keys["corpus"], s.teacher])
+        jobs.append(_train_job(r, 3, f"training teacher {d} from scratch on {d} rows only (CE, {s.teacher_steps} steps)",
+                               f"teacher-{d}", tcfg, [r.keys["corpus"], s.teacher]))
+    r.runner.run(jobs)
+    r.keys.update({d: job.key for d, job in zip(r.domains, jobs)})
+
+    jobs = []
     for d in r.domains:
-        stages.announce(4, f"caching teacher {d} (top-{s.top_k} log-probs + {s.samples} samples per position)")
         ccfg = CacheConfig(store=r.store, teacher=str(r.out / "teachers" / d / "model"), name=d, tokenizer=r.tokenizer,
                            top_k=s.top_k, samples=s.samples, seed=r.cfg.seed, batch_size=s.cache_batch)
-        r.keys[d] = _cache(stages, ccfg, r.keys[d])
+        # an interrupted cache of the same settings keeps its committed shards; anything else is replaced
+        jobs.append(_Job(4, f"caching teacher {d} (top-{s.top_k} log-probs + {s.samples} samples per position)",
+                         f"cache-{d}", stages.key(f"cache-{d}", _cfg_key(ccfg), r.keys[d]), "chorus.pipeline.cache:run",
+                         lambda resume, c=ccfg: dataclasses.replace(c, overwrite=not resume),
+                         lambda d=d: _cache_complete(r.store, d)))
+    r.runner.run(jobs)
+    r.keys.update({d: job.key for d, job in zip(r.domains, jobs)})
+
+    jobs = []
     for d in r.domains:
-        stages.announce(5, f"calibrating teacher {d} (temperature fitted on held-out rows)")
-        r.keys[d] = _calibrate(stages, CalibrateConfig(store=r.store, teacher=d), r.keys[d])
+        kcfg = CalibrateConfig(store=r.store, teacher=d)
+        jobs.append(_Job(5, f"calibrating teacher {d} (temperature fitted on held-out rows)", f"calibrate-{d}",
+                         stages.key(f"calibrate-{d}", _cfg_key(kcfg), r.keys[d]), "chorus.trainer.calibrate:run",
+                         lambda resume, c=kcfg: c, lambda d=d: _calibrated(r.store, d)))
+    r.runner.run(jobs)
+    r.keys.update({d: job.key for d, job in zip(r.domains, jobs)})
 
 
-def _students(r: _Run) -> dict[str, list[str]]:
+def _students(r: _Run) -> list[str]:
     """Five students, identical but for their teachers: none, each one alone, all three pooled."""
     s = r.scale
     students = {"student-ce": [], **{f"student-kd-{d}": [d] for d in r.domains}, "student-ensemble": list(r.domains)}
+    jobs = []
     for name, teachers in students.items():
         how = ("CE only" if not teachers else f"KD from teacher {teachers[0]}" if len(teachers) == 1
                else "KD from the calibrated mixture of all teachers")
-        r.stages.announce(6, f"training {name}: {how}, {s.student_steps} steps")
         scfg = r.train_config(str(r.out / "models" / "student.yaml"), r.out / "students" / name, s.student_steps,
                               teachers=teachers)
-        r.keys[name] = _train(r.stages, name, scfg, [r.keys["corpus"], s.student, *(r.keys[t] for t in teachers)])
-    return students
+        jobs.append(_train_job(r, 6, f"training {name}: {how}, {s.student_steps} steps", name, scfg,
+                               [r.keys["corpus"], s.student, *(r.keys[t] for t in teachers)]))
+    r.runner.run(jobs)
+    r.keys.update({name: job.key for name, job in zip(students, jobs)})
+    return list(students)
 
 
-def _evaluate_all(r: _Run, students: dict) -> list[dict]:
-    rows = []
-    (r.out / "eval").mkdir(exist_ok=True)
+def _evaluate_all(r: _Run, students: list[str]) -> list[dict]:
     runs = [("teacher", f"teacher-{d}", d, r.out / "teachers" / d) for d in r.domains]
     runs += [("student", name, name, r.out / "students" / name) for name in students]
+    (r.out / "eval").mkdir(exist_ok=True)
+    jobs = []
     for kind, label, key, run_dir in runs:
-        r.stages.announce(7, f"evaluating {label} on every held-out row")
         ecfg = EvalConfig(store=r.store, model=str(run_dir / "model"), out=str(r.out / "eval" / f"{label}.json"),
                           batch_size=32)
-        rows.append(_row(label, kind, _evaluate(r.stages, label, ecfg, r.keys[key])))
-    return rows
+        jobs.append(_Job(7, f"evaluating {label} on every held-out row", f"eval-{label}",
+                         r.stages.key(f"eval-{label}", _cfg_key(ecfg), r.keys[key]), "chorus.trainer.evaluate:run",
+                         lambda resume, c=ecfg: c, lambda p=Path(ecfg.out): p.is_file()))
+    r.runner.run(jobs)
+    return [_row(label, kind, json.loads((r.out / "eval" / f"{label}.json").read_text())) for kind, label, _, _ in runs]
 
 
 def _report(r: _Run, rows: list[dict]) -> dict:

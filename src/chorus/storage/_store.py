@@ -10,7 +10,9 @@ here, never zeros. Writers on disjoint shards never touch the same object.
 
 from __future__ import annotations
 
+import functools
 import json
+from concurrent.futures import ThreadPoolExecutor
 import os
 import threading
 from dataclasses import dataclass
@@ -64,6 +66,16 @@ def _split_url(url: str) -> tuple[str, str]:
     if protocol == "file":
         return "file", os.path.abspath(rest if rest.startswith("/") else "/" + rest)
     return protocol, url
+
+
+@functools.lru_cache(maxsize=1)
+def _pool_of(pid: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="chorus-read")
+
+
+def _pool() -> ThreadPoolExecutor:
+    """One reader pool per process: a forked DataLoader worker must not inherit its parent's (threadless) pool."""
+    return _pool_of(os.getpid())
 
 
 class Store:
@@ -277,18 +289,26 @@ class Store:
             commit = self.commits(unit).get(shard)
         if commit is None:
             raise ChorusError(f"shard {shard} of {unit} in '{self.url}' is not committed; finish writing it first")
-        out = {}
+        names = list(names)
         for name in names:
             if name not in commit.checksums:
                 raise ChorusError(f"shard {shard} of {unit} has no array '{name}'")
+
+        def load(name: str) -> np.ndarray:
             raw = self.fs.cat_file(self._chunk_path(unit, name, shard))
             if verify and not matches(raw, commit.checksums[name]):
                 raise IntegrityError(
                     f"checksum mismatch in {unit}/{name} shard {shard} (rows {commit.row_start}:{commit.row_stop}) "
                     f"of '{self.url}': the stored bytes are corrupt; rerun the job that wrote it with --overwrite"
                 )
-            out[name] = self._decode(unit, name, raw)[: commit.row_stop - commit.row_start]
-        return out
+            return self._decode(unit, name, raw)[: commit.row_stop - commit.row_start]
+
+        for name in names:
+            self.array(unit, name)  # open metadata once, on this thread
+        if len(names) == 1:
+            return {names[0]: load(names[0])}
+        # reads and zstd decoding release the GIL: the arrays of a shard decode side by side
+        return dict(zip(names, _pool().map(load, names)))
 
     def _decode(self, unit: str, name: str, raw: bytes) -> np.ndarray:
         """Decode one chunk's bytes with the codecs recorded in its zarr metadata."""
