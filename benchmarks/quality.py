@@ -27,8 +27,9 @@ interleaves the modes one step at a time on the same machine load (the number in
 median tokens/s of each training run's own metrics.csv against the CE run of the same seed, back to back
 (noisier when other processes share the cores; in the JSON and the last column).
 
-Goal reported against (no setting is tuned per mode; the 24-id point is an added measurement, see above): a cached mode at <= 64 B/token that closes >= 95 % of the CE → dense-KD gap
-with ECE within 0.5 points of dense KD (|ECE(mode) − ECE(dense)| <= 0.5, means over seeds).
+Goal reported against (no setting is tuned per mode; the 24-id point is an added measurement, see
+above): a cached mode at <= 64 B/token that closes >= 95 % of the CE → dense-KD gap with ECE within 0.5
+points of dense KD (|ECE(mode) − ECE(dense)| <= 0.5, means over seeds).
 
 Text: the demo corpus (Python's own sources, its language reference and the Unicode name table), with a
 byte-level BPE of 512 ids trained on it.

@@ -403,6 +403,7 @@ def _train(cfg: TrainConfig, dist: _Dist) -> dict:
                     row.update(diag.row())
                 acc = _fresh_acc()
                 t_last = now
+            paused = time.perf_counter()
             if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
                 if dist.main:
                     res = evaluate_model(student, cfg.store, max_rows=cfg.eval_rows, batch_size=cfg.batch_size,
@@ -415,6 +416,7 @@ def _train(cfg: TrainConfig, dist: _Dist) -> dict:
             if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
                 log_state = {"acc": acc, "diag": diag.state_dict() if diag else None}
                 _save_checkpoint(out, step, tokens_seen, student, optimizer, scheduler, scaler, loader, log_state, dist)
+            t_last += time.perf_counter() - paused  # eval and checkpoints are not training time (tokens/s)
 
     # ---- cleanup: the final model, its tokenizer info, the config
     log.close()
