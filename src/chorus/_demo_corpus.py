@@ -140,8 +140,9 @@ def train_tokenizer(texts: list[str], vocab_size: int, out_dir: str | Path) -> N
 
 
 def _balance(docs: dict[str, list[str]], tokenizer_dir: Path, max_tokens: int) -> dict[str, list[str]]:
-    """Keep each domain's leading documents up to the same token budget: the smallest domain's total
-    (at most ``max_tokens``), so no domain outweighs another in the store."""
+    """Keep documents of each domain up to the same token budget: the smallest domain's total (at most
+    ``max_tokens``), so no domain outweighs another in the store. Documents are taken in a low-discrepancy
+    order (golden-ratio steps through the list), so what is kept still spans the whole list."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
@@ -149,13 +150,14 @@ def _balance(docs: dict[str, list[str]], tokenizer_dir: Path, max_tokens: int) -
     budget = min(max_tokens, *(sum(n) for n in lengths.values()))
     out = {}
     for d, texts in docs.items():
+        order = sorted(range(len(texts)), key=lambda i: ((i * 0.6180339887498949) % 1.0, i))
         kept, total = [], 0
-        for text, n in zip(texts, lengths[d]):
+        for i in order:
             if total >= budget:
                 break
-            kept.append(text)
-            total += n
-        out[d] = kept
+            kept.append(i)
+            total += lengths[d][i]
+        out[d] = [texts[i] for i in sorted(kept)]
     return out
 
 
@@ -167,7 +169,7 @@ def build(out_dir: str | Path, *, chars_per_domain: int, tokens_per_domain: int,
     corpus, tok_dir, stamp = out / "corpus.jsonl", out / "tokenizer", out / "settings.json"
     settings = {"chars_per_domain": chars_per_domain, "tokens_per_domain": tokens_per_domain,
                 "vocab_size": vocab_size, "python": sys.version.split()[0], "unidata": unicodedata.unidata_version,
-                "version": 2}
+                "version": 3}
     if stamp.is_file() and json.loads(stamp.read_text()) == settings and corpus.is_file() and tok_dir.is_dir():
         return corpus, tok_dir
     out.mkdir(parents=True, exist_ok=True)
