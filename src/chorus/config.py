@@ -159,7 +159,7 @@ class ImportConfig:
 @dataclass
 class DemoConfig:
     out: str = opt("demo_out", "where the demo writes its store, models, table and plot")
-    quick: bool = opt(False, "a smaller run (about a minute) that the test suite runs")
+    quick: bool = opt(False, "a smaller run (about 1.5 minutes on one core) that the test suite runs")
     seed: int = opt(0, "seed of every stage")
     threads: int = opt(1, "CPU threads for torch (the demo's models are tiny: one thread is about as fast, and "
                           "much faster when other work shares the cores)")

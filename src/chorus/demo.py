@@ -199,7 +199,7 @@ class _Runner:
                 while queue and len(running) < self.workers:
                     job, slot = queue.pop(0), min(set(range(self.workers)) - busy)
                     busy.add(slot)
-                    self._announce(job, "" if slot == 0 else " (beside the one above, no progress bar)")
+                    self._announce(job, "" if slot == 0 else " (in parallel, no progress bar)")
                     fut = self.pool.submit(_work, job.recipe, self._config(job), self.threads, shown if slot == 0 else "off")
                     running[fut] = (job, slot)
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -240,9 +240,7 @@ def _calibrated(store: str, name: str) -> bool:
 
 # ---------------------------------------------------------------------------------------------- report
 def _row(name: str, kind: str, metrics: dict) -> dict:
-    per_domain = {}
-    for d, v in metrics["per_domain"].items():
-        per_domain[d] = float(v["loss"] if isinstance(v, dict) else v)
+    per_domain = {d: float(v) for d, v in metrics["per_domain"].items()}
     worst_domain = max(per_domain, key=per_domain.get)
     return {"name": name, "kind": kind, "per_domain": per_domain, "mean": float(metrics["mean"]),
             "worst": per_domain[worst_domain], "worst_domain": worst_domain, "ece": float(metrics["ece"])}
