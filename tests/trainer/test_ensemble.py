@@ -20,6 +20,7 @@ from chorus.trainer.ensemble import (
     power,
     top1,
 )
+from tests.trainer.test_sparse import random_dist_from
 from chorus.trainer.sparse import (
     SparseDist,
     entropy,
@@ -37,21 +38,7 @@ N = 3
 # ------------------------------------------------------------------ generators
 
 
-def random_dist(g: torch.Generator, n: int, v: int, k: int, tail: str) -> SparseDist:
-    """k distinct ids per row (some padded), tail positive / zero / either; a valid dist."""
-    ids = torch.argsort(torch.rand(n, v, generator=g), dim=-1)[:, :k]
-    w = torch.rand(n, k, generator=g) ** 3 + 1e-3
-    pad = torch.rand(n, k, generator=g) < 0.2
-    pad[:, 0] = False
-    w = torch.where(pad, 0.0, w)
-    t = torch.rand(n, generator=g) * 0.6 + 0.01
-    if tail == "zero":
-        t = torch.zeros(n)
-    elif tail == "mixed":
-        t = torch.where(torch.rand(n, generator=g) < 0.3, 0.0, t)
-    t = torch.where((~pad).sum(-1) == v, 0.0, t)
-    p = w / w.sum(-1, keepdim=True) * (1 - t[:, None])
-    return SparseDist(torch.where(pad, 0, ids), p.log(), t, v)
+random_dist = random_dist_from  # k distinct ids per row (some padded), tail positive / zero / either
 
 
 def perturb(d: SparseDist, eps: float, g: torch.Generator) -> SparseDist:

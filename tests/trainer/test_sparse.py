@@ -25,7 +25,11 @@ FAST = settings(max_examples=40, deadline=None)
 def random_dist(seed: int, n: int, v: int, k: int, tail: str = "mixed") -> SparseDist:
     """Random sparse distribution: k distinct ids per row, some padding slots, and a tail
     that is positive, zero, or either ("mixed"). Always a valid full-vocab distribution."""
-    g = torch.Generator().manual_seed(seed)
+    return random_dist_from(torch.Generator().manual_seed(seed), n, v, k, tail)
+
+
+def random_dist_from(g: torch.Generator, n: int, v: int, k: int, tail: str) -> SparseDist:
+    """:func:`random_dist` drawing from a caller's generator (the ensemble tests share one)."""
     ids = torch.argsort(torch.rand(n, v, generator=g), dim=-1)[:, :k]
     w = torch.rand(n, k, generator=g) ** 3 + 1e-3
     pad = torch.rand(n, k, generator=g) < 0.2
