@@ -30,6 +30,7 @@ from chorus.storage._fingerprint import checksum, matches
 from chorus.storage._manifest import CorpusManifest, ShardCommit, TeacherManifest
 
 MANIFEST_KEY = "chorus"
+CREATING_KEY = "chorus_creating"  # set on a store's root group at creation, before its manifest exists
 COMMITS = "_commits"
 
 
@@ -68,6 +69,25 @@ def _split_url(url: str) -> tuple[str, str]:
     return protocol, url
 
 
+def _check_replaceable(fs: fsspec.AbstractFileSystem, root: str, url: str) -> None:
+    """Refuse to delete ``root`` unless it is a chorus store (finished or being created) or an empty folder."""
+    refuse = ChorusError(f"'{url}' exists and is not a chorus store; refusing to replace it: "
+                         "choose another --out, or remove it yourself if it is really meant to go")
+    if not fs.isdir(root):
+        raise refuse
+    if not fs.exists(f"{root}/zarr.json"):
+        if fs.ls(root, detail=False):
+            raise refuse
+        return
+    try:
+        with fs.open(f"{root}/zarr.json", "rb") as f:
+            attrs = json.loads(f.read()).get("attributes") or {}
+    except (OSError, ValueError, AttributeError):
+        raise refuse from None
+    if MANIFEST_KEY not in attrs and CREATING_KEY not in attrs:
+        raise refuse
+
+
 @functools.lru_cache(maxsize=1)
 def _pool_of(pid: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="chorus-read")
@@ -89,7 +109,8 @@ class Store:
     # ------------------------------------------------------------------ opening
     @classmethod
     def open(cls, url: str, mode: str = "r", storage_options: dict | None = None) -> "Store":
-        """``mode``: "r" an existing store, "a" create if missing, "w" create anew (deleting what is there)."""
+        """``mode``: "r" an existing store, "a" create if missing, "w" create anew, replacing a chorus store
+        (or an empty directory) that is there; anything else at ``url`` is refused, never deleted."""
         protocol, target = _split_url(url)
         opts = dict(storage_options or {})
         try:
@@ -98,6 +119,7 @@ class Store:
                 if mode == "r" and not fs.exists(f"{root}/zarr.json"):
                     raise ChorusError(f"no chorus store at '{url}'; run `chorus prepare --out {url}` first")
                 if mode == "w" and fs.exists(root):
+                    _check_replaceable(fs, root, url)
                     fs.rm(root, recursive=True)
                 fs.makedirs(root, exist_ok=True) if mode != "r" else None
                 zstore = zarr.storage.LocalStore(root, read_only=(mode == "r"))
@@ -106,9 +128,12 @@ class Store:
                 if mode == "r" and not fs.exists(f"{root}/zarr.json"):
                     raise ChorusError(f"no chorus store at '{url}'; run `chorus prepare --out {url}` first")
                 if mode == "w" and fs.exists(root):
+                    _check_replaceable(fs, root, url)
                     fs.rm(root, recursive=True)
                 zstore = zarr.storage.FsspecStore.from_url(target, storage_options=opts, read_only=(mode == "r"))
             group = zarr.open_group(store=zstore, mode="r" if mode == "r" else "a", zarr_format=3)
+            if mode == "w":  # marks the group as chorus's from its first byte: a killed prepare stays replaceable
+                group.attrs[CREATING_KEY] = True
         except ChorusError:
             raise
         except Exception as e:  # network, credentials, permissions: one line that names the store
