@@ -130,6 +130,15 @@ def cache(res: dict) -> str:
                      f"{r['store_bytes_per_token']:.1f}"])
     lines.append(md_table(["targets", "bare forward tok/s", "forward+targets tok/s", "chorus cache tok/s", "ratio",
                            "CPU-time ratio", "B/token"], rows))
+    if "stats_speed_ratio" in th["k64"]:
+        lines += ["", "Per-position statistics (format v2), included above: forward+targets tok/s with them / without "
+                      "them (v1 targets), and their bytes/token:", ""]
+        lines.append(md_table(["targets", "with statistics tok/s", "without tok/s", "speed ratio", "CPU-time ratio",
+                               "statistics B/token"],
+                              [[label, f"{th[label]['forward_plus_targets_tokens_per_s']:,.0f}",
+                                f"{th[label]['forward_plus_targets_without_stats_tokens_per_s']:,.0f}",
+                                f"{th[label]['stats_speed_ratio']:.3f}", f"{th[label]['stats_cpu_time_ratio']:.3f}",
+                                f"{th[label]['stats_bytes_per_token']:.2f}"] for label in ("k64", "k64-samples64")]))
     for src, r in res["encodings"].items():
         ks = [k for k in (8, 32, 64, 128) if f"k{k}" in next(iter(r["layouts"].values()))]
         lines += ["", f"(b) Bytes/token, source '{src}' (mean entropy {r['mean_entropy_nats']:.2f} nats, top-1 p "
@@ -138,8 +147,16 @@ def cache(res: dict) -> str:
                               [[name, *[f"{row[f'k{k}']['bytes_per_token']:.1f}" for k in ks],
                                 f"{row['k64']['max_abs_logprob_err']:.4f}", f"{row['k64']['max_abs_prob_err']:.4f}",
                                 row["status"]] for name, row in r["layouts"].items()]))
+        st = r.get("statistics")
+        if st:
+            per_k = st["bytes_per_token"]
+            names = [n for n in per_k["k64"] if isinstance(per_k["k64"][n], dict)]
+            lines += ["", f"Statistics (stats + tail_logz) B/token, source '{src}' (the default is {st['compression']}):", ""]
+            lines.append(md_table(["compression", *[f"k={k}" for k in ks]],
+                                  [[n, *[f"{per_k[f'k{k}'][n]['total']:.2f}" for k in ks]] for n in names]))
     g = res.get("gpu", {})
-    lines += ["", "(c) GPU bf16: " + (f"{g['tokens_per_s']:,.0f} tok/s, {g['params'] / 1e6:.0f}M params on {g['gpu']}"
+    without = f" ({g['tokens_per_s_without_stats']:,.0f} without statistics)" if "tokens_per_s_without_stats" in g else ""
+    lines += ["", "(c) GPU bf16: " + (f"{g['tokens_per_s']:,.0f} tok/s{without}, {g['params'] / 1e6:.0f}M params on {g['gpu']}"
                                        if g.get("status") == "ok" else g.get("status", "not run"))]
     return "\n".join(lines)
 

@@ -1,5 +1,6 @@
-"""Benchmark of `chorus cache`: (a) throughput against a bare forward loop, (b) bytes/token and value error of
-each target encoding, (c) GPU bf16 tokens/s of a ~100M-parameter teacher (skipped without CUDA).
+"""Benchmark of `chorus cache`: (a) throughput against a bare forward loop, and the cost of the per-position
+statistics (format v2), (b) bytes/token and value error of each target encoding, and bytes/token of the
+statistics, (c) GPU bf16 tokens/s of a ~100M-parameter teacher (skipped without CUDA).
 
     python benchmarks/cache.py [--quick] [--threads 1]   → table on stdout, JSON in benchmarks/results/cache.json
     (the committed results were run with --threads 1: one core for the teacher, one for the background writer)
@@ -37,8 +38,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from chorus.config import CacheConfig, PrepareConfig  # noqa: E402
 from chorus.pipeline import cache, prepare  # noqa: E402
-from chorus.pipeline._teacher import sparse_targets  # noqa: E402
-from chorus.storage import ArraySpec, Store, decode_values, encode_values, value_params  # noqa: E402
+from chorus.pipeline._teacher import sparse_targets, tail_statistics  # noqa: E402
+from chorus.storage import (  # noqa: E402
+    STATS_FIELDS,
+    TAIL_BETAS,
+    ArraySpec,
+    Store,
+    decode_values,
+    encode_targets,
+    encode_values,
+    target_specs,
+    value_params,
+)
 
 VOCAB = 8192
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "cache.json")
@@ -119,15 +130,17 @@ def bench_throughput(work: str, tok_dir: str, rows: int, seq_len: int, batch: in
     shards = [sub_store.read_shard("corpus", i, ["input_ids"])["input_ids"] for i in range(m.num_shards)]
     sub = store
 
-    def loop(targets: dict | None) -> tuple[float, float]:
-        """The same batches as the cache (whole shards cut into batches): forward only, or + target math."""
+    def loop(targets: dict | None, tail_betas=TAIL_BETAS) -> tuple[float, float]:
+        """The same batches as the cache (whole shards cut into batches): forward only, or + target math
+        (with the statistics, as the cache computes them, or without: ``tail_betas=()``, format v1)."""
         t, c = time.perf_counter(), time.process_time()
         with torch.inference_mode():
             for ids in shards:
                 for i in range(0, len(ids), batch):
-                    logits = model(input_ids=torch.from_numpy(ids[i: i + batch].astype(np.int64)), use_cache=False).logits
+                    x = torch.from_numpy(ids[i: i + batch].astype(np.int64))
+                    logits = model(input_ids=x, use_cache=False).logits
                     if targets is not None:
-                        sparse_targets(logits, seed=0, row_start=i, **targets)
+                        sparse_targets(logits, x, seed=0, row_start=i, tail_betas=tail_betas, **targets)
         return time.perf_counter() - t, time.process_time() - c
 
     loop_times = []
@@ -142,25 +155,31 @@ def bench_throughput(work: str, tok_dir: str, rows: int, seq_len: int, batch: in
     results = {}
     try:
         for label, kw in (("k64", {"top_k": 64, "num_samples": 0}), ("k64-samples64", {"top_k": 64, "num_samples": 64})):
-            bare_t, math_t, cache_t = [], [], []
+            bare_t, math_t, v1_t, cache_t = [], [], [], []
             for r in range(repeats):  # interleaved, best of each: the machine may be shared
                 bare_t.append(loop(None))
                 math_t.append(loop(kw))
+                v1_t.append(loop(kw, tail_betas=()))
                 cache.run(CacheConfig(store=sub, teacher=teacher, name=f"bench-{label}-{r}", batch_size=batch, device="cpu",
                                       top_k=kw["top_k"], samples=kw["num_samples"]))
                 cache_t.append(loop_times[-1])
             tokens = n_rows * seq_len
             unit = f"teachers/bench-{label}-0"
             nbytes = sum(sub_store.nbytes(unit, n) for n in sub_store.array_names(unit))
-            wall = {k: min(t[0] for t in v) for k, v in (("bare", bare_t), ("math", math_t), ("cache", cache_t))}
-            cpu = {k: min(t[1] for t in v) for k, v in (("bare", bare_t), ("math", math_t), ("cache", cache_t))}
+            runs = (("bare", bare_t), ("math", math_t), ("v1", v1_t), ("cache", cache_t))
+            wall = {k: min(t[0] for t in v) for k, v in runs}
+            cpu = {k: min(t[1] for t in v) for k, v in runs}
+            stats_b = sum(sub_store.nbytes(unit, n) for n in ("stats", "tail_logz"))
             results[label] = {
                 "bare_tokens_per_s": tokens / wall["bare"], "forward_plus_targets_tokens_per_s": tokens / wall["math"],
                 "cache_tokens_per_s": tokens / wall["cache"],
                 "ratio": wall["bare"] / wall["cache"], "ratio_vs_forward_plus_targets": wall["math"] / wall["cache"],
                 "cpu_time_ratio": cpu["bare"] / cpu["cache"], "cpu_time_ratio_vs_forward_plus_targets": cpu["math"] / cpu["cache"],
-                "wall_and_cpu_s": {"bare": bare_t, "forward_plus_targets": math_t, "cache_loop": cache_t},
-                "store_bytes_per_token": nbytes / tokens}
+                "forward_plus_targets_without_stats_tokens_per_s": tokens / wall["v1"],
+                "stats_speed_ratio": wall["v1"] / wall["math"], "stats_cpu_time_ratio": cpu["v1"] / cpu["math"],
+                "wall_and_cpu_s": {"bare": bare_t, "forward_plus_targets": math_t, "forward_plus_targets_without_stats": v1_t,
+                                   "cache_loop": cache_t},
+                "store_bytes_per_token": nbytes / tokens, "stats_bytes_per_token": stats_b / tokens}
     finally:
         cache._cache_shards = inner
     return {"model": f"random Llama, {params / 1e6:.1f}M params (hidden 384, 6 layers, vocab {VOCAB})", "rows": n_rows,
@@ -169,7 +188,9 @@ def bench_throughput(work: str, tok_dir: str, rows: int, seq_len: int, batch: in
                      "forward_plus_targets runs the same target math inline with no IO: the gap between it and the "
                      "bare forward is the log-softmax/top-k/sampling over the vocabulary, the gap between it and the "
                      "cache is what the background writer fails to hide; best of interleaved repeats. CPU-time ratios "
-                     "(process time, all threads) are immune to other processes' load on a shared machine"),
+                     "(process time, all threads) are immune to other processes' load on a shared machine. "
+                     "forward_plus_targets includes the per-position statistics (format v2), as the cache does; "
+                     "stats_speed_ratio = tokens/s of forward+targets with them / without them (v1 targets)"),
             **results}
 
 
@@ -194,7 +215,8 @@ def ngram_logprobs(train: np.ndarray, contexts: np.ndarray) -> np.ndarray:
     return out
 
 
-def sources(tok_dir: str, positions: int) -> dict[str, np.ndarray]:
+def sources(tok_dir: str, positions: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """name → (log-probs [P, V], the text's next token at each position [P])."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tok_dir)
@@ -205,6 +227,7 @@ def sources(tok_dir: str, positions: int) -> dict[str, np.ndarray]:
     step = max(1, (len(held) - 3) // positions)  # spread over the held-out text (prose and code)
     at = np.arange(positions) * step
     ngram = ngram_logprobs(ids[:hold], np.stack([held[at], held[at + 1]], 1))
+    ngram_gold = held[at + 2]
 
     model = build_llama(None, hidden=256, layers=4, heads=4, seed=1)
     rows = positions // 128
@@ -217,7 +240,7 @@ def sources(tok_dir: str, positions: int) -> dict[str, np.ndarray]:
         s = (lo * hi) ** 0.5
         lp = torch.log_softmax(z * s, -1)
         lo, hi = (s, hi) if -(lp.exp() * lp).sum(-1).mean() > 3.0 else (lo, s)
-    return {"ngram": ngram, "random": lp.numpy()}
+    return {"ngram": (ngram, ngram_gold), "random": (lp.numpy(), ids[1: rows * 128 + 1])}
 
 
 def _layouts(k: int) -> dict:
@@ -257,7 +280,7 @@ def encoded_bytes(logp_topk: np.ndarray, ids_topk: np.ndarray, layout: tuple, ro
 
 def bench_encodings(tok_dir: str, positions: int) -> dict:
     out = {}
-    for src, logp in sources(tok_dir, positions).items():
+    for src, (logp, gold) in sources(tok_dir, positions).items():
         ent = float(-(np.exp(logp) * logp).sum(-1).mean())
         top1 = float(np.exp(logp.max(-1)).mean())
         rows = {}
@@ -273,8 +296,42 @@ def bench_encodings(tok_dir: str, positions: int) -> dict:
                     "bytes_per_token": round(bpt, 2), "max_abs_logprob_err": float(err.max()),
                     "mean_abs_logprob_err": float(err.mean()), "max_abs_prob_err": float(perr.max()),
                     "max_abs_tail_err": float(tail_err.max())}
-        out[src] = {"mean_entropy_nats": ent, "mean_top1_prob": top1, "positions": len(logp), "layouts": rows}
+        out[src] = {"mean_entropy_nats": ent, "mean_top1_prob": top1, "positions": len(logp), "layouts": rows,
+                    "statistics": stats_bytes(logp, gold, rows=positions // 128)}
     return out
+
+
+STATS_ALTERNATIVES = {"zstd 3": ("zstd", 3), "zstd 9": ("zstd", 9), "blosc 5": ("blosc", 5), "blosc 8": ("blosc", 8)}
+
+
+def stats_bytes(logp: np.ndarray, gold: np.ndarray, rows: int) -> dict:
+    """Bytes/position of the statistics (format v2) through a real (in-memory) store chunked like a shard: the
+    layout ``target_specs`` picks, and the compressors it was picked among."""
+    out = {}
+    lp = torch.from_numpy(logp)
+    n, vocab = logp.shape
+    for k in (8, 32, 64, 128):
+        vals, ids = torch.topk(lp, k, dim=-1)
+        st = tail_statistics(lp.clone(), ids, torch.from_numpy(gold.astype(np.int64)), TAIL_BETAS)
+        stats = {f: st[f].numpy().reshape(rows, -1) for f in (*STATS_FIELDS,)}
+        stats["tail_logz"] = st["tail_logz"].numpy().reshape(rows, n // rows, -1)
+        arrays = encode_targets(ids.numpy().reshape(rows, n // rows, k), vals.numpy().reshape(rows, n // rows, k),
+                                vocab_size=vocab, codec="fp16", params=value_params("fp16"),
+                                stats=stats | {"tail_betas": TAIL_BETAS})
+        chosen = {s.name: s for s in target_specs(n // rows, k, 0, vocab, "fp16", tail_betas=TAIL_BETAS)}
+        row = {}
+        for label, (comp, level) in {"default": (chosen["stats"].compressor, chosen["stats"].level),
+                                     **STATS_ALTERNATIVES}.items():
+            store = Store.open("memory://chorus-bench-stats-" + str(time.perf_counter_ns()), "w")
+            store.create_arrays("t", [ArraySpec(name, chosen[name].row_shape, chosen[name].dtype, comp, level)
+                                      for name in ("stats", "tail_logz")], rows, rows)
+            store.write_shard("t", 0, 0, {name: arrays[name] for name in ("stats", "tail_logz")})
+            parts = {name: store.nbytes("t", name) / n for name in ("stats", "tail_logz")}
+            row[label] = {**{name: round(b, 3) for name, b in parts.items()}, "total": round(sum(parts.values()), 3)}
+        row["mean_tail_mass"] = float(st["log_tail"].exp().mean())
+        out[f"k{k}"] = row
+    return {"compression": f"{chosen['stats'].compressor} {chosen['stats'].level}", "bytes_per_token": out,
+            "mean_nll_nats": float(-st["gold_logprob"].double().mean())}
 
 
 # ---------------------------------------------------------------------------------------------- (c) GPU
@@ -285,21 +342,28 @@ def bench_gpu(quick: bool) -> dict:
     params = sum(p.numel() for p in model.parameters())
     batch, seq = 16, 1024
     x = torch.randint(0, VOCAB, (batch, seq), device="cuda")
-    def step():
-        with torch.inference_mode():
-            sparse_targets(model(input_ids=x, use_cache=False).logits, top_k=64, num_samples=0, seed=0, row_start=0)
 
-    for _ in range(2):
-        step()
-    torch.cuda.synchronize()
+    def timed(tail_betas) -> float:
+        def step():
+            with torch.inference_mode():
+                sparse_targets(model(input_ids=x, use_cache=False).logits, x, top_k=64, num_samples=0, seed=0,
+                               row_start=0, tail_betas=tail_betas)
+
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(n):
+            step()
+        torch.cuda.synchronize()
+        return n * batch * seq / (time.perf_counter() - t)
+
     n = 5 if quick else 20
-    t = time.perf_counter()
-    for _ in range(n):
-        step()
-    torch.cuda.synchronize()
-    dt = time.perf_counter() - t
+    with_stats, without = timed(TAIL_BETAS), timed(())
     return {"status": "ok", "gpu": torch.cuda.get_device_name(0), "params": params, "dtype": "bfloat16",
-            "batch": batch, "seq_len": seq, "tokens_per_s": n * batch * seq / dt, "note": "forward + top-64 targets"}
+            "batch": batch, "seq_len": seq, "tokens_per_s": with_stats, "tokens_per_s_without_stats": without,
+            "stats_speed_ratio": with_stats / without,
+            "note": "forward + top-64 targets with the per-position statistics (and without: format v1)"}
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -311,6 +375,9 @@ def table(res: dict) -> str:
                      f"  cache {r['cache_tokens_per_s']:7.0f} tok/s   ratio {r['ratio']:.3f} (vs forward+targets "
                      f"{r['ratio_vs_forward_plus_targets']:.3f}); CPU-time ratio {r['cpu_time_ratio']:.3f} "
                      f"(vs forward+targets {r['cpu_time_ratio_vs_forward_plus_targets']:.3f})  {r['store_bytes_per_token']:.1f} B/token")
+        lines.append(f"    {'':<14} statistics (v2): forward+targets {r['forward_plus_targets_tokens_per_s']:7.0f} tok/s with, "
+                     f"{r['forward_plus_targets_without_stats_tokens_per_s']:7.0f} without: speed ratio {r['stats_speed_ratio']:.3f} "
+                     f"(CPU time {r['stats_cpu_time_ratio']:.3f}); {r['stats_bytes_per_token']:.2f} B/token")
     for src, r in res["encodings"].items():
         lines.append(f"(b) bytes/token, source '{src}' (mean entropy {r['mean_entropy_nats']:.2f} nats, "
                      f"top-1 p {r['mean_top1_prob']:.2f})")
@@ -320,8 +387,15 @@ def table(res: dict) -> str:
             e = row["k64"]
             lines.append(f"    {name:<22}" + "".join(f"{row['k' + str(k)]['bytes_per_token']:9.1f}" for k in (8, 32, 64, 128))
                          + f"   {e['max_abs_logprob_err']:14.4f} {e['max_abs_prob_err']:8.4f}   {row['status']}")
+        st = r.get("statistics")
+        if st:
+            lines.append(f"    statistics (v2) B/token, {st['compression']} (alternatives at k=64: "
+                         + ", ".join(f"{a} {st['bytes_per_token']['k64'][a]['total']:.2f}" for a in STATS_ALTERNATIVES) + ")")
+            lines.append("    " + "".join(f"{'k=' + str(k) + ' ':>6}{st['bytes_per_token'][f'k{k}']['default']['total']:5.2f}"
+                                         for k in (8, 32, 64, 128)))
     g = res["gpu"]
-    lines.append("(c) GPU bf16: " + (f"{g['tokens_per_s']:.0f} tok/s, {g['params'] / 1e6:.0f}M params on {g['gpu']}"
+    lines.append("(c) GPU bf16: " + (f"{g['tokens_per_s']:.0f} tok/s ({g['tokens_per_s_without_stats']:.0f} without statistics), "
+                                      f"{g['params'] / 1e6:.0f}M params on {g['gpu']}"
                                       if g["status"] == "ok" else g["status"]))
     return "\n".join(lines)
 

@@ -228,7 +228,8 @@ def time_steps(store: str, student_yaml: str, batch_size: int, reps: int) -> dic
     grad_accum 1 (next batch, positions, target, chunked loss, backward, clip, AdamW step), built from the
     recipe's own components. The first round (shard decode, allocator warm-up) is not counted."""
     from chorus.trainer._student import Student, load_student
-    from chorus.trainer.data import CachedRows, positions, teacher_dist
+    from chorus.trainer.data import CachedRows, positions
+    from chorus.trainer.targets import teacher_dist
     from chorus.trainer.losses import get_loss
 
     m = Store.open(store, "r").manifest

@@ -32,7 +32,8 @@ from _common import table, write  # noqa: E402
 from chorus.storage import CorpusManifest, Store, TeacherManifest, TokenizerInfo, fingerprint  # noqa: E402
 from chorus.storage import ArraySpec, encode_targets, target_specs, value_params  # noqa: E402
 from chorus.trainer._student import Student  # noqa: E402
-from chorus.trainer.data import CachedRows, pool_teachers, positions, teacher_dist  # noqa: E402
+from chorus.trainer.data import CachedRows, positions  # noqa: E402
+from chorus.trainer.targets import pool as pool_teachers, teacher_dist  # noqa: E402
 
 K = 64
 

@@ -16,7 +16,17 @@ import torch
 from chorus import cli
 from chorus.config import CacheConfig
 from chorus.pipeline import cache
-from chorus.storage import Store, decode_samples, decode_topk, decode_values, encode_values, value_params
+from chorus.storage import (
+    TAIL_BETAS,
+    Store,
+    decode_samples,
+    decode_stats,
+    decode_topk,
+    decode_values,
+    encode_values,
+    value_params,
+)
+from tests.storage.test_targets import dense_statistics, tail_logz_allowance
 
 from .conftest import CACHE_ARGS, assert_same_cache, chorus_env, cli_args, read_cache
 
@@ -78,6 +88,62 @@ def test_topk_equals_teacher_topk_of_log_softmax(cached_store, teacher_model):
     tail_ref = 1.0 - np.exp(ref_vals.astype(np.float64)).sum(-1)
     assert np.abs(tail_store - tail_ref).max() < 1e-3
     assert manifest.status == "complete" and manifest.top_k == 8 and manifest.num_samples == 16
+
+
+def _assert_statistics_match(url: str, name: str, model_dir: str, rows: int, batch: int) -> tuple[dict, dict, np.ndarray]:
+    """The cached statistics of the first ``rows`` rows against the dense ones of the teacher's own fp32 log-softmax;
+    returns (decoded, exact, decoded top-k log-probs)."""
+    store = Store.open(url, "r")
+    manifest = store.teacher_manifest(name)
+    assert manifest.format_version == 2 and manifest.tail_betas == TAIL_BETAS
+    arrays = {n: store.read_rows(f"teachers/{name}", n, 0, rows) for n in ("topk_ids", "topk_logprobs", "stats", "tail_logz")}
+    ids, topk = decode_topk(arrays, manifest)
+    got = decode_stats(arrays, manifest, topk[..., -1])
+    tokens = _corpus_ids(url, rows)
+    ref = _teacher_logprobs(model_dir, tokens, manifest.vocab_size, batch=batch).double().numpy()
+    truth = dense_statistics(ref, ids, np.roll(tokens, -1, axis=1).astype(np.int64), TAIL_BETAS)
+    for f in ("log_tail", "entropy"):  # fp16 rounding (half an ulp: 2^-11 relative), and fp32 math
+        np.testing.assert_allclose(got[f], truth[f], rtol=2.0**-11, atol=2e-6, err_msg=f)
+    np.testing.assert_allclose(got["gold_logprob"][:, :-1], truth["gold_logprob"][:, :-1], rtol=2.0**-11, atol=2e-6)
+    assert (got["gold_logprob"][:, -1] == 0).all()
+    err = np.abs(got["tail_logz"] - truth["tail_logz"])
+    allowed = tail_logz_allowance(stored_log_tail=got["log_tail"], true_log_tail=truth["log_tail"], stored_kth=topk[..., -1],
+                                  true_tail_max=truth["tail_max"], n_tail=manifest.vocab_size - manifest.top_k,
+                                  betas=TAIL_BETAS)
+    assert (err <= allowed).all(), float((err - allowed).max())
+    return got, truth, topk
+
+
+def test_statistics_equal_the_teachers_own_logits(cached_store, teacher_model):
+    from transformers import AutoModelForCausalLM
+
+    rows = 64
+    got, _, _ = _assert_statistics_match(cached_store, "tiny", teacher_model, rows, CACHE_ARGS["batch_size"])
+    model = AutoModelForCausalLM.from_pretrained(teacher_model, dtype=torch.float32).eval()
+    tokens = torch.from_numpy(_corpus_ids(cached_store, rows).astype(np.int64))
+    with torch.inference_mode():  # the model's own next-token loss, equal-sized batches: the mean of their means
+        nll = np.mean([model(input_ids=x, labels=x).loss.item() for x in tokens.split(8)])
+    assert abs(float(-got["gold_logprob"][:, :-1].astype(np.float64).mean()) - nll) < 1e-3
+
+
+def test_q8_statistics_give_the_true_tail(tmp_path, store_copy, teacher_model):
+    """A sharpened teacher (mean entropy ~2 nats) cached with 8-bit values: the tail from the statistics is
+    exact to fp16, where 1 − Σ exp of the coarse top-k values is not."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(teacher_model)
+    with torch.no_grad():
+        model.lm_head.weight *= 30.0
+    sharp = str(tmp_path / "sharp")
+    model.save_pretrained(sharp)
+    AutoTokenizer.from_pretrained(teacher_model).save_pretrained(sharp)
+    cache.run(CacheConfig(store=store_copy, teacher=sharp, name="q8", top_k=4, batch_size=8, value_codec="q8"))
+    got, truth, topk = _assert_statistics_match(store_copy, "q8", sharp, 48, 8)
+    assert truth["entropy"].mean() < 3.0 and np.exp(truth["log_tail"]).min() < 0.05  # sharp: small tails exist
+    tau_true = np.exp(truth["log_tail"])
+    assert (np.abs(np.exp(got["log_tail"]) - tau_true) <= 0.02 * tau_true).all()
+    tau_q8 = 1.0 - np.exp(topk.astype(np.float64)).sum(-1)
+    assert np.abs(tau_q8 - tau_true).max() > 10 * np.abs(np.exp(got["log_tail"]) - tau_true).max()
 
 
 def test_samples_sum_to_m_and_follow_the_teacher_distribution(cached_store, teacher_model):
@@ -304,7 +370,7 @@ def test_name_used_by_another_model_is_refused_unless_overwrite(tmp_path, cached
     assert rc == 0, err
     m = Store.open(store, "r").teacher_manifest("tiny")
     assert m.model == other and m.status == "complete" and m.num_samples == 0
-    assert sorted(Store.open(store, "r").array_names("teachers/tiny")) == ["topk_ids", "topk_logprobs"]
+    assert sorted(Store.open(store, "r").array_names("teachers/tiny")) == ["stats", "tail_logz", "topk_ids", "topk_logprobs"]
 
 
 def test_nan_logits_name_the_row_and_commit_nothing_for_that_shard(tmp_path, store_copy, teacher_model, capsys):

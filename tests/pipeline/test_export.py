@@ -26,8 +26,11 @@ def test_export_load_dataset_import_round_trips_bit_identically(tmp_path, cached
     store = Store.open(cached_store, "r")
     m = store.manifest
     assert len(ds) == m.num_rows
-    assert set(ds.column_names) == {"row", "input_ids", "segment_ids", "topk_ids", "topk_logprobs", "sample_ids", "sample_counts"}
+    assert set(ds.column_names) == {"row", "input_ids", "segment_ids", "topk_ids", "topk_logprobs", "sample_ids",
+                                    "sample_counts", "stats", "tail_logz"}
     arrays, _ = read_cache(cached_store, "tiny")
+    np.testing.assert_array_equal(np.stack(ds["stats"]).astype(np.float16), arrays["stats"])  # the statistics (v2)
+    np.testing.assert_array_equal(np.stack(ds["tail_logz"]), arrays["tail_logz"])
     ids, logp = decode_topk(arrays, store.teacher_manifest("tiny"))
     np.testing.assert_array_equal(ds["row"], np.arange(m.num_rows))
     np.testing.assert_array_equal(np.stack(ds["input_ids"]), store.read_rows("corpus", "input_ids", 0, m.num_rows))

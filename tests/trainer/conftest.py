@@ -31,10 +31,11 @@ def copy_store(src: str, dst: Path) -> str:
 def write_teacher(url: str, name: str, logprobs_fn: Callable[[np.ndarray], np.ndarray], *, top_k: int = 16,
                   samples: int = 0, codec: str = "fp16", status: str = "complete", seed: int = 0,
                   corpus_fingerprint: str | None = None, tokenizer_fingerprint: str | None = None,
-                  vocab_size: int | None = None, shards: list[int] | None = None) -> TeacherManifest:
+                  vocab_size: int | None = None, shards: list[int] | None = None, stats: bool = True) -> TeacherManifest:
     """Cache a teacher whose full log-probs at each position are ``logprobs_fn(input_ids (n, L)) -> (n, L, V)``:
-    the top-k (normalized over the full vocabulary) and, with ``samples``, M draws compacted to ids/counts."""
-    from chorus.storage import compact_samples
+    the top-k (normalized over the full vocabulary), with ``samples`` M draws compacted to ids/counts, and with
+    ``stats`` the exact statistics of the full distribution (format v2; False writes a v1 cache)."""
+    from chorus.storage import TAIL_BETAS, compact_samples, encode_stats
 
     store = Store.open(url, "a")
     m = store.manifest
@@ -45,10 +46,11 @@ def write_teacher(url: str, name: str, logprobs_fn: Callable[[np.ndarray], np.nd
         corpus_fingerprint=corpus_fingerprint or m.fingerprint,
         tokenizer_fingerprint=tokenizer_fingerprint or m.tokenizer.fingerprint,
         vocab_size=vocab_size or v, fingerprint=fingerprint(name, top_k, samples, seed), created_by="test",
-        status="incomplete",
+        status="incomplete", tail_betas=TAIL_BETAS if stats else (), format_version=2 if stats else 1,
     )
     store.write_teacher_manifest(manifest)
-    store.create_arrays(f"teachers/{name}", target_specs(m.seq_len, top_k, samples, v, codec), m.num_rows, m.rows_per_shard)
+    specs = target_specs(m.seq_len, top_k, samples, v, codec, tail_betas=manifest.tail_betas)
+    store.create_arrays(f"teachers/{name}", specs, m.num_rows, m.rows_per_shard)
     rng = np.random.default_rng(seed)
     corpus = store.read_rows("corpus", "input_ids", 0, m.num_rows)
     for shard in range(m.num_shards) if shards is None else shards:
@@ -68,10 +70,28 @@ def write_teacher(url: str, name: str, logprobs_fn: Callable[[np.ndarray], np.nd
             specs = {s.name: s.dtype for s in target_specs(1, 1, samples, v, codec)}
             arrays["sample_ids"] = sid.reshape(hi - lo, m.seq_len, samples).astype(specs["sample_ids"])
             arrays["sample_counts"] = cnt.reshape(hi - lo, m.seq_len, samples).astype(specs["sample_counts"])
+        if stats:
+            arrays.update(encode_stats(dense_stats(logp, order, ids, TAIL_BETAS), arrays["topk_logprobs"],
+                                       n_tail=v - top_k, codec=codec, params=value_params(codec)))
         store.write_shard(f"teachers/{name}", shard, lo, arrays)
     manifest = manifest.replace(status=status)
     store.write_teacher_manifest(manifest)
     return manifest
+
+
+def dense_stats(logp: np.ndarray, order: np.ndarray, ids: np.ndarray, betas) -> dict:
+    """The exact statistics of full log-probs (n, L, V) with top-k ids ``order`` (n, L, k), computed densely
+    in float64: the reference the cache's statistics are held to."""
+    def logsumexp(x, axis):
+        return torch.logsumexp(torch.from_numpy(np.ascontiguousarray(x)), dim=axis).numpy()
+
+    tail = logp.copy()
+    np.put_along_axis(tail, order, -np.inf, axis=-1)
+    gold = np.zeros(ids.shape, dtype=np.float64)
+    gold[:, :-1] = np.take_along_axis(logp[:, :-1], ids[:, 1:, None].astype(np.int64), -1)[..., 0]
+    p = np.exp(logp)
+    return {"log_tail": logsumexp(tail, axis=-1), "entropy": -(p * logp).sum(-1), "gold_logprob": gold,
+            "tail_logz": np.stack([logsumexp(b * tail, axis=-1) for b in betas], -1), "tail_betas": tuple(betas)}
 
 
 def bigram_teacher(vocab: int, seed: int, sharpness: float = 3.0) -> Callable[[np.ndarray], np.ndarray]:

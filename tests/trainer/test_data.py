@@ -8,7 +8,8 @@ import torch
 
 from chorus.errors import ChorusError
 from chorus.storage import Store, decode_values, encode_values, value_params
-from chorus.trainer.data import CachedRows, StreamLoader, positions, teacher_dist
+from chorus.trainer.data import CachedRows, StreamLoader, positions
+from chorus.trainer.targets import teacher_dist
 from tests.trainer.conftest import bigram_teacher, copy_store, write_teacher
 
 

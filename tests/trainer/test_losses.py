@@ -233,11 +233,12 @@ def test_temperature_one_is_the_plain_divergence():
     torch.testing.assert_close(loss, ref)
 
 
-def test_temperature_softens_both_sides_and_scales_by_t_squared():
+def test_temperature_softens_the_student_and_scales_by_t_squared():
+    """The target arrives softened (the target builder's job); the loss softens the student."""
     hidden, weight, _, gold, targets = _problem()
     logits = hidden @ weight.T
     loss, _ = distill_loss_from_logits(
-        logits, gold, targets, loss_fn=reverse_kl, kd_weight=1.0, temperature=3.0
+        logits, gold, soften(targets, 3.0), loss_fn=reverse_kl, kd_weight=1.0, temperature=3.0
     )
     kd = reverse_kl(soften(targets, 3.0), (logits / 3.0).log_softmax(-1)) * 9.0
     torch.testing.assert_close(loss, masked_mean(kd, gold != -100))

@@ -175,20 +175,32 @@ def test_three_teachers_train_with_every_operator_and_weighting(teacher_store, s
             assert weights == pytest.approx([2 / 3.5, 0.5 / 3.5, 1 / 3.5], abs=1e-5)
 
 
-@pytest.mark.parametrize("target", ["topk_renorm", "samples"])
-def test_other_targets_and_losses_train(teacher_store, student, tmp_path, target):
+def test_other_targets_and_losses_train(teacher_store, student, tmp_path):
     for loss in ("reverse_kl", "jsd", "skew_kl"):
-        res = train.run(_cfg(teacher_store, tmp_path / loss, student, teachers=["b"], target=target, loss=loss,
+        res = train.run(_cfg(teacher_store, tmp_path / loss, student, teachers=["b"], target="topk_renorm", loss=loss,
                              steps=2, eval_every=0, save_every=0, kd_weight=0.7, temperature=2.0))
         assert torch.isfinite(torch.tensor(res["eval"]["mean"]))
+    res = train.run(_cfg(teacher_store, tmp_path / "samples", student, teachers=["b"], target="samples",
+                         steps=2, eval_every=0, save_every=0, kd_weight=0.7, calibrated=False))
+    assert torch.isfinite(torch.tensor(res["eval"]["mean"]))
+
+
+def test_unsound_sampled_targets_are_refused_before_training(teacher_store, student, tmp_path):
+    with pytest.raises(ChorusError, match="unbiased only for forward KL"):
+        train.run(_cfg(teacher_store, tmp_path / "r", student, teachers=["b"], target="samples", loss="reverse_kl"))
+    with pytest.raises(ChorusError, match="unbiased only at T = 1"):
+        train.run(_cfg(teacher_store, tmp_path / "t", student, teachers=["b"], target="samples", temperature=2.0))
+    assert not (tmp_path / "r").exists() and not (tmp_path / "t").exists()
 
 
 def test_calibrated_temperature_is_applied_before_pooling(teacher_store, student, tmp_path, monkeypatch):
     from chorus.storage import Store
 
+    from chorus.trainer import targets
+
     seen = []
-    real = train.soften
-    monkeypatch.setattr(train, "soften", lambda d, t: seen.append(t) or real(d, t))
+    real = targets.soften
+    monkeypatch.setattr(targets, "soften", lambda d, t: seen.append(t) or real(d, t))
     store = Store.open(teacher_store, "a")
     m = store.teacher_manifest("a")
     store.write_teacher_manifest(m.replace(temperature=1.7))

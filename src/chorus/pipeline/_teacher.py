@@ -2,14 +2,17 @@
 
 ``load_teacher`` resolves device and dtype, refuses a tokenizer whose vocabulary differs from the
 store's, and fingerprints the weights. ``sparse_targets`` turns one batch of logits into top-k
-log-probs (normalized over the full vocabulary, fp32 math) and optional sampled ids.
+log-probs (normalized over the full vocabulary, fp32 math), optional sampled ids and the exact
+per-position statistics of format v2 (log tail mass, entropy, gold log-prob, tail log-partitions).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -191,26 +194,91 @@ def sample_ids(logp: torch.Tensor, num_samples: int, generator: torch.Generator)
     return draws.clamp_(max=vocab - 1)
 
 
-def sparse_targets(logits: torch.Tensor, *, top_k: int, num_samples: int, seed: int, row_start: int) -> dict[str, torch.Tensor]:
-    """(B, L, V) logits of rows ``row_start ..`` → on the logits' device:
+def _tail_sums(y: torch.Tensor, betas: Sequence[float]) -> tuple[dict[float, torch.Tensor], torch.Tensor]:
+    """(L, V) shifted tail log-probs y ≤ 0 → ({β: Σ_i exp(β·y_i)} (L,) for β = 1 and each of ``betas``, Σ_i exp(y_i)·y_i).
+
+    The exps dominate the cost (and every op is a pass over (L, V) on a GPU), so one e = exp(r·y) serves a chain:
+    Σ e² gives β = 2r, and up to two square roots give r/2 and r/4 — the default grid needs 3 exps for 7 sums.
+    Two roots at most: a term that underflowed to 0 in fp32 (r·y < −103) would have been ≤ e^−26 ≈ 6e−12 of the
+    largest term (1) at r/4, and well below at r/2; deeper chains would lose real mass."""
+    todo = sorted({1.0, *betas}, reverse=True)
+    sums: dict[float, torch.Tensor] = {}
+    moment = torch.zeros(y.shape[:-1], device=y.device)
+
+    def wanted(b: float) -> float | None:
+        return next((t for t in todo if math.isclose(t, b, rel_tol=1e-9)), None)
+
+    while todo:
+        top = todo[0]
+        root = wanted(top / 2) or top  # if β/2 is wanted too, β comes from its squares
+        e = torch.mul(y, root).exp_()
+        if root != top:
+            sums[top] = torch.linalg.vecdot(e, e)
+            todo.remove(top)
+        beta = root
+        for depth in range(3):
+            sums[beta] = e.sum(-1)
+            todo.remove(beta)
+            if beta == 1.0:
+                moment = torch.linalg.vecdot(e, y)
+            half = wanted(beta / 2)
+            if half is None or depth == 2:
+                break
+            e.sqrt_()
+            beta = half
+        del e
+    return sums, moment
+
+
+def tail_statistics(logp: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, next_ids: torch.Tensor,
+                    tail_betas: Sequence[float]) -> dict[str, torch.Tensor]:
+    """(L, V) fp32 log-probs of one row, its (L, k) top-k ids and log-probs and (L,) next-token ids → exact
+    per-position statistics on the device: ``log_tail``, ``entropy``, ``gold_logprob`` (L,), ``tail_logz`` (L, G).
+
+    ``next_ids[t]`` is the row's token t + 1 (any id at the last position, whose gold log-prob is 0).
+    log τ is a log-sum-exp over the tail ids, not log(1 − Σ_k p): that difference cancels catastrophically
+    when the top-k hold nearly all the mass. Sums over the tail are taken relative to its largest log-prob m,
+    so no exp under- or overflows: Σ_tail p^β = e^{β·m}·Σ exp(β·y), y = logp − m. The entropy (0·log 0 = 0) is
+    the top-k's −Σ p log p plus the tail's −e^m·(m·Σ e^y + Σ e^y·y). Overwrites ``logp``; memory stays at two
+    (L, V) fp32 tensors."""
+    gold = logp.gather(-1, next_ids[:, None])[:, 0]
+    gold[-1] = 0.0
+    y = logp.scatter_(-1, topk_ids, float("-inf"))
+    m = y.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # an empty tail: every sum is 0, every A is −inf
+    y = y.sub_(m).clamp_(min=torch.finfo(torch.float32).min)  # −inf → lowest float: exp → 0 and 0·y = 0 (0·−inf is NaN)
+    m = m[:, 0]
+    sums, moment = _tail_sums(y, tail_betas)
+    head = -(torch.exp(topk_logprobs) * topk_logprobs).nan_to_num_(nan=0.0).sum(-1)
+    entropy = head - torch.exp(m) * (m * sums[1.0] + moment)
+    a = [b * m + torch.log(sums[b]) for b in tail_betas]  # A(β) = log Σ_tail p_i^β
+    return {"log_tail": m + torch.log(sums[1.0]), "entropy": entropy, "gold_logprob": gold, "tail_logz": torch.stack(a, -1)}
+
+
+def sparse_targets(logits: torch.Tensor, input_ids: torch.Tensor, *, top_k: int, num_samples: int, seed: int,
+                   row_start: int, tail_betas: Sequence[float] = ()) -> dict[str, torch.Tensor]:
+    """(B, L, V) logits of rows ``row_start ..`` and their (B, L) ``input_ids`` → on the logits' device:
 
     - ``topk_ids`` (B, L, k) int64, ordered by descending log-prob,
     - ``topk_logprobs`` (B, L, k) float32, log-softmax over the full vocabulary (so 1 − Σ exp is the tail),
-    - ``draws`` (B, L, M) int64 when ``num_samples`` > 0.
+    - ``draws`` (B, L, M) int64 when ``num_samples`` > 0,
+    - when ``tail_betas`` is non-empty (format v2), :func:`tail_statistics` of every row: ``log_tail``,
+      ``entropy``, ``gold_logprob`` (B, L) and ``tail_logz`` (B, L, G) float32.
 
-    One row at a time, so one (L, V) fp32 log-softmax is the largest temporary, not (B, L, V)."""
-    ids, vals, draws = [], [], []
+    One row at a time, so one (L, V) fp32 log-softmax (and one temporary) is the largest memory, not (B, L, V)."""
+    out: dict[str, list[torch.Tensor]] = {}
+    next_ids = torch.roll(input_ids, -1, dims=1)  # the last position's wraps around; its gold log-prob is set to 0
     for r in range(logits.shape[0]):
         logp = torch.log_softmax(logits[r].float(), dim=-1)
         v, i = torch.topk(logp, top_k, dim=-1, sorted=True)
-        ids.append(i)
-        vals.append(v)
+        row = {"topk_ids": i, "topk_logprobs": v}
         if num_samples:
-            draws.append(sample_ids(logp, num_samples, row_generator(seed, row_start + r)))
-    out = {"topk_ids": torch.stack(ids), "topk_logprobs": torch.stack(vals)}
-    if num_samples:
-        out["draws"] = torch.stack(draws)
-    return out
+            row["draws"] = sample_ids(logp, num_samples, row_generator(seed, row_start + r))
+        if tail_betas:
+            row.update(tail_statistics(logp, i, v, next_ids[r], tail_betas))  # last: it overwrites logp
+        for k, t in row.items():
+            out.setdefault(k, []).append(t)
+    return {k: torch.stack(v) for k, v in out.items()}
 
 
 def first_bad_position(topk_logprobs: np.ndarray) -> tuple[int, int] | None:

@@ -1,9 +1,10 @@
 """`chorus cache`: run a teacher once over a store's corpus and cache its sparse next-token distribution.
 
 setup (store and corpus, this worker's shards, teacher, manifest: create, resume or refuse) → loop
-(for each uncommitted shard: read its input ids, forward in inference mode, top-k log-probs and samples
-on the device, hand them to the background writer, which commits whole shards) → cleanup (flip the
-status to complete once every shard is committed; report where the cache is and its bytes per token).
+(for each uncommitted shard: read its input ids, forward in inference mode, top-k log-probs, samples and
+the exact per-position statistics of format v2 on the device, hand them to the background writer,
+which commits whole shards) → cleanup (flip the status to complete once every shard is committed;
+report where the cache is and its bytes per token).
 
 Resumable and shardable by construction: a shard is the unit of work and of commit, batches never
 straddle shards, and sampling is seeded per row, so whatever the interruptions or the split of shards
@@ -37,9 +38,20 @@ from chorus.pipeline._teacher import (
     sparse_targets,
 )
 from chorus.pipeline._writer import ShardWriter
-from chorus.storage import CorpusManifest, Store, TeacherManifest, encode_targets, fingerprint, target_specs, value_params
+from chorus.storage import (
+    STATS_FIELDS,
+    TAIL_BETAS,
+    CorpusManifest,
+    Store,
+    TeacherManifest,
+    encode_targets,
+    fingerprint,
+    target_specs,
+    value_params,
+)
 
-TARGETS = "topk log_softmax fp32 + inverse-cdf samples seeded by (seed, row), v1"  # in the fingerprint: change it with the math
+TARGETS = ("topk log_softmax fp32 + inverse-cdf samples seeded by (seed, row) + exact tail statistics "
+           "(masked logsumexp, entropy, gold log-prob), v2")  # in the fingerprint: change it with the math
 WAIT_FOR_CREATOR_S = float(os.environ.get("CHORUS_WAIT_FOR_CREATOR_S", 600))
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -103,7 +115,7 @@ def _existing(store: Store, name: str) -> TeacherManifest | None:
 
 def _differences(old: TeacherManifest, new: TeacherManifest) -> str:
     keys = ("model", "revision", "weights_fingerprint", "top_k", "num_samples", "seed", "value_codec", "dtype",
-            "corpus_fingerprint", "tokenizer_fingerprint")
+            "corpus_fingerprint", "tokenizer_fingerprint", "format_version", "tail_betas")
     diffs = [f"{k} {getattr(old, k)!r} → {getattr(new, k)!r}" for k in keys if getattr(old, k) != getattr(new, k)]
     return "; ".join(diffs) or "target settings"
 
@@ -170,7 +182,8 @@ def run(cfg: CacheConfig) -> TeacherManifest:
         raise ChorusError(f"store rows are {corpus.seq_len} tokens but teacher '{cfg.teacher}' handles at most {max_pos}")
     params = value_params(cfg.value_codec)
     manifest = _manifest(cfg, name, corpus, teacher, params)
-    specs = target_specs(corpus.seq_len, cfg.top_k, cfg.samples, corpus.tokenizer.vocab_size, cfg.value_codec, params)
+    specs = target_specs(corpus.seq_len, cfg.top_k, cfg.samples, corpus.tokenizer.vocab_size, cfg.value_codec, params,
+                         tail_betas=manifest.tail_betas)
     _claim_unit(store, manifest, specs, corpus, worker=worker, overwrite=cfg.overwrite)
     mine = [s for s in range(corpus.num_shards) if s % workers == worker]
     if cfg.overwrite:
@@ -188,12 +201,14 @@ def run(cfg: CacheConfig) -> TeacherManifest:
             raise ChorusError(
                 f"teacher '{cfg.teacher}' gave NaN or inf logits at row {row_start + bad[0]} (position {bad[1]}, shard "
                 f"{shard}); nothing was written for that shard: check the weights, or try --dtype fp32")
+        stats = ({f: host[f] for f in (*STATS_FIELDS, "tail_logz")} | {"tail_betas": manifest.tail_betas}
+                 if manifest.has_stats else None)
         return encode_targets(host["topk_ids"], host["topk_logprobs"], vocab_size=corpus.tokenizer.vocab_size,
-                              codec=cfg.value_codec, params=params, draws=host.get("draws"))
+                              codec=cfg.value_codec, params=params, draws=host.get("draws"), stats=stats)
 
     # ------------------------------------------------------------------ loop
     if todo:
-        _cache_shards(store, unit, corpus, teacher, todo, rows_todo, encode, cfg)
+        _cache_shards(store, unit, corpus, teacher, todo, rows_todo, encode, cfg, tail_betas=manifest.tail_betas)
 
     # ------------------------------------------------------------------ cleanup
     committed = store.commits(unit)
@@ -209,7 +224,8 @@ def run(cfg: CacheConfig) -> TeacherManifest:
 
 def _manifest(cfg: CacheConfig, name: str, corpus: CorpusManifest, teacher: Teacher, params: dict) -> TeacherManifest:
     settings = {"top_k": cfg.top_k, "samples": cfg.samples, "seed": cfg.seed if cfg.samples else None,
-                "value_codec": cfg.value_codec, "value_params": params, "dtype": dtype_name(teacher.dtype), "targets": TARGETS}
+                "value_codec": cfg.value_codec, "value_params": params, "dtype": dtype_name(teacher.dtype), "targets": TARGETS,
+                "tail_betas": list(TAIL_BETAS)}
     fp = fingerprint("teacher-cache", corpus.fingerprint, corpus.tokenizer.fingerprint, teacher.weights_fingerprint,
                      teacher.model_id, teacher.revision, settings)
     return TeacherManifest(
@@ -217,12 +233,12 @@ def _manifest(cfg: CacheConfig, name: str, corpus: CorpusManifest, teacher: Teac
         dtype=dtype_name(teacher.dtype), device=teacher.device.type, top_k=cfg.top_k, num_samples=cfg.samples,
         seed=cfg.seed, value_codec=cfg.value_codec, value_params=params, corpus_fingerprint=corpus.fingerprint,
         tokenizer_fingerprint=corpus.tokenizer.fingerprint, vocab_size=corpus.tokenizer.vocab_size, fingerprint=fp,
-        created_by=__version__,
+        created_by=__version__, tail_betas=TAIL_BETAS,
     )
 
 
 def _cache_shards(store: Store, unit: str, corpus: CorpusManifest, teacher: Teacher, todo: list[int], rows_todo: int,
-                  encode, cfg: CacheConfig) -> None:
+                  encode, cfg: CacheConfig, *, tail_betas: tuple[float, ...]) -> None:
     """The loop: the main thread only reads ahead (one shard), runs the teacher and queues tensors."""
     reader = ThreadPoolExecutor(1, thread_name_prefix="chorus-read")
     read = lambda s: store.read_shard("corpus", s, ["input_ids"])["input_ids"]  # noqa: E731
@@ -238,8 +254,8 @@ def _cache_shards(store: Store, unit: str, corpus: CorpusManifest, teacher: Teac
                     x = torch.from_numpy(ids[offset: offset + cfg.batch_size].astype(np.int64)).to(teacher.device)
                     try:
                         with torch.inference_mode():
-                            targets = sparse_targets(teacher.logits(x), top_k=cfg.top_k, num_samples=cfg.samples,
-                                                     seed=cfg.seed, row_start=row_start + offset)
+                            targets = sparse_targets(teacher.logits(x), x, top_k=cfg.top_k, num_samples=cfg.samples,
+                                                     seed=cfg.seed, row_start=row_start + offset, tail_betas=tail_betas)
                     except OutOfMemory:
                         raise ChorusError(
                             f"out of memory on {teacher.device} at --batch-size {cfg.batch_size} (shard {shard}); "

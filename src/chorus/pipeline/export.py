@@ -1,13 +1,15 @@
 """`chorus export` / `chorus import`: a teacher cache as parquet or arrow files that `datasets` opens, and back.
 
 Export writes one row per corpus row — ``row``, ``input_ids``, ``segment_ids`` (0 = padding), ``topk_ids``,
-``topk_logprobs`` and, when cached, ``sample_ids``/``sample_counts`` — as nested lists [L][k], so
+``topk_logprobs`` and, when cached, ``sample_ids``/``sample_counts`` and the statistics ``stats``/``tail_logz``
+(format v2) — as nested lists [L][k], so
 
     datasets.load_dataset("parquet", data_files="DIR/*.parquet")
 
 gives ready-to-use columns. Values are the stored values without the store's delta coding: float16 log-probs
 for the fp16 codec, the 8-bit codes for q8 (decode them with ``chorus.storage.decode_values`` and the
-manifest's ``value_params``). ``chorus.json`` beside the files (and each file's schema metadata) holds the
+manifest's ``value_params``); ``stats`` are float16 and ``tail_logz`` the 8-bit codes, decoded with
+``chorus.storage.decode_stats``. ``chorus.json`` beside the files (and each file's schema metadata) holds the
 teacher and corpus manifests and the original commit records. Import checks the corpus fingerprint and
 tokenizer against the target store, re-encodes each shard exactly as ``chorus cache`` does, commits it, and
 checks that its checksums equal the original ones: the round trip is bit-identical or it fails loudly.
@@ -109,7 +111,8 @@ def _export_table(store: Store, unit: str, names: list[str], teacher: TeacherMan
         for k, v in data.items():
             parts.setdefault(k, []).append(v)
     cols = {k: np.concatenate(v) for k, v in parts.items()}
-    order = ["row", "input_ids", "segment_ids", "topk_ids", "topk_logprobs", "sample_ids", "sample_counts"]
+    order = ["row", "input_ids", "segment_ids", "topk_ids", "topk_logprobs", "sample_ids", "sample_counts", "stats",
+             "tail_logz"]
     return pa.table({k: (pa.array(cols[k]) if cols[k].ndim == 1 else _nested(cols[k])) for k in order if k in cols})
 
 
@@ -151,7 +154,7 @@ def run_import(cfg: ImportConfig) -> TeacherManifest:
     unit = f"teachers/{name}"
     manifest = exported.replace(name=name, status="incomplete")
     specs = target_specs(corpus.seq_len, exported.top_k, exported.num_samples, corpus.tokenizer.vocab_size,
-                         exported.value_codec, dict(exported.value_params))
+                         exported.value_codec, dict(exported.value_params), tail_betas=exported.tail_betas)
     if name in store.teacher_names():
         try:
             old = store.teacher_manifest(name)

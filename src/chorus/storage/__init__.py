@@ -1,37 +1,60 @@
-"""The chorus on-disk format (v1). Imports numpy/zarr/fsspec, never torch."""
+"""The chorus on-disk format: corpus and commit records v1, teacher caches v2 (v1 caches, without
+per-position statistics, still read). Imports numpy/zarr/fsspec, never torch."""
 
 from chorus.storage._fingerprint import StreamHasher, checksum, fingerprint
-from chorus.storage._manifest import FORMAT_VERSION, CorpusManifest, ShardCommit, TeacherManifest, TokenizerInfo
+from chorus.storage._manifest import (
+    FORMAT_VERSION,
+    TEACHER_FORMAT_VERSION,
+    CorpusManifest,
+    ShardCommit,
+    TeacherManifest,
+    TokenizerInfo,
+)
 from chorus.storage._store import ArraySpec, Store
 from chorus.storage._targets import (
+    STATS_FIELDS,
+    TAIL_BETAS,
     VALUE_CODECS,
     compact_samples,
     count_dtype,
     decode_samples,
+    decode_stats,
+    decode_tail_logz,
     decode_topk,
     decode_values,
+    encode_stats,
+    encode_tail_logz,
     encode_targets,
     encode_values,
     id_dtype,
     plain_values,
     stored_values,
+    tail_bounds,
     target_specs,
     value_params,
 )
 
 __all__ = [
     "FORMAT_VERSION",
+    "STATS_FIELDS",
+    "TAIL_BETAS",
+    "TEACHER_FORMAT_VERSION",
     "VALUE_CODECS",
     "compact_samples",
     "count_dtype",
     "decode_samples",
+    "decode_stats",
+    "decode_tail_logz",
     "decode_topk",
     "decode_values",
+    "encode_stats",
+    "encode_tail_logz",
     "encode_targets",
     "encode_values",
     "id_dtype",
     "plain_values",
     "stored_values",
+    "tail_bounds",
     "target_specs",
     "value_params",
     "ArraySpec",

@@ -1,7 +1,9 @@
 """On-disk metadata: frozen dataclasses with ``to_dict``/``from_dict`` and a ``format_version``.
 
 Parse errors say "expected X, got Y" and name the field, so a store written by another version or
-edited by hand fails loudly instead of being misread.
+edited by hand fails loudly instead of being misread. Each record kind lists the format versions it
+reads (``FORMAT_VERSIONS``, oldest first; a new record is written at the last): teacher manifests are
+at v2 (per-position statistics) and still read v1 caches; the corpus manifest and commit records are v1.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from typing import Any, ClassVar
 
 from chorus.errors import ChorusError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # corpus manifest and commit records
+TEACHER_FORMAT_VERSION = 2  # teacher manifests: v2 adds per-position statistics (``tail_betas``); v1 caches still read
 
 _SCALARS = {int: "an integer", float: "a number", str: "a string", bool: "true/false"}
 
@@ -59,6 +62,7 @@ class _Record:
     """``to_dict``/``from_dict`` for frozen dataclasses of plain fields."""
 
     KIND: ClassVar[str] = ""
+    FORMAT_VERSIONS: ClassVar[tuple[int, ...]] = (FORMAT_VERSION,)  # what ``from_dict`` accepts, oldest first
 
     def to_dict(self) -> dict:
         out = {}
@@ -76,15 +80,18 @@ class _Record:
         if not isinstance(data, dict):
             raise ChorusError(f"{cls.KIND or cls.__name__}: expected a mapping, got {type(data).__name__}")
         hints = _hints(cls)
-        version = data.get("format_version", FORMAT_VERSION)
-        if version != FORMAT_VERSION:
+        version = data.get("format_version", cls.FORMAT_VERSIONS[0])  # none recorded: the oldest
+        if type(version) is not int or version not in cls.FORMAT_VERSIONS:
+            expected = " or ".join(str(v) for v in cls.FORMAT_VERSIONS)
             raise ChorusError(
-                f"{cls.KIND}: expected format_version {FORMAT_VERSION}, got {version!r}; "
+                f"{cls.KIND}: expected format_version {expected}, got {version!r}; "
                 "this store was written by another chorus version: upgrade chorus or rebuild the store"
             )
         kwargs = {}
         for f in dataclasses.fields(cls):
-            if f.name in data:
+            if f.name == "format_version":
+                kwargs[f.name] = version  # also when absent: the field's default is the newest version
+            elif f.name in data:
                 kwargs[f.name] = _check(f"{cls.KIND}.{f.name}", hints[f.name], data[f.name])
             elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise ChorusError(f"{cls.KIND}: required field '{f.name}' is missing")
@@ -155,7 +162,19 @@ class TeacherManifest(_Record):
     status: str = "incomplete"  # "complete" once every shard is committed
     temperature: float = 1.0  # fitted by `chorus calibrate` (1.0: uncalibrated)
     calibration: dict[str, Any] = field(default_factory=dict)
-    format_version: int = FORMAT_VERSION
+    tail_betas: tuple[float, ...] = ()  # grid of the cached tail_logz statistics; () = no statistics (a v1 cache)
+    format_version: int = TEACHER_FORMAT_VERSION
+
+    FORMAT_VERSIONS: ClassVar[tuple[int, ...]] = (1, TEACHER_FORMAT_VERSION)
+
+    def __post_init__(self) -> None:
+        if self.format_version < 2 and self.tail_betas:
+            raise ChorusError(f"{self.KIND}: format_version 1 has no statistics, got tail_betas {list(self.tail_betas)}")
+
+    @property
+    def has_stats(self) -> bool:
+        """Whether the cache holds per-position statistics (``stats``, ``tail_logz``: format v2)."""
+        return bool(self.tail_betas)
 
 
 @dataclass(frozen=True)

@@ -36,21 +36,24 @@ COMMITS = "_commits"
 
 @dataclass(frozen=True)
 class ArraySpec:
-    """One array of a unit: per-row shape (after the row axis), dtype and compressor ("zstd", "blosc", "none")."""
+    """One array of a unit: per-row shape (after the row axis), dtype, compressor ("zstd", "blosc", "none") and
+    its level (zstd 1-22; blosc 1-9, which blosc maps to zstd levels up to 22)."""
 
     name: str
     row_shape: tuple[int, ...]
     dtype: str
     compressor: str = "zstd"
+    level: int = 3
 
 
-def _compressors(name: str, dtype: np.dtype) -> Any:
+def _compressors(name: str, dtype: np.dtype, level: int = 3) -> Any:
     if name == "none":
         return None
     if name == "zstd":
-        return ZstdCodec(level=3)
+        return ZstdCodec(level=level)
     if name == "blosc":  # byte-shuffle groups the high bytes of fp16/uint16 together before zstd
-        return BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=dtype.itemsize)
+        return BloscCodec(cname="zstd", clevel=level, shuffle="shuffle" if dtype.itemsize > 1 else "noshuffle",
+                          typesize=dtype.itemsize)
     raise ChorusError(f"unknown compressor '{name}'; expected one of: zstd, blosc, none")
 
 
@@ -201,7 +204,7 @@ class Store:
                 chunks=(rows_per_shard, *spec.row_shape),
                 dtype=dtype,
                 serializer=BytesCodec(endian="little") if dtype.itemsize > 1 else BytesCodec(endian=None),
-                compressors=_compressors(spec.compressor, dtype),
+                compressors=_compressors(spec.compressor, dtype, spec.level),
                 fill_value=0,
                 config={"write_empty_chunks": True},  # a committed shard always has its object, even all zeros
                 overwrite=True,

@@ -11,10 +11,17 @@ Arrays of ``teachers/<name>`` (row axis first, one chunk per shard):
                              differences are small and compress ~1.5x better, losslessly.
   sample_ids     [N, L, m]  (optional) unique ids drawn with replacement from the teacher's distribution, by id
   sample_counts  [N, L, m]  their counts (sum to M at every position; 0 marks an empty slot)
+  stats          [N, L, 3]  (format v2) float16 per-position statistics of the FULL distribution, fields in
+                           ``STATS_FIELDS`` order: log τ (exact log mass outside the top-k), entropy (nats), log-prob
+                           of the row's next token (0 at a row's last position)
+  tail_logz      [N, L, G]  (format v2) uint8 codes of A(β) = log Σ_{i ∉ top-k} p_i^β at the manifest's ``tail_betas``
+                           (what exact softening of the tail needs), coded between two bounds (see "statistics" below);
+                           decode both with :func:`decode_stats`. A v1 cache (manifest ``tail_betas`` empty) has neither.
 
 Chosen by measurement (benchmarks/cache.py, results in benchmarks/results/cache.json): ids in descending
 probability order with zstd beat ascending ids with delta gaps once values are delta-coded, and byte-shuffle
-(blosc) helps the 2-byte fp16 differences but not the 1-byte q8 ones or the ids.
+(blosc) helps the 2-byte fp16 differences but not the 1-byte q8 ones or the ids. The statistics compress
+best with blosc at a high level (``STATS_COMPRESSION``).
 
 "q8" (opt-in, lossy) is companded: code q = round(255·sqrt(−logp / R)), logp = −R·(q/255)², R = 25 nats.
 The step in log-prob grows with −logp, so the likely tokens, whose absolute probability error matters, get
@@ -24,7 +31,8 @@ errs by up to ~4% of the top token's probability (kept decodable: params {"step"
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -62,7 +70,8 @@ def _value_dtype(codec: str, params: dict) -> str:
 
 
 def target_specs(seq_len: int, top_k: int, num_samples: int, vocab_size: int, codec: str,
-                 params: dict | None = None) -> list[ArraySpec]:
+                 params: dict | None = None, *, tail_betas: Sequence[float] = ()) -> list[ArraySpec]:
+    """The arrays of a teacher cache; ``tail_betas`` non-empty adds the statistics (format v2)."""
     params = value_params(codec) if params is None else params
     # byte-shuffle groups the mostly-zero high bytes of 2-byte value differences; no gain for 1-byte codes
     value_compressor = "blosc" if codec == "fp16" and params.get("delta") else "zstd"
@@ -74,6 +83,11 @@ def target_specs(seq_len: int, top_k: int, num_samples: int, vocab_size: int, co
         specs += [
             ArraySpec("sample_ids", (seq_len, num_samples), id_dtype(vocab_size), "zstd"),
             ArraySpec("sample_counts", (seq_len, num_samples), count_dtype(num_samples), "zstd"),
+        ]
+    if tail_betas:
+        specs += [
+            ArraySpec("stats", (seq_len, len(STATS_FIELDS)), "float16", *STATS_COMPRESSION),
+            ArraySpec("tail_logz", (seq_len, len(tail_betas)), "uint8", *STATS_COMPRESSION),
         ]
     return specs
 
@@ -153,14 +167,19 @@ def compact_samples(draws: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarr
 
 # ---------------------------------------------------------------------------------------------- whole targets
 def encode_targets(topk_ids: np.ndarray, topk_logprobs: np.ndarray, *, vocab_size: int, codec: str, params: dict,
-                   draws: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                   draws: np.ndarray | None = None, stats: dict | None = None) -> dict[str, np.ndarray]:
     """One shard's targets → the arrays to store.
 
-    topk_ids, topk_logprobs: [n, L, k] (descending log-prob along k); draws: [n, L, M] sampled ids or None."""
+    topk_ids, topk_logprobs: [n, L, k] (descending log-prob along k); draws: [n, L, M] sampled ids or None;
+    stats (format v2): float32 ``log_tail``, ``entropy``, ``gold_logprob`` [n, L] and ``tail_logz`` [n, L, G]
+    (exact A(β) at ``tail_betas``, a sequence of G floats, also in the dict), or None."""
     out = {
         "topk_ids": topk_ids.astype(id_dtype(vocab_size)),
         "topk_logprobs": encode_values(topk_logprobs, codec, params),
     }
+    if stats is not None:
+        out.update(encode_stats(stats, out["topk_logprobs"], n_tail=vocab_size - topk_ids.shape[-1], codec=codec,
+                                params=params))
     if draws is not None:
         n, length, m = draws.shape
         ids, counts = compact_samples(draws.reshape(n * length, m), m)
@@ -185,3 +204,82 @@ def decode_samples(arrays: dict[str, np.ndarray], manifest: Any) -> tuple[np.nda
     if manifest.num_samples == 0:
         raise ChorusError(f"teacher '{manifest.name}' was cached without samples; rerun `chorus cache` with --samples M")
     return arrays["sample_ids"].astype(np.int64), arrays["sample_counts"].astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------------- statistics (v2)
+# Per-position statistics computed from the full logits at cache time (format v2). Nothing downstream
+# guesses the shape of the tail: softening, entropy, calibration and pooling read these.
+#
+#   stats      [N, L, 3] float16: log τ (exact log mass outside the top-k), entropy H of the full
+#              distribution (nats), log p(gold) (the next token of the row; 0 at a row's last position)
+#   tail_logz  [N, L, G] uint8:   A(β_g) = log Σ_{i ∉ top-k} p_i^β_g at the manifest's ``tail_betas``,
+#              coded between two bounds that hold for every distribution (so 8 bits suffice):
+#                L0(β) = (1 − β)·log n + β·log τ       (the chord of the convex A through A(0) = log n, A(1) = log τ)
+#                L1(β) = log τ + (β − 1)·log p_k        (every tail id has p ≤ p_k, the k-th cached value)
+#              A(β) lies between them (L1 ≤ A ≤ L0 for β < 1, L0 ≤ A ≤ L1 for β > 1); the code is the
+#              position in that interval, so the error is ≤ |β − 1|·log(n·p_k/τ)/510 nats.
+STATS_FIELDS = ("log_tail", "entropy", "gold_logprob")
+# Softening needs A(1/T): the grid is T = 4, 3, 2, 1.5, 0.7, 0.5 (β = 1/T); β = 0 and 1 are known exactly.
+TAIL_BETAS = (0.25, 1.0 / 3.0, 0.5, 2.0 / 3.0, 1.0 / 0.7, 2.0)
+# blosc level 8 (zstd level 15 inside, byte-shuffled fp16): 6.5-7.5 B/token for both arrays on the sources of
+# benchmarks/cache.py at k = 8 and 64, vs 7.3-9.0 with zstd level 3 and 6.6-8.5 with zstd 9; encodes ~1 M positions/s
+# on one core, decodes ~25 M/s (measured on this project's 2-core CPU; results in benchmarks/results/cache.json).
+STATS_COMPRESSION = ("blosc", 8)
+
+
+def tail_bounds(log_tail: np.ndarray, kth_logp: np.ndarray, n_tail: int, betas) -> tuple[np.ndarray, np.ndarray]:
+    """The two bounds L0, L1 of A(β) (see above) for every position and grid β: [..., G] each, float64."""
+    b = np.asarray(betas, dtype=np.float64)
+    lt = np.asarray(log_tail, dtype=np.float64)[..., None]
+    lk = np.asarray(kth_logp, dtype=np.float64)[..., None]
+    l0 = (1.0 - b) * math.log(max(n_tail, 1)) + b * lt
+    l1 = lt + (b - 1.0) * lk
+    return l0, l1
+
+
+def encode_tail_logz(a: np.ndarray, log_tail: np.ndarray, kth_logp: np.ndarray, n_tail: int, betas) -> np.ndarray:
+    """A(β) [..., G] → uint8 codes. ``kth_logp`` must be the k-th value *as a reader decodes it*."""
+    l0, l1 = tail_bounds(log_tail, kth_logp, n_tail, betas)
+    with np.errstate(invalid="ignore", divide="ignore"):  # an empty tail (τ = 0) makes both bounds -inf
+        width = l1 - l0
+        frac = np.where(np.abs(width) > 1e-12, (np.asarray(a, dtype=np.float64) - l0) / width, 0.0)
+    frac = np.nan_to_num(frac, nan=0.0, posinf=1.0, neginf=0.0)  # an empty tail (τ = 0): any code decodes to -inf
+    return np.rint(np.clip(frac, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def decode_tail_logz(codes: np.ndarray, log_tail: np.ndarray, kth_logp: np.ndarray, n_tail: int, betas) -> np.ndarray:
+    """uint8 codes [..., G] → A(β) float32 [..., G] (-inf where the tail is empty)."""
+    l0, l1 = tail_bounds(log_tail, kth_logp, n_tail, betas)
+    with np.errstate(invalid="ignore"):
+        out = l0 + (np.asarray(codes, dtype=np.float64) / 255.0) * (l1 - l0)
+    empty = ~np.isfinite(np.asarray(log_tail, dtype=np.float64))[..., None] | ~np.isfinite(out)
+    return np.where(empty, -np.inf, out).astype(np.float32)
+
+
+def encode_stats(stats: dict, stored_topk: np.ndarray, *, n_tail: int, codec: str, params: dict) -> dict[str, np.ndarray]:
+    """Exact statistics (see :func:`encode_targets`) → the ``stats`` and ``tail_logz`` arrays to store.
+
+    The tail_logz bounds use log τ as stored (fp16) and the k-th top-k value decoded from ``stored_topk`` (the
+    stored ``topk_logprobs``), exactly what a reader has: encoder and decoder use bit-identical bounds."""
+    betas = tuple(stats["tail_betas"])
+    a = np.asarray(stats["tail_logz"], dtype=np.float32)
+    if a.shape[-1] != len(betas):
+        raise ValueError(f"tail_logz has {a.shape[-1]} values per position for {len(betas)} tail_betas")
+    packed = np.stack([np.asarray(stats[f], dtype=np.float32) for f in STATS_FIELDS], axis=-1).astype(np.float16)
+    kth = decode_values(stored_topk, codec, params)[..., -1]
+    return {"stats": packed, "tail_logz": encode_tail_logz(a, packed[..., 0], kth, n_tail, betas)}
+
+
+def decode_stats(arrays: dict[str, np.ndarray], manifest: Any, kth_logp: np.ndarray) -> dict[str, np.ndarray]:
+    """Stored ``stats`` [..., 3] and ``tail_logz`` [..., G] → float32 ``log_tail``, ``entropy``, ``gold_logprob``
+    [...] and ``tail_logz`` [..., G] (A at ``manifest.tail_betas``; -inf where the tail is empty).
+
+    ``kth_logp`` [...]: the k-th (last) decoded top-k log-prob of the same positions (``decode_topk(...)[1][..., -1]``)."""
+    if not manifest.has_stats:
+        raise ChorusError(f"teacher '{manifest.name}' has no statistics (format v1 cache); "
+                          "recache it with `chorus cache --overwrite` for exact targets")
+    packed = np.asarray(arrays["stats"], dtype=np.float16)
+    out = {f: packed[..., i].astype(np.float32) for i, f in enumerate(STATS_FIELDS)}
+    out["tail_logz"] = decode_tail_logz(arrays["tail_logz"], packed[..., 0], kth_logp,
+                                        manifest.vocab_size - manifest.top_k, manifest.tail_betas)
+    return out

@@ -1,11 +1,54 @@
-"""`chorus inspect` and `chorus verify`: what a store holds and whether its bytes are intact."""
+"""`chorus inspect` and `chorus verify`: what a store holds and whether its bytes are intact.
+
+For a teacher cached with statistics (format v2), inspect also reports per domain the teacher's mean entropy,
+mean tail mass (outside its top-k) and mean NLL of the gold next token, over the positions that predict a
+real token (the position and the next one both inside a document: segment id > 0).
+"""
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
+
 from chorus.errors import ChorusError
+from chorus.storage._manifest import CorpusManifest, TeacherManifest
 from chorus.storage._store import Store
+from chorus.storage._targets import STATS_FIELDS
+
+STATS_ARRAYS = ("stats", "tail_logz")
+STATS_MAX_SHARDS = 64  # inspect reads the statistics of at most this many committed shards, evenly spread
+NO_STATS = "no statistics (format v1): recache for exact targets"
+_LOG_TAIL, _ENTROPY, _GOLD = (STATS_FIELDS.index(f) for f in ("log_tail", "entropy", "gold_logprob"))
+
+
+def teacher_statistics(store: Store, teacher: TeacherManifest, corpus: CorpusManifest, *,
+                       max_shards: int = STATS_MAX_SHARDS) -> dict:
+    """Per-domain (and overall) means of entropy, tail mass τ and NLL (−log p(gold)) over the positions t with
+    segment_ids[t] > 0 and segment_ids[t + 1] > 0, from at most ``max_shards`` committed shards."""
+    unit = f"teachers/{teacher.name}"
+    commits = store.commits(unit)
+    shards = sorted(commits)
+    if len(shards) > max_shards:
+        shards = [shards[i] for i in np.unique(np.linspace(0, len(shards) - 1, max_shards).round().astype(int))]
+    sums = np.zeros((len(corpus.domains), 3))
+    counts = np.zeros(len(corpus.domains), dtype=np.int64)
+    for shard in shards:
+        st = store.read_shard(unit, shard, ["stats"], commit=commits[shard])["stats"][:, :-1].astype(np.float64)
+        rows = store.read_shard("corpus", shard, ["segment_ids", "domain"])
+        seg, domain = rows["segment_ids"], rows["domain"].astype(np.int64)
+        real = (seg[:, :-1] > 0) & (seg[:, 1:] > 0)  # position t predicts token t + 1 of a document
+        values = np.stack([st[..., _ENTROPY], np.exp(st[..., _LOG_TAIL]), -st[..., _GOLD]], -1)
+        np.add.at(sums, domain, np.where(real[..., None], values, 0.0).sum(1))
+        np.add.at(counts, domain, real.sum(1))
+
+    def means(s: np.ndarray, n: int) -> dict:
+        m = s / max(n, 1)
+        return {"positions": int(n), "mean_entropy": float(m[0]), "mean_tail_mass": float(m[1]), "mean_nll": float(m[2])}
+
+    return {"shards_read": len(shards), "shards_committed": len(commits),
+            "domains": {d: means(sums[i], counts[i]) for i, d in enumerate(corpus.domains)},
+            "all": means(sums.sum(0), int(counts.sum()))}
 
 
 def describe(store: Store) -> dict:
@@ -29,6 +72,7 @@ def describe(store: Store) -> dict:
         out["teachers"][name] = {
             "model": t.model,
             "status": t.status,
+            "format_version": t.format_version,
             "top_k": t.top_k,
             "samples": t.num_samples,
             "value_codec": t.value_codec,
@@ -36,7 +80,16 @@ def describe(store: Store) -> dict:
             "shards_committed": len(store.commits(unit)),
             "bytes_per_token": per_array,
             "total_bytes_per_token": sum(per_array.values()),
+            "statistics": None,
         }
+        if t.has_stats:
+            out["teachers"][name]["statistics"] = {
+                "tail_betas": list(t.tail_betas),
+                "bytes_per_token": sum(per_array.get(n, 0.0) for n in STATS_ARRAYS),
+                **teacher_statistics(store, t, m),
+            }
+        else:
+            out["teachers"][name]["note"] = NO_STATS
     return out
 
 
@@ -58,7 +111,20 @@ def inspect_command(url: str, *, as_json: bool = False, storage_options: dict | 
         print(f"teacher      {name}: {t['model']}  {t['status']}  k={t['top_k']} samples={t['samples']} "
               f"values={t['value_codec']} T={t['temperature']:.3f}  shards {t['shards_committed']}/{info['shards']['total']}  "
               f"{t['total_bytes_per_token']:.1f} B/token")
+        _print_statistics(t)
     return 0
+
+
+def _print_statistics(t: dict) -> None:
+    st = t["statistics"]
+    if st is None:
+        print(f"  {t['note']}")
+        return
+    print(f"  statistics (format v{t['format_version']}, {st['bytes_per_token']:.1f} B/token), over positions that "
+          f"predict a real token ({st['shards_read']} of {st['shards_committed']} committed shards):")
+    print(f"    {'domain':<16} {'positions':>10} {'entropy':>9} {'tail mass':>10} {'teacher NLL':>12}")
+    for d, r in [*st["domains"].items(), ("(all)", st["all"])]:
+        print(f"    {d:<16} {r['positions']:>10,} {r['mean_entropy']:>9.4f} {r['mean_tail_mass']:>10.4f} {r['mean_nll']:>12.4f}")
 
 
 def verify_command(url: str, *, storage_options: dict | None = None) -> int:

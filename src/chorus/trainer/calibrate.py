@@ -19,11 +19,12 @@ from chorus.errors import ChorusError
 from chorus.storage import Store
 from chorus.trainer.calibration import PROB_FLOOR, expected_calibration_error, fit_temperature, top1_confidence
 from chorus.trainer.data import CachedRows, check_teachers, positions
-from chorus.trainer.sparse import SparseDist, from_topk, log_prob_of, soften
+from chorus.trainer.sparse import SparseDist, cat, gold_log_prob, soften
+from chorus.trainer.targets import TargetBuilder
 
 
 def _nll(dist: SparseDist, gold: torch.Tensor) -> float:
-    return float(-log_prob_of(dist, gold[:, None])[:, 0].clamp_min(math.log(PROB_FLOOR)).mean())
+    return float(-gold_log_prob(dist, gold).clamp_min(math.log(PROB_FLOOR)).mean())
 
 
 def _ece(dist: SparseDist, gold: torch.Tensor) -> float:
@@ -37,21 +38,19 @@ def run(cfg: CalibrateConfig) -> dict:
     data = CachedRows(cfg.store, batch_size=64, teachers=[cfg.teacher], split=cfg.split, shuffle=False, epochs=1,
                       max_rows=cfg.max_rows, rank=0, world_size=1, storage_options=cfg.storage_options)
 
-    ids, logp, gold = [], [], []
+    builder = TargetBuilder([teacher], vocab, calibrated=False)  # the fit starts from the cached T = 1 values
+    dists, gold = [], []
     with Progress(f"calibrate {cfg.teacher}", total=data.rows_per_epoch, unit="rows") as bar:
         for batch in data:
             pos = positions(batch)
-            arrays = batch["teachers"][cfg.teacher]
-            k = arrays["topk_ids"].shape[-1]
-            ids.append(arrays["topk_ids"][:, :-1].reshape(-1, k)[pos.select].to(torch.int32))
-            logp.append(arrays["topk_logprobs"][:, :-1].reshape(-1, k)[pos.select])
+            dists.append(builder.teacher(0, batch["teachers"][cfg.teacher], pos.select))
             gold.append(pos.gold)
             bar.update(len(batch["row"]), tokens=len(pos.select))
     gold_t = torch.cat(gold)
     keep = gold_t != -100
     if not bool(keep.any()):
         raise ChorusError(f"split '{cfg.split}' has no token to calibrate teacher '{cfg.teacher}' on")
-    dist = from_topk(torch.cat(ids)[keep], torch.cat(logp)[keep], vocab)
+    dist = cat(dists).rows(keep)
     gold_t = gold_t[keep]
 
     temperature = fit_temperature(dist, gold_t)

@@ -14,14 +14,7 @@ import torch
 from torch import Tensor
 
 from chorus.errors import ChorusError
-from chorus.trainer.sparse import (
-    NEG_INF,
-    SparseDist,
-    log_prob_of,
-    log_tail_share,
-    n_tail_ids,
-    valid_mask,
-)
+from chorus.trainer.sparse import SparseDist, gold_log_prob, soften
 
 IGNORE_INDEX = -100
 # Probability floor for the gold token: a zero-tail teacher that misses the gold would
@@ -32,23 +25,17 @@ _ITERATIONS = 80  # bracket shrinks by 0.618^80 ≈ 2e-17: far below fp32 resolu
 
 
 def _gold_nll_fn(dist: SparseDist, gold: Tensor):
-    """A function T -> mean gold NLL under soften(dist, T), precomputed so each evaluation
-    is one (N, S+1) logsumexp. Softening is q ∝ p^{1/T}: log q(g) = log p(g)/T - log Z(T)."""
+    """A function T -> mean gold NLL under soften(dist, T): exact from the cached statistics (gold
+    log-prob and tail curve) when the distribution has them, else under the even-tail guess."""
     keep = gold != IGNORE_INDEX
     if not bool(keep.any()):
         raise ChorusError("fit_temperature needs at least one position with a gold token (not -100)")
     d = dist.rows(keep)
-    g = gold[keep].long()[:, None]
-    log_g = log_prob_of(d, g)[:, 0].double()
-    n_tail = n_tail_ids(d).double()
-    logp = torch.where(valid_mask(d), d.logp, NEG_INF).double()
-    share = log_tail_share(d).double()
+    g = gold[keep].long()
     floor = math.log(PROB_FLOOR)
 
     def nll(t: float) -> float:
-        log_tail_mass = torch.log(n_tail) + share / t
-        log_z = torch.logsumexp(torch.cat([logp / t, log_tail_mass[:, None]], dim=-1), dim=-1)
-        return float(-(log_g / t - log_z).clamp_min(floor).mean())
+        return float(-gold_log_prob(soften(d, t), g).clamp_min(floor).double().mean())
 
     return nll
 
@@ -59,8 +46,9 @@ def fit_temperature(
     """The T in ``bounds`` minimizing the mean gold-token NLL under soften(dist, T).
 
     dist over N positions, gold (N,) long (-100 = ignored). With β = 1/T the NLL is
-    log Σ exp(β ℓ_i) - β ℓ_gold, convex in β, hence unimodal in log T: a golden-section
-    search on log T finds the minimum deterministically."""
+    log Σ_i p_i^β - β log p_gold, convex in β, hence unimodal in log T: a golden-section
+    search on log T finds the minimum deterministically. The sum over the tail is the cached
+    A(β) (exact at the grid, interpolated between), so the fit finds the *real* temperature."""
     lo, hi = (float(b) for b in bounds)
     if not 0.0 < lo < hi:
         raise ChorusError(f"temperature bounds must satisfy 0 < low < high, got {bounds}")

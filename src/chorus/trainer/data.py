@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from chorus.errors import ChorusError
-from chorus.storage import CorpusManifest, Store, TeacherManifest, decode_values
+from chorus.storage import STATS_FIELDS, CorpusManifest, Store, TeacherManifest, decode_stats, decode_values
 
 SPLITS = {"train": 0, "valid": 1}
 CORPUS_ARRAYS = ("input_ids", "segment_ids")
@@ -81,6 +81,7 @@ class _Teacher:
     arrays: tuple[str, ...]
     codec: str
     params: dict
+    manifest: TeacherManifest
 
 
 # ---------------------------------------------------------------------------------------------- dataset
@@ -90,7 +91,8 @@ class CachedRows(IterableDataset):
     Each item is a dict: ``input_ids`` (B, L) int64, ``segment_ids`` (B, L) int32 (0 = padding),
     ``domain`` (B,) int64, ``row`` (B,) int64 (store row index), ``stop`` (stream offset after this
     batch) and ``teachers``: {name: {"topk_ids" (B, L, k), "topk_logprobs" (B, L, k), and with
-    ``samples``: "sample_ids" (B, L, m), "sample_counts" (B, L, m)}}. Ids and counts keep their stored
+    ``samples``: "sample_ids" (B, L, m), "sample_counts" (B, L, m), and for a cache with statistics (format v2)
+    float32 "log_tail", "entropy", "gold_logprob" (B, L) and, with the top-k, "tail_logz" (B, L, G)}}. Ids and counts keep their stored
     unsigned dtype (:func:`teacher_dist` widens them on the training device, so the loader moves
     fewer bytes); log-probs are float16 for the fp16 codec (exact; widened on the device) and float32
     otherwise, decoded by ``chorus.storage.decode_values`` per the manifest.
@@ -138,8 +140,9 @@ class CachedRows(IterableDataset):
         m = self.manifest
         self.teacher_manifests = check_teachers(st, list(teachers), need_samples=samples)
         self.teachers = [
-            _Teacher(t.name, (("topk_ids", "topk_logprobs") if topk else ()) + (("sample_ids", "sample_counts") if samples else ()),
-                     t.value_codec, dict(t.value_params))
+            _Teacher(t.name, (("topk_ids", "topk_logprobs") if topk else ()) + (("sample_ids", "sample_counts") if samples else ())
+                     + ((("stats", "tail_logz") if topk else ("stats",)) if t.has_stats else ()),
+                     t.value_codec, dict(t.value_params), t)
             for t in self.teacher_manifests
         ]
         commits = st.commits("corpus")  # listed once: every shard's record is read here
@@ -310,10 +313,26 @@ class CachedRows(IterableDataset):
                 a = gather(t.name, name)
                 if name == "topk_logprobs":  # the format's own decoder (codec, delta coding) on the batch's rows
                     a = decode_values(a, t.codec, t.params, dtype=np.float16 if t.codec == "fp16" else np.float32)
-                # ids and counts keep their stored unsigned dtype: widened on the training device, after the copy
-                out[name] = torch.from_numpy(a)
+                if name not in ("stats", "tail_logz"):
+                    # ids and counts keep their stored unsigned dtype: widened on the training device, after the copy
+                    out[name] = torch.from_numpy(a)
+            if t.manifest.has_stats:
+                out.update(self._stats(t, gather, out))
             batch["teachers"][t.name] = out
         return batch
+
+    @staticmethod
+    def _stats(t: _Teacher, gather, out: dict) -> dict:
+        """A teacher's exact statistics, decoded to float32: log_tail, entropy, gold_logprob (B, L) and,
+        with the top-k loaded (its k-th value bounds the code), tail_logz (B, L, G)."""
+        stats = gather(t.name, "stats")
+        if "topk_logprobs" in out:
+            kth = out["topk_logprobs"][..., -1].numpy().astype(np.float32)
+            dec = decode_stats({"stats": stats, "tail_logz": gather(t.name, "tail_logz")}, t.manifest, kth)
+        else:
+            plain = stats.astype(np.float32)
+            dec = {name: plain[..., i] for i, name in enumerate(STATS_FIELDS)}
+        return {name: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for name, v in dec.items()}
 
 
 class StreamLoader:
@@ -367,46 +386,3 @@ def positions(batch: dict, device: torch.device | str = "cpu") -> Positions:
         gold = torch.full((1,), -100, dtype=ids.dtype, device=ids.device)
     domain = batch["domain"].to(device)[:, None].expand(-1, ids.shape[1] - 1).reshape(-1)[select]
     return Positions(select, gold, domain, real.long())
-
-
-def teacher_dist(arrays: dict, select: torch.Tensor, *, target: str, vocab_size: int,
-                 device: torch.device | str = "cpu"):
-    """One teacher's SparseDist over the selected positions. ``target``: topk_tail (top-k with the tail
-    bucket), topk_renorm (top-k renormalized, biased) or samples (counts/M, unbiased)."""
-    from chorus.trainer import sparse
-
-    def take(name: str) -> torch.Tensor:
-        a = arrays[name].to(device, non_blocking=True)
-        if a.dtype in (torch.uint16, torch.uint32):  # few kernels take them: widen before indexing
-            a = a.long()
-        return a[:, :-1].reshape(-1, a.shape[-1])[select]
-
-    if target == "samples":
-        return sparse.from_samples(take("sample_ids"), take("sample_counts"), vocab_size)
-    build = {"topk_tail": sparse.from_topk, "topk_renorm": sparse.from_topk_renormalized}.get(target)
-    if build is None:
-        raise ChorusError(f"unknown target '{target}'; expected one of: topk_tail, topk_renorm, samples")
-    return build(take("topk_ids"), take("topk_logprobs"), vocab_size)
-
-
-def pool_teachers(dists: list, prior: torch.Tensor, *, operator: str, weighting: str, gold: torch.Tensor,
-                  alpha: float = 0.5, beta: float = 1.0):
-    """One target from T teachers: (pooled SparseDist, (N, T) weights each teacher received per token).
-
-    ``prior`` (N, T) holds the global × per-domain weights; ``weighting`` reweights them per token
-    (confidence, agreement, likelihood), then ``operator`` pools. One teacher is returned as is."""
-    from chorus.trainer import ensemble
-
-    if len(dists) == 1:
-        return dists[0], torch.ones(dists[0].n_positions, 1, device=prior.device)
-    if weighting == "confidence":
-        w = ensemble.confidence_weights(dists, beta, prior=prior)
-    elif weighting == "agreement":
-        w = ensemble.agreement_weights(dists, beta, prior=prior)
-    elif weighting == "likelihood":
-        w = ensemble.likelihood_weights(dists, gold, beta, prior=prior)
-    elif weighting == "none":
-        w = prior / prior.sum(-1, keepdim=True)
-    else:
-        raise ChorusError(f"unknown weighting '{weighting}'; expected one of: {', '.join(ensemble.WEIGHTINGS)}")
-    return ensemble.aggregate(dists, operator=operator, weights=w, alpha=alpha), w

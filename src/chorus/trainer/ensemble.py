@@ -3,8 +3,17 @@
 Inputs are T sparse teacher distributions over the same N positions and vocabulary, and
 weights (N, T) — global, per-domain and per-token weightings all reduce to this. The output
 is one SparseDist over the union of the teachers' supports (U <= Σ_t k_t ids, -inf padded),
-whose tail is the pooled mass outside the union. Every operator is exact with respect to the
-even-tail convention: it equals pooling the dense distributions and is tested against that.
+whose tail is the pooled mass outside the union.
+
+An id in the union but outside teacher t's top-k gets t's imputed probability p̂_t
+(:func:`~chorus.trainer.sparse.log_missing`: the size-biased mean of t's tail from its cached
+statistics, or the even-tail share without them); t's remaining tail mass
+τ'_t = τ_t − (|U| − k_t)·p̂_t lies outside the union. There the pool treats the out-of-union
+bucket as one more outcome with mass τ'_t per teacher — exact for the mixture, and for the
+geometric and power pools exact when the teachers' tails are proportional (Hölder's bound
+otherwise). For distributions without statistics every operator equals pooling the dense
+even-tail distributions and is tested against that; with statistics it is tested against
+dense pooling of the true distributions.
 
 The union is built with one sort of the concatenated ids and one scatter of each teacher's
 values into its union slots (no (N, U, k) broadcast, no dense (N, V)).
@@ -24,8 +33,8 @@ from chorus.trainer.sparse import (
     NEG_INF,
     SparseDist,
     entropy,
-    log_prob_of,
-    log_tail_share,
+    gold_log_prob,
+    log_missing,
     valid_mask,
 )
 
@@ -43,8 +52,8 @@ class _Union:
 
     ids:     (N, U) union ids, sorted; the sentinel V at padding slots
     present: (N, U) bool, real union ids
-    logp:    (N, T, U) each teacher's log-prob at each union id (explicit or even-tail share)
-    share:   (N, T) each teacher's even-tail log share (log-prob of one id outside its support)
+    logp:    (N, T, U) each teacher's log-prob at each union id (explicit or imputed)
+    share:   (N, T) each teacher's log-prob per id outside the union (τ'_t spread over V − |U|)
     size:    (N,) int64 |U| per position
     """
 
@@ -91,12 +100,36 @@ def _union(dists: Sequence[SparseDist]) -> _Union:
     # Column u is a dump for padding entries; it is cut off below.
     ids = torch.full((n, u + 1), v, dtype=torch.long, device=keys.device)
     ids.scatter_(1, torch.where(first, pos, u), keys)
-    share = torch.stack([log_tail_share(d) for d in dists], dim=-1)  # (N, T)
-    vals = share[:, :, None].expand(n, t, u + 1).contiguous()
+    missing = _imputed(dists, size)  # (N, T) log p̂_t
+    vals = missing[:, :, None].expand(n, t, u + 1).contiguous()
     slot = owner * (u + 1) + torch.where(real, pos, u)
     vals.view(n, t * (u + 1)).scatter_(1, slot, logps)
     ids = ids[:, :u]
+    # what each teacher has left outside the union, per id there
+    n_missing = (size[:, None] - torch.stack([valid_mask(d).sum(-1) for d in dists], dim=-1)).to(torch.float32)
+    tails = torch.stack([d.tail for d in dists], dim=-1)
+    rest = (tails - n_missing * missing.exp()).clamp_min(0.0)
+    n_out = (v - size).to(torch.float32)[:, None]
+    share = torch.where((rest > 0) & (n_out > 0), rest.clamp_min(1e-45).log() - n_out.clamp_min(1.0).log(), NEG_INF)
     return _Union(ids, ids < v, vals[:, :, :u], share, size, v)
+
+
+# The ids a teacher misses may take at most this share of its tail together (the rest lies outside
+# the union): without it, many missing ids at the k-th value could claim more than the whole tail.
+MAX_IMPUTED_SHARE = 0.5
+
+
+def _imputed(dists: Sequence[SparseDist], size: Tensor) -> Tensor:
+    """(N, T) log-prob each teacher gets at a union id outside its own support."""
+    out = []
+    for d in dists:
+        est = log_missing(d)
+        if d.exact:
+            n_missing = (size - valid_mask(d).sum(-1)).clamp_min(1).to(torch.float32)
+            cap = torch.log(d.tail.clamp_min(1e-45) * MAX_IMPUTED_SHARE) - torch.log(n_missing)
+            est = torch.where(d.tail > 0, torch.minimum(est, cap), NEG_INF)
+        out.append(est)
+    return torch.stack(out, dim=-1)
 
 
 def _normalize_weights(
@@ -280,11 +313,11 @@ def likelihood_weights(
     dists: Sequence[SparseDist], gold: Tensor, beta: float = 1.0, *, prior: Tensor | None = None
 ) -> Tensor:
     """(N, T) w ∝ prior · p_t(gold)^β: the per-token analog of FuseLLM's MinCE/AvgCE teacher
-    selection (Wan et al., 2024). Positions whose gold is -100 keep the prior."""
+    selection (Wan et al., 2024). p_t(gold) is the cached exact value when the teacher has
+    statistics (the gold is often outside the top-k). Positions whose gold is -100 keep the prior."""
     _check_dists(dists)
     ignore = gold == IGNORE_INDEX
-    query = torch.where(ignore, torch.zeros_like(gold), gold).long()[:, None]
-    log_p = torch.cat([log_prob_of(d, query) for d in dists], dim=-1)  # (N, T)
+    log_p = torch.stack([gold_log_prob(d, gold) for d in dists], dim=-1)  # (N, T), exact when cached
     log_p = log_p.clamp_min(math.log(LIKELIHOOD_FLOOR))
     return _reweight(torch.where(ignore[:, None], 0.0, beta * log_p), prior)
 

@@ -3,7 +3,11 @@ next-token top-1 probabilities), and for each cached teacher the student's KL to
 agreement with it; ensemble diagnostics when there are several teachers.
 
 A teacher is evaluated from its cache (``--model teacher:NAME``) without loading it: the gold token's
-log-prob is the cached one when it is in the top-k, else the even-tail estimate tail / (V − k).
+log-prob is the exact one cached with the statistics (format v2); a v1 cache falls back to the top-k
+value or the even-tail estimate tail / (V − k), which can be far off, and says so.
+
+The student's KL to a teacher is computed over the teacher's top-k plus one tail bucket: by the data
+processing inequality it is a lower bound of the full-vocabulary KL(t‖s), and labelled so.
 """
 
 from __future__ import annotations
@@ -21,9 +25,12 @@ from chorus.errors import ChorusError
 from chorus.storage import Store
 from chorus.trainer import ensemble
 from chorus.trainer.calibration import expected_calibration_error, top1_confidence
-from chorus.trainer.data import CachedRows, check_teachers, complete_teachers, pool_teachers, positions, teacher_dist
+from chorus.trainer.data import CachedRows, check_teachers, complete_teachers, positions
 from chorus.trainer.losses import forward_kl
-from chorus.trainer.sparse import log_prob_of
+from chorus.trainer.sparse import gold_log_prob
+from chorus.trainer.targets import TargetBuilder, pool
+
+KL_LABEL = "KL(t||s) over top-k + tail bucket (a lower bound of the full KL)"
 
 
 class _Sums:
@@ -87,6 +94,7 @@ def evaluate_model(model, store: str, *, split: str = "valid", batch_size: int =
     data = CachedRows(store, batch_size=batch_size, teachers=teachers, split=split, shuffle=False, epochs=1,
                       max_rows=max_rows, rank=0, world_size=1, storage_options=storage_options)
     v, nd = m.tokenizer.vocab_size, len(names)
+    builder = TargetBuilder(data.teacher_manifests, v, calibrated=False, warn=False) if teachers else None
     loss, conf, correct = _Sums(), [], []
     kl = {t: _Sums() for t in teachers}
     agree = {t: _Sums() for t in teachers}
@@ -95,8 +103,7 @@ def evaluate_model(model, store: str, *, split: str = "valid", batch_size: int =
     for batch in data:
         rows += len(batch["row"])
         pos = positions(batch, device)
-        dists = [teacher_dist(batch["teachers"][t], pos.select, target="topk_tail", vocab_size=v, device=device)
-                 for t in teachers]
+        dists = [builder.teacher(i, batch["teachers"][t], pos.select, device) for i, t in enumerate(teachers)]
         for sl, s_logp in student.log_probs_chunks(batch["input_ids"].to(device), pos.attention_mask, pos.select,
                                                    chunk_size):
             gold, dom = pos.gold[sl], pos.domain[sl]
@@ -111,14 +118,13 @@ def evaluate_model(model, store: str, *, split: str = "valid", batch_size: int =
             if len(chunk) >= 2:
                 jsd.add(ensemble.mean_pairwise_jsd(chunk), dom, nd)
                 prior = torch.ones(len(gold), len(chunk), device=device)
-                pooled, w = pool_teachers(chunk, prior, operator=operator, weighting=weighting, gold=gold,
-                                          alpha=alpha, beta=beta)
+                pooled, w = pool(chunk, prior, operator=operator, weighting=weighting, gold=gold, alpha=alpha, beta=beta)
                 top = ensemble.top1(pooled)
                 for i, (t, d) in enumerate(zip(teachers, chunk)):
                     differs[t].add((ensemble.top1(d) != top).double(), dom, nd)
                     weights[t].add(w[:, i], dom, nd)
     student.train(was_training)
-    out = {"split": split, "rows": rows, **_summary(loss, names, conf, correct), "teachers": {}}
+    out = {"split": split, "rows": rows, **_summary(loss, names, conf, correct), "teachers": {}, "kl_label": KL_LABEL}
     for t in teachers:
         out["teachers"][t] = {"kl": kl[t].total(), "top1_agreement": agree[t].total(),
                               "per_domain": {d: {"kl": kl[t].per_domain(names)[d],
@@ -138,21 +144,22 @@ def evaluate_model(model, store: str, *, split: str = "valid", batch_size: int =
 @torch.no_grad()
 def evaluate_teacher_cache(store: str, name: str, *, split: str = "valid", batch_size: int = 64,
                            max_rows: int | None = None, storage_options: dict | None = None) -> dict:
-    """A cached teacher's own held-out metrics, without loading it: gold log-prob from the cache when
-    the gold token is in its top-k, else the even-tail estimate; ECE of its top-1 probabilities."""
+    """A cached teacher's own held-out metrics, without loading it: the exact gold log-prob cached with
+    its statistics (v1 caches: top-k value or even-tail estimate); ECE of its top-1 probabilities."""
     st = Store.open(store, "r", storage_options)
     m = st.manifest
     names = list(m.domains)
     (tm,) = check_teachers(st, [name])
     data = CachedRows(store, batch_size=batch_size, teachers=[name], split=split, shuffle=False, epochs=1,
                       max_rows=max_rows, rank=0, world_size=1, storage_options=storage_options)
+    builder = TargetBuilder([tm], m.tokenizer.vocab_size, calibrated=False, warn=False)
     loss, conf, correct, in_topk, rows = _Sums(), [], [], _Sums(), 0
     for batch in data:
         rows += len(batch["row"])
         pos = positions(batch)
         arrays = batch["teachers"][name]
-        d = teacher_dist(arrays, pos.select, target="topk_tail", vocab_size=m.tokenizer.vocab_size)
-        loss.add(-log_prob_of(d, pos.gold[:, None])[:, 0].clamp_min(-1e4), pos.domain, len(names))
+        d = builder.teacher(0, arrays, pos.select)
+        loss.add(-gold_log_prob(d, pos.gold).clamp_min(-1e4), pos.domain, len(names))
         ids = arrays["topk_ids"][:, :-1].reshape(-1, tm.top_k)[pos.select].long()
         in_topk.add((ids == pos.gold[:, None]).any(-1).double(), pos.domain, len(names))
         c, ok = top1_confidence(d, pos.gold)
@@ -160,8 +167,12 @@ def evaluate_teacher_cache(store: str, name: str, *, split: str = "valid", batch
         correct.append(ok)
     out = {"split": split, "rows": rows, **_summary(loss, names, conf, correct), "teachers": {},
            "source": "cache", "temperature": tm.temperature, "gold_in_topk": in_topk.total(),
-           "note": f"gold log-prob from the cached top-{tm.top_k} when present ({in_topk.total():.1%} of tokens), "
-                   f"else the even-tail estimate tail/(V-{tm.top_k}); the teacher was not loaded"}
+           "exact": tm.has_stats,
+           "note": ("exact gold log-probs cached with the teacher's statistics; the teacher was not loaded"
+                    if tm.has_stats else
+                    f"format v1 cache: gold log-prob from the cached top-{tm.top_k} when present "
+                    f"({in_topk.total():.1%} of tokens), else the even-tail estimate tail/(V-{tm.top_k}), which can be "
+                    "far off; recache for the exact value")}
     return out
 
 
@@ -175,9 +186,10 @@ def _table(res: dict, title: str) -> str:
     if res.get("note"):
         lines.append(f"note: {res['note']}")
     if res["teachers"]:
-        lines.append(f"{'teacher':<16}{'KL(t||s)':>10}{'top-1 agree':>13}")
+        lines.append(f"{'teacher':<16}{'KL(t||s)*':>10}{'top-1 agree':>13}")
         for t, r in res["teachers"].items():
             lines.append(f"{t:<16}{r['kl']:>10.4f}{r['top1_agreement']:>13.3f}")
+        lines.append(f"* {KL_LABEL}")
     ens = res.get("ensemble")
     if ens:
         lines.append(f"ensemble ({ens['operator']}, weighting {ens['weighting']}): mean inter-teacher JSD "

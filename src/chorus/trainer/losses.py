@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from chorus.errors import ChorusError
-from chorus.trainer.sparse import NEG_INF, SparseDist, n_tail_ids, soften, valid_mask
+from chorus.trainer.sparse import NEG_INF, SparseDist, n_tail_ids, valid_mask
 
 IGNORE_INDEX = -100
 # Floor on the student's tail mass: below ~1e-6 the fp32 difference 1 - Σ s_i is rounding noise.
@@ -212,8 +212,9 @@ def _per_position(
         return ce, loss_fn(targets, Gathered(picked[:, 1:]), **divergence_kwargs)
     ce = cross_entropy(log_s1, gold)
     s_logp = F.log_softmax(logits / temperature, dim=-1)
+    # The targets come softened by T (targets.TargetBuilder, exactly, from the cached statistics);
     # T² keeps the KD gradient scale independent of T (Hinton et al., 2015).
-    kd = loss_fn(soften(targets, temperature), s_logp, **divergence_kwargs) * temperature**2
+    kd = loss_fn(targets, s_logp, **divergence_kwargs) * temperature**2
     return ce, kd
 
 
@@ -246,7 +247,8 @@ def distill_loss_from_logits(
     divergence_kwargs: dict[str, Any] | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Unchunked reference: logits (N, V), gold (N,) with -100 = ignore, targets over N
-    positions or None (pure CE). Per position (1-w)·CE + w·T²·D(soften(p, T), s_T);
+    positions or None (pure CE), already at temperature T (the target builder softens the teachers).
+    Per position (1-w)·CE + w·T²·D(p_T, s_T), s_T = softmax(logits / T);
     returns the masked mean and detached {"ce", "kd"} means."""
     _check_weight(kd_weight)
     ce, kd = _per_position(

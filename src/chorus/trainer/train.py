@@ -2,8 +2,9 @@
 
 setup (distributed, run directory, data, student, optimizer, resume) → loop (micro-batches, targets
 from the cache, loss, step, log, eval, checkpoint) → cleanup (final eval, ``model/``, ``config.yaml``).
-No teacher model is ever loaded: targets are the teachers' cached sparse distributions, softened by
-each teacher's calibrated temperature, pooled per token, and matched by a sparse divergence.
+No teacher model is ever loaded: targets are the teachers' cached sparse distributions, built by the one
+target builder (targets.py: softened exactly by each teacher's calibrated temperature and the KD
+temperature, weighted and pooled per token), and matched by a sparse divergence.
 """
 
 from __future__ import annotations
@@ -30,10 +31,10 @@ from chorus.storage import Store
 from chorus.trainer import _checkpoint as ckpt
 from chorus.trainer import ensemble
 from chorus.trainer._student import Student, load_student
-from chorus.trainer.data import CachedRows, StreamLoader, check_teachers, pool_teachers, positions, teacher_dist
+from chorus.trainer.data import CachedRows, StreamLoader, check_teachers, positions
 from chorus.trainer.evaluate import evaluate_model
 from chorus.trainer.losses import get_loss
-from chorus.trainer.sparse import soften
+from chorus.trainer.targets import TargetBuilder, check_combination
 
 # Keys that may differ between a run and its resumption without making it another run.
 VOLATILE_KEYS = ("resume", "overwrite", "num_workers", "storage_options")
@@ -85,11 +86,8 @@ class _Dist:
 
 
 def _validate(cfg: TrainConfig, domains: tuple[str, ...]) -> None:
-    get_loss(cfg.loss)
-    if cfg.aggregate not in ensemble.OPERATORS:
-        raise ChorusError(f"unknown operator '{cfg.aggregate}'; expected one of: {', '.join(ensemble.OPERATORS)}")
-    if cfg.weighting not in ensemble.WEIGHTINGS:
-        raise ChorusError(f"unknown weighting '{cfg.weighting}'; expected one of: {', '.join(ensemble.WEIGHTINGS)}")
+    check_combination(target=cfg.target, loss=cfg.loss, operator=cfg.aggregate, weighting=cfg.weighting,
+                      temperature=cfg.temperature)
     for key in ("steps", "batch_size", "grad_accum", "chunk_size"):
         if getattr(cfg, key) < 1:
             raise ChorusError(f"train key '{key}': expected a positive integer, got {getattr(cfg, key)}")
@@ -277,7 +275,9 @@ def _train(cfg: TrainConfig, dist: _Dist) -> dict:
     _validate(cfg, domains)
     manifests = check_teachers(store, cfg.teachers, need_samples=cfg.target == "samples")
     prior_table = _prior_table(cfg, domains).to(dist.device)
-    temps = [t.temperature if cfg.calibrated else 1.0 for t in manifests]
+    builder = TargetBuilder(manifests, vocab, target=cfg.target, loss=cfg.loss, operator=cfg.aggregate,
+                            weighting=cfg.weighting, temperature=cfg.temperature, calibrated=cfg.calibrated,
+                            alpha=cfg.alpha, beta=cfg.beta, warn=dist.main) if cfg.teachers else None
     finished, resume_from = _prepare_run_dir(cfg, dist)
     if finished:
         say(f"'{cfg.out}' already holds this finished run; nothing to do (pass --overwrite to train again)")
@@ -337,15 +337,10 @@ def _train(cfg: TrainConfig, dist: _Dist) -> dict:
 
     def targets_for(batch: dict, pos):
         """The pooled sparse target over the batch's positions, and each teacher's per-token weight."""
-        if not cfg.teachers:
+        if builder is None:
             return None, None, None
-        dists = []
-        for t, temp in zip(cfg.teachers, temps):
-            d = teacher_dist(batch["teachers"][t], pos.select, target=cfg.target, vocab_size=vocab, device=dist.device)
-            dists.append(soften(d, temp) if temp != 1.0 else d)  # calibrate before pooling
-        pooled, w = pool_teachers(dists, prior_table[pos.domain], operator=cfg.aggregate, weighting=cfg.weighting,
-                                  gold=pos.gold, alpha=cfg.alpha, beta=cfg.beta)
-        return pooled, w, dists
+        out = builder.build(batch, pos.select, pos.gold, prior_table[pos.domain], dist.device)
+        return out.pooled, out.weights, out.dists
 
     # ---- loop
     batches = iter(loader)

@@ -1,0 +1,184 @@
+"""The one target builder: a batch's cached teacher arrays → the sparse target a student learns from.
+
+Train, eval, calibrate and the benchmarks all build targets here, so softening, weighting and
+pooling follow one rule set:
+
+    per teacher    decode (top-k + exact statistics, or samples) → soften by T_t · T
+    per token      weights = prior (global × per-domain) × weighting (confidence / agreement / likelihood)
+    pool           operator (mixture / geometric / power) over the teachers' supports
+
+T_t is teacher t's calibrated temperature and T the KD temperature: every teacher is softened *before*
+pooling (soften∘soften = one softening by the product), so the pooled target needs no tail curve of its
+own; for the geometric pool this equals softening the pooled target. The loss then compares the pooled
+target with the student at temperature T (losses.py).
+
+:func:`check_combination` is the one place that decides what is sound. Sampled targets are an unbiased
+estimate of the teacher only for forward KL at T = 1, pooled linearly with weights that do not depend
+on the samples; every other combination with samples is refused, naming the sound alternatives.
+A top-k cache without statistics (format v1) still works, with a one-line warning: its softening,
+entropy, gold likelihood and imputation use the even-tail guess.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from chorus._progress import say
+from chorus.errors import ChorusError
+from chorus.trainer import ensemble
+from chorus.trainer._tail import Stats
+from chorus.trainer.losses import LOSSES
+from chorus.trainer.sparse import SparseDist, from_samples, from_topk, from_topk_renormalized, soften
+
+TARGETS = ("topk_tail", "topk_renorm", "samples")
+STATS_ARRAYS = ("log_tail", "entropy", "gold_logprob")
+
+
+def check_combination(*, target: str, loss: str, operator: str, weighting: str, temperature: float,
+                      teacher_temperatures: Sequence[float] = (), has_stats: Sequence[bool] = ()) -> None:
+    """Raise a one-line ChorusError for an unknown or unsound target × loss × operator × weighting ×
+    temperature combination; return None for a sound one."""
+    if target not in TARGETS:
+        raise ChorusError(f"unknown target '{target}'; expected one of: {', '.join(TARGETS)}")
+    if loss not in LOSSES:
+        raise ChorusError(f"unknown loss '{loss}'; expected one of: {', '.join(LOSSES)}")
+    if operator not in ensemble.OPERATORS:
+        raise ChorusError(f"unknown operator '{operator}'; expected one of: {', '.join(ensemble.OPERATORS)}")
+    if weighting not in ensemble.WEIGHTINGS:
+        raise ChorusError(f"unknown weighting '{weighting}'; expected one of: {', '.join(ensemble.WEIGHTINGS)}")
+    for what, t in [("temperature", temperature), *(("teacher temperature", x) for x in teacher_temperatures)]:
+        if not (isinstance(t, (int, float)) and 0 < t < float("inf")):
+            raise ChorusError(f"{what} must be a positive finite number, got {t}")
+    if target != "samples":
+        return
+    many = len(teacher_temperatures) > 1
+    if loss != "forward_kl":
+        raise ChorusError(f"sampled targets are unbiased only for forward KL, not {loss}: use loss forward_kl, "
+                          f"or target topk_tail with {loss}")
+    if temperature != 1.0 or any(t != 1.0 for t in teacher_temperatures):
+        raise ChorusError("sampled targets are unbiased only at T = 1: set temperature 1 and calibrated: false, "
+                          "or use target topk_tail to soften or calibrate")
+    if many and operator != "mixture":
+        raise ChorusError(f"sampled targets can only be pooled by mixture (a linear pool of unbiased estimates is "
+                          f"unbiased), not {operator}: use aggregate mixture, or target topk_tail for {operator}")
+    if many and weighting == "agreement":
+        raise ChorusError("the agreement weighting is computed from the samples themselves, which biases sampled "
+                          "targets: use weighting none, confidence or likelihood (from cached statistics), "
+                          "or target topk_tail")
+    if many and weighting in ("confidence", "likelihood") and not all(has_stats):
+        raise ChorusError(f"the {weighting} weighting of sampled targets needs every teacher's cached statistics "
+                          "(format v2) so the weights do not depend on the samples: recache the teachers, or use "
+                          "weighting none")
+
+
+def _stats(arrays: dict, take, *, tail_betas: Tensor | None) -> Stats | None:
+    if "log_tail" not in arrays:
+        return None
+    tail = take("tail_logz") if "tail_logz" in arrays and tail_betas is not None else None
+    return Stats(take("log_tail"), take("entropy"), take("gold_logprob"), tail, tail_betas)
+
+
+def teacher_dist(arrays: dict, select: Tensor, *, target: str, vocab_size: int, device: torch.device | str = "cpu",
+                 tail_betas: Sequence[float] = ()) -> SparseDist:
+    """One teacher's SparseDist at T = 1 over the selected positions (``select`` indexes the flattened
+    (B·(L−1)) positions). ``arrays`` is a batch's decoded arrays of that teacher (data.CachedRows);
+    with statistics in them the distribution is exact (from_topk/from_samples with ``stats``)."""
+    def take(name: str) -> Tensor:
+        a = arrays[name].to(device, non_blocking=True)
+        if a.dtype in (torch.uint16, torch.uint32):  # few kernels take them: widen before indexing
+            a = a.long()
+        return a[:, :-1].reshape(-1, *a.shape[2:])[select]
+
+    betas = torch.tensor(tuple(tail_betas), dtype=torch.float32, device=device) if len(tail_betas) else None
+    stats = _stats(arrays, take, tail_betas=betas)
+    if target == "samples":
+        return from_samples(take("sample_ids"), take("sample_counts"), vocab_size, stats=stats)
+    if target == "topk_renorm":
+        return from_topk_renormalized(take("topk_ids"), take("topk_logprobs"), vocab_size)
+    if target == "topk_tail":
+        return from_topk(take("topk_ids"), take("topk_logprobs"), vocab_size, stats=stats)
+    raise ChorusError(f"unknown target '{target}'; expected one of: {', '.join(TARGETS)}")
+
+
+def pool(dists: list[SparseDist], prior: Tensor, *, operator: str, weighting: str, gold: Tensor,
+         alpha: float = 0.5, beta: float = 1.0) -> tuple[SparseDist, Tensor]:
+    """(pooled SparseDist, (N, T) weight each teacher received per token). ``prior`` (N, T) holds the
+    global × per-domain weights; ``weighting`` reweights them per token, then ``operator`` pools.
+    One teacher is returned as is."""
+    if len(dists) == 1:
+        return dists[0], torch.ones(dists[0].n_positions, 1, device=prior.device)
+    if weighting == "confidence":
+        w = ensemble.confidence_weights(dists, beta, prior=prior)
+    elif weighting == "agreement":
+        w = ensemble.agreement_weights(dists, beta, prior=prior)
+    elif weighting == "likelihood":
+        w = ensemble.likelihood_weights(dists, gold, beta, prior=prior)
+    elif weighting == "none":
+        w = prior / prior.sum(-1, keepdim=True)
+    else:
+        raise ChorusError(f"unknown weighting '{weighting}'; expected one of: {', '.join(ensemble.WEIGHTINGS)}")
+    return ensemble.aggregate(dists, operator=operator, weights=w, alpha=alpha), w
+
+
+@dataclass
+class Targets:
+    """pooled: the target at the KD temperature over N positions; weights (N, T); dists: each teacher's
+    softened distribution (for diagnostics)."""
+
+    pooled: SparseDist
+    weights: Tensor
+    dists: list[SparseDist]
+
+
+@dataclass
+class TargetBuilder:
+    """Builds the target of every batch for ``teachers`` (their manifests: name, temperature, tail_betas).
+
+    ``temperature`` is the KD temperature; ``calibrated`` applies each teacher's fitted temperature."""
+
+    teachers: Sequence
+    vocab_size: int
+    target: str = "topk_tail"
+    loss: str = "forward_kl"
+    operator: str = "mixture"
+    weighting: str = "none"
+    temperature: float = 1.0
+    calibrated: bool = True
+    alpha: float = 0.5
+    beta: float = 1.0
+    warn: bool = True
+    temperatures: tuple[float, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.temperatures = tuple(float(t.temperature) if self.calibrated else 1.0 for t in self.teachers)
+        has_stats = [bool(t.tail_betas) for t in self.teachers]
+        check_combination(target=self.target, loss=self.loss, operator=self.operator, weighting=self.weighting,
+                          temperature=self.temperature, teacher_temperatures=self.temperatures, has_stats=has_stats)
+        old = [t.name for t, ok in zip(self.teachers, has_stats) if not ok]
+        if old and self.warn and self.target == "topk_tail":
+            say(f"warning: teacher(s) {', '.join(old)} have no cached statistics (format v1): softening, entropy, "
+                "gold likelihood and imputed ids use the even-tail guess; recache with `chorus cache --overwrite` "
+                "for exact targets")
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.teachers]
+
+    def teacher(self, i: int, arrays: dict, select: Tensor, device: torch.device | str = "cpu") -> SparseDist:
+        """Teacher i's distribution softened by its calibrated temperature × the KD temperature."""
+        d = teacher_dist(arrays, select, target=self.target, vocab_size=self.vocab_size, device=device,
+                         tail_betas=self.teachers[i].tail_betas)
+        t = self.temperatures[i] * self.temperature
+        return d if t == 1.0 else soften(d, t)
+
+    def build(self, batch: dict, select: Tensor, gold: Tensor, prior: Tensor,
+              device: torch.device | str = "cpu") -> Targets:
+        """The pooled target of a batch's positions ``select`` (N,), gold (N,), prior (N, T)."""
+        dists = [self.teacher(i, batch["teachers"][t.name], select, device) for i, t in enumerate(self.teachers)]
+        pooled, w = pool(dists, prior, operator=self.operator, weighting=self.weighting, gold=gold,
+                         alpha=self.alpha, beta=self.beta)
+        return Targets(pooled, w, dists)
