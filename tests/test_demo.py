@@ -115,6 +115,22 @@ def test_quick_demo_puts_the_claim_to_the_test(tmp_path, capfd):
     singles = {n: r["worst"] for n, r in rows.items() if n.startswith("student-kd-")}
     assert len(singles) == 3 and all(ens < w for w in singles.values()), (ens, singles)
     assert results["claim"]["holds"]
+    # ... and beats plain training (CE only) and every single-teacher student on worst and mean, as calibrated
+    # as CE (within 0.5 ECE points), and every teacher at its worst.
+    ce = rows["student-ce"]
+    e = rows["student-ensemble"]
+    assert e["worst"] < ce["worst"] and e["mean"] < ce["mean"], (e, ce)
+    assert all(e["mean"] < r["mean"] for n, r in rows.items() if n.startswith("student-kd-")), rows
+    assert e["ece"] <= ce["ece"] + 0.005, (e["ece"], ce["ece"])
+    assert all(e["worst"] < rows[f"teacher-{d}"]["worst"] for d in domains)
+    # The fitted blend beats the uniform mixture on held-out pooled gold NLL in every domain.
+    from chorus.storage import Store
+    from chorus.trainer.blend import stored_blend
+
+    report = stored_blend(Store.open(str(out / "store.zarr"), "r"), list(domains))["report"]["heldout_nll_per_domain"]
+    fitted = [k for k in report if k != "uniform" and k != "confidence"]
+    for d in domains:
+        assert min(report[k][d] for k in fitted) < report["uniform"][d], (d, report)
 
     _check_schema(results)
     _check_students_differ_only_in_teachers(out)

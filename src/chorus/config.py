@@ -94,6 +94,8 @@ class TrainConfig:
     alpha: float = opt(0.5, "alpha of the power pool")
     beta: float = opt(1.0, "sharpness of per-token weighting")
     calibrated: bool = opt(True, "apply each teacher's fitted temperature before pooling")
+    blend: bool = opt(True, "use the blend `chorus blend` recorded for these teachers (explicit domain_weights / "
+                            "weighting override it)")
     train_domains: list = opt([], "train only on rows of these domains (default: all)")
     eval_every: int = opt(200, "evaluate on the held-out split every N steps (0: only at the end)")
     eval_rows: int = opt(256, "held-out rows per evaluation")
@@ -133,6 +135,15 @@ class EvalConfig:
 class CalibrateConfig:
     store: str = opt(REQUIRED, "store with the cached teacher")
     teacher: str = opt(REQUIRED, "name of the cached teacher")
+    split: str = opt("valid", "split to fit on (held-out rows)")
+    max_rows: Optional[int] = opt(None, "fit on at most this many rows")
+    storage_options: dict = opt({}, "fsspec options for the store URL")
+
+
+@dataclass
+class BlendConfig:
+    store: str = opt(REQUIRED, "store with the cached teachers")
+    teachers: list = opt([], "teachers to blend (default: every complete one)")
     split: str = opt("valid", "split to fit on (held-out rows)")
     max_rows: Optional[int] = opt(None, "fit on at most this many rows")
     storage_options: dict = opt({}, "fsspec options for the store URL")
@@ -271,6 +282,7 @@ COMMANDS: dict[str, type] = {
     "train": TrainConfig,
     "eval": EvalConfig,
     "calibrate": CalibrateConfig,
+    "blend": BlendConfig,
     "export": ExportConfig,
     "import": ImportConfig,
     "demo": DemoConfig,

@@ -28,7 +28,7 @@ import yaml
 
 from chorus import _demo_corpus
 from chorus._progress import say
-from chorus.config import CacheConfig, CalibrateConfig, DemoConfig, EvalConfig, PrepareConfig, TrainConfig
+from chorus.config import BlendConfig, CacheConfig, CalibrateConfig, DemoConfig, EvalConfig, PrepareConfig, TrainConfig
 from chorus.errors import ChorusError
 from chorus.storage import fingerprint
 
@@ -55,6 +55,7 @@ class Scale:
     warmup_steps: int
     top_k: int
     samples: int
+    kd_weight: float = 1.0  # every KD student: (1 − kd_weight)·CE + kd_weight·KD
     cache_batch: int = 64  # rows per teacher forward pass when caching
 
 
@@ -73,10 +74,10 @@ def _llama(hidden: int, layers: int, heads: int, seq_len: int) -> dict:
 # 0.67/0.39/0.21 nats; width 48 × 240 steps (less overfit on 40k tokens) 0.84/0.35/0.60.
 FULL = Scale(chars_per_domain=400_000, tokens_per_domain=100_000, vocab_size=2048, seq_len=128, valid_fraction=0.1,
              teacher=_llama(64, 2, 4, 128), student=_llama(48, 2, 4, 128), teacher_steps=300, student_steps=300,
-             batch_size=16, lr=3e-3, warmup_steps=20, top_k=32, samples=8)
+             batch_size=16, lr=3e-3, warmup_steps=20, top_k=32, samples=8, kd_weight=0.5)
 QUICK = Scale(chars_per_domain=180_000, tokens_per_domain=45_000, vocab_size=1024, seq_len=64, valid_fraction=0.1,
               teacher=_llama(48, 2, 4, 64), student=_llama(48, 2, 4, 64), teacher_steps=240, student_steps=80,
-              batch_size=16, lr=5e-3, warmup_steps=10, top_k=16, samples=8)
+              batch_size=16, lr=5e-3, warmup_steps=10, top_k=16, samples=8, kd_weight=0.5)
 
 
 # ---------------------------------------------------------------------------------------------- stages
@@ -229,6 +230,13 @@ def _cache_complete(store: str, name: str) -> bool:
     from chorus.trainer.data import complete_teachers
 
     return name in complete_teachers(Store.open(store, "r"))
+
+
+def _blended(store: str, teachers: list) -> bool:
+    from chorus.storage import Store
+    from chorus.trainer.blend import stored_blend
+
+    return stored_blend(Store.open(store, "r"), list(teachers)) is not None
 
 
 def _calibrated(store: str, name: str) -> bool:
@@ -417,6 +425,13 @@ def _teachers(r: _Run) -> None:
     r.runner.run(jobs)
     r.keys.update({d: job.key for d, job in zip(r.domains, jobs)})
 
+    bcfg = BlendConfig(store=r.store, teachers=list(r.domains))
+    job = _Job(5, "fitting the blend (per-domain weights, per-token sharpness) on held-out rows", "blend",
+               stages.key("blend", _cfg_key(bcfg), *(r.keys[d] for d in r.domains)), "chorus.trainer.blend:run",
+               lambda resume, c=bcfg: c, lambda: _blended(r.store, r.domains))
+    r.runner.run([job])
+    r.keys["blend"] = job.key
+
 
 def _students(r: _Run) -> list[str]:
     """Five students, identical but for their teachers: none, each one alone, all three pooled."""
@@ -425,11 +440,11 @@ def _students(r: _Run) -> list[str]:
     jobs = []
     for name, teachers in students.items():
         how = ("CE only" if not teachers else f"KD from teacher {teachers[0]}" if len(teachers) == 1
-               else "KD from the calibrated mixture of all teachers")
+               else "KD from the fitted blend of all teachers")
         scfg = r.train_config(str(r.out / "models" / "student.yaml"), r.out / "students" / name, s.student_steps,
-                              teachers=teachers)
-        jobs.append(_train_job(r, 6, f"training {name}: {how}, {s.student_steps} steps", name, scfg,
-                               [r.keys["corpus"], s.student, *(r.keys[t] for t in teachers)]))
+                              teachers=teachers, kd_weight=s.kd_weight if teachers else 0.0)
+        deps = [r.keys["corpus"], s.student, *(r.keys[t] for t in teachers)] + ([r.keys["blend"]] if len(teachers) > 1 else [])
+        jobs.append(_train_job(r, 6, f"training {name}: {how}, {s.student_steps} steps", name, scfg, deps))
     r.runner.run(jobs)
     r.keys.update({name: job.key for name, job in zip(students, jobs)})
     return list(students)

@@ -10,6 +10,7 @@ temperature, weighted and pooled per token), and matched by a sparse divergence.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -32,6 +33,7 @@ from chorus.trainer import _checkpoint as ckpt
 from chorus.trainer import ensemble
 from chorus.trainer._student import Student, load_student
 from chorus.trainer.data import CachedRows, StreamLoader, check_teachers, positions
+from chorus.trainer.blend import stored_blend
 from chorus.trainer.evaluate import evaluate_model
 from chorus.trainer.losses import get_loss
 from chorus.trainer.targets import TargetBuilder, check_combination
@@ -103,6 +105,26 @@ def _validate(cfg: TrainConfig, domains: tuple[str, ...]) -> None:
             raise ChorusError(f"domain_weights names domain '{dom}'; the store has: {', '.join(domains)}")
         if not isinstance(ws, dict) or any(t not in cfg.teachers for t in ws):
             raise ChorusError(f"domain_weights['{dom}']: expected {{teacher: weight}} over --teachers, got {ws!r}")
+
+
+def _with_blend(cfg: TrainConfig, store: Store, dist: _Dist) -> TrainConfig:
+    """The config with the store's fitted blend for these teachers (`chorus blend`) filled in where the
+    user left the defaults: per-domain weights unless domain_weights is set, and the per-token weighting
+    unless one is chosen. The run's config.yaml records the result."""
+    if not cfg.blend or len(cfg.teachers) < 2:
+        return cfg
+    fitted = stored_blend(store, cfg.teachers)
+    if fitted is None:
+        return cfg
+    changes: dict = {}
+    if not cfg.domain_weights:
+        changes["domain_weights"] = fitted["domain_weights"]
+    if cfg.weighting == "none" and fitted["weighting"] != "none" and cfg.aggregate == fitted["operator"]:
+        changes.update(weighting=fitted["weighting"], beta=float(fitted["beta"]))
+    if changes and dist.main:
+        say(f"using the store's fitted blend '{fitted['choice']}' for {', '.join(cfg.teachers)} "
+            f"({', '.join(sorted(changes))}; blend: false to ignore it)")
+    return dataclasses.replace(cfg, **changes)
 
 
 def _prior_table(cfg: TrainConfig, domains: tuple[str, ...]) -> torch.Tensor:
@@ -272,6 +294,7 @@ def _train(cfg: TrainConfig, dist: _Dist) -> dict:
     store = Store.open(cfg.store, "r", cfg.storage_options)
     m = store.manifest
     vocab, domains = m.tokenizer.vocab_size, m.domains
+    cfg = _with_blend(cfg, store, dist)
     _validate(cfg, domains)
     manifests = check_teachers(store, cfg.teachers, need_samples=cfg.target == "samples")
     prior_table = _prior_table(cfg, domains).to(dist.device)
