@@ -3,7 +3,8 @@
     python benchmarks/_report.py      (run at the end of `make bench` and `make bench-quick`)
 
 Each known benchmark (prepare, cache, train, quality) gets its own tables; any other result file gets its
-top-level numbers. Every section names the machine and date it ran on. The top-level README's
+top-level numbers. Every section names the machine and date it ran on. ``quality_quick.json`` (from
+``quality.py --quick``) is shown as the quality section only when there is no full-run ``quality.json``. The top-level README's
 ``<!-- BENCH-TABLE -->`` section gets the quality table and a link here.
 """
 
@@ -83,13 +84,15 @@ def quality(res: dict) -> str:
         f"{s['teacher_params']:,} params, CE, {s['teacher_steps']} steps): held-out loss {t['mean']:.4f}, "
         f"ECE {100 * t['ece']:.2f} pts. Students: Llama {s['student']['hidden_size']}×{s['student']['num_hidden_layers']} "
         f"({s['student_params']:,} params), {s['student_steps']} steps × {s['batch_size']} rows × {s['seq_len']} tokens, "
-        f"seeds {', '.join(map(str, s['seeds']))}, pure forward KL (kd_weight {s['kd_weight']}), T = 1. "
+        f"seeds {', '.join(map(str, s['seeds']))}, pure forward KL (kd_weight {s['kd_weight']}), T = 1"
+        f"{' (and T = 2 / calibrated rows: below)' if 't2' in res else ''}. "
         f"Corpus: the demo's three domains, {s['tokens']:,} tokens, V = {s['vocab_size']}. "
         f"Sampled caches: {smp}.",
         "",
         md_table(res["headers"], res["table"]),
         "",
-        "Mean ± half-range over seeds. Gap closed = (CE − x)/(CE − dense), paired by seed. ECE in points (%). "
+        "Mean ± half-range over seeds. Gap closed = (CE − x)/(CE − dense), paired by seed (dense KD at the row's "
+        "temperature). ECE in points (%). "
         "KL(t‖s): forward KL from the teacher's full distribution on held-out rows. B/token: stored bytes of the "
         "arrays the mode reads / (rows × seq_len). step / CE: median step time with the modes interleaved step by "
         "step; (runs): the training runs' own tokens/s, back to back (noisier on a shared machine).",
@@ -105,6 +108,30 @@ def quality(res: dict) -> str:
                             f"{c['gap_closed_min_seed']:.1%}", f"{c['ece_points_minus_dense']:+.2f}",
                             "yes" if c["meets"] else "no (" + ", ".join(k for k, v in c["passes"].items() if not v) + ")"]
                            for c in g["checks"]]))
+    t2 = res.get("t2")
+    if t2:  # softened KD at T = 2 and calibrated temperatures (runs since the per-position statistics)
+        g2, sb = t2["goal"], res.get("stats_bytes_per_token", {})
+        verdict2 = "**met**" if g2["met"] else "**not met**"
+        lines += ["", f"Softened KD at T = {s.get('t2_temperature', 2):g}, gap closed against dense KD at the same T "
+                      "(full distribution, same softening), beside T = 1. *exact*: the cache's per-position statistics "
+                      "(format v2, tail curve at β = " + ", ".join(f"{b:.3g}" for b in s.get("tail_betas", [])) + "); "
+                      "*even-tail*: a v1 view of the same arrays (manifest rewritten to format_version 1), read with "
+                      "the even-tail guess. Renormalized targets read no tail.", "",
+                  md_table(t2["headers"], t2["table"]), "",
+                  f"Goal: every top-k mode's gap closed at T = 2 with the statistics within "
+                  f"{g2['max_gap_points_from_t1']:g} points of its gap closed at T = 1, statistics ≤ "
+                  f"{g2['max_stats_bytes_per_token']:g} B/token (largest here {g2['stats_bytes_per_token_max']:.2f}): "
+                  f"{verdict2}."]
+        if sb:
+            lines += ["", "Statistics B/token per cache (as a top-k reader loads them):", "",
+                      md_table(["cache", "stats", "tail_logz", "total"],
+                               [[n, f"{c['stats']:.2f}", f"{c['tail_logz']:.2f}", f"{c['total_topk_reader']:.2f}"]
+                                for n, c in sb.items() if n not in res.get("samples", {})])]
+    cal = res.get("calibrated")
+    if cal:
+        lines += ["", "Calibrated teacher temperatures (`chorus calibrate` on the held-out rows); students: top-64 + "
+                      "tail bucket, T = 1, calibrated: true, gap against dense KD at T = 1:", "",
+                  md_table(cal["headers"], cal["table"])]
     w = res.get("wall_s", {})
     if w:
         lines += ["", "Wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in w.items()) + "."]
@@ -196,8 +223,12 @@ def section(name: str, res: dict) -> str:
 
 
 def main() -> None:
-    files = sorted(RESULTS.glob("*.json"), key=lambda p: (ORDER.index(p.stem) if p.stem in ORDER else len(ORDER), p.stem))
-    results = {p.stem: json.loads(p.read_text()) for p in files}
+    files = {p.stem: p for p in RESULTS.glob("*.json")}
+    quick = files.pop("quality_quick", None)  # quality.py --quick writes here: shown only when no full run exists
+    if quick is not None and "quality" not in files:
+        files["quality"] = quick
+    order = sorted(files, key=lambda n: (ORDER.index(n) if n in ORDER else len(ORDER), n))
+    results = {n: json.loads(files[n].read_text()) for n in order}
     parts = [INTRO] + [section(n, r) for n, r in results.items()]
     if not results:
         parts.append("No results yet: run `make bench`.\n")

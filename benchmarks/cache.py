@@ -312,7 +312,7 @@ def stats_bytes(logp: np.ndarray, gold: np.ndarray, rows: int) -> dict:
     n, vocab = logp.shape
     for k in (8, 32, 64, 128):
         vals, ids = torch.topk(lp, k, dim=-1)
-        st = tail_statistics(lp.clone(), ids, torch.from_numpy(gold.astype(np.int64)), TAIL_BETAS)
+        st = tail_statistics(lp.clone(), ids, vals, torch.from_numpy(gold.astype(np.int64)), TAIL_BETAS)
         stats = {f: st[f].numpy().reshape(rows, -1) for f in (*STATS_FIELDS,)}
         stats["tail_logz"] = st["tail_logz"].numpy().reshape(rows, n // rows, -1)
         arrays = encode_targets(ids.numpy().reshape(rows, n // rows, k), vals.numpy().reshape(rows, n // rows, k),
@@ -391,8 +391,8 @@ def table(res: dict) -> str:
         if st:
             lines.append(f"    statistics (v2) B/token, {st['compression']} (alternatives at k=64: "
                          + ", ".join(f"{a} {st['bytes_per_token']['k64'][a]['total']:.2f}" for a in STATS_ALTERNATIVES) + ")")
-            lines.append("    " + "".join(f"{'k=' + str(k) + ' ':>6}{st['bytes_per_token'][f'k{k}']['default']['total']:5.2f}"
-                                         for k in (8, 32, 64, 128)))
+            lines.append("    " + "  ".join(f"k={k} {st['bytes_per_token'][f'k{k}']['default']['total']:.2f}"
+                                          for k in (8, 32, 64, 128)))
     g = res["gpu"]
     lines.append("(c) GPU bf16: " + (f"{g['tokens_per_s']:.0f} tok/s ({g['tokens_per_s_without_stats']:.0f} without statistics), "
                                       f"{g['params'] / 1e6:.0f}M params on {g['gpu']}"

@@ -115,6 +115,18 @@ def main(argv: list[str] | None = None) -> int:
     except MemoryError:
         print(f"chorus {args.command}: error: out of memory; try a smaller --batch-size", file=sys.stderr)
         return 2
+    except OSError as e:  # disk full, read-only output, permissions, a file that vanished
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"chorus {args.command}: error: {e.strerror or e}{where}; check the path, its permissions and free "
+              "space", file=sys.stderr)
+        return 2
+    except Exception as e:  # a bug: one line, and the traceback on request
+        if os.environ.get("CHORUS_DEBUG"):
+            raise
+        first = str(e).splitlines()[0] if str(e) else ""
+        print(f"chorus {args.command}: internal error: {type(e).__name__}: {first} "
+              "(run with CHORUS_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

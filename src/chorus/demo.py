@@ -48,7 +48,8 @@ class Scale:
     valid_fraction: float
     teacher: dict  # model config (llama), trained from scratch
     student: dict  # the same for every student
-    teacher_steps: int
+    base_steps: int  # the teachers' shared base, trained on every domain
+    finetune_steps: int  # each specialist: the base fine-tuned on its domain
     student_steps: int
     batch_size: int
     lr: float
@@ -56,6 +57,7 @@ class Scale:
     top_k: int
     samples: int
     kd_weight: float = 1.0  # every KD student: (1 − kd_weight)·CE + kd_weight·KD
+    student_rows: int | None = None  # the distillation set: rows every student trains on (teachers see all)
     cache_batch: int = 64  # rows per teacher forward pass when caching
 
 
@@ -73,11 +75,13 @@ def _llama(hidden: int, layers: int, heads: int, seq_len: int) -> dict:
 # (≤ log 3). Measured at quick scale over seeds 0/1/2: teachers of width 64 × 200 steps gave margins
 # 0.67/0.39/0.21 nats; width 48 × 240 steps (less overfit on 40k tokens) 0.84/0.35/0.60.
 FULL = Scale(chars_per_domain=400_000, tokens_per_domain=100_000, vocab_size=2048, seq_len=128, valid_fraction=0.1,
-             teacher=_llama(64, 2, 4, 128), student=_llama(48, 2, 4, 128), teacher_steps=300, student_steps=300,
+             teacher=_llama(128, 2, 4, 128), student=_llama(48, 2, 4, 128), base_steps=400, finetune_steps=120,
+             student_steps=300,
              batch_size=16, lr=3e-3, warmup_steps=20, top_k=32, samples=8, kd_weight=0.5)
 QUICK = Scale(chars_per_domain=180_000, tokens_per_domain=45_000, vocab_size=1024, seq_len=64, valid_fraction=0.1,
-              teacher=_llama(48, 2, 4, 64), student=_llama(48, 2, 4, 64), teacher_steps=240, student_steps=80,
-              batch_size=16, lr=5e-3, warmup_steps=10, top_k=16, samples=8, kd_weight=0.5)
+              teacher=_llama(128, 2, 4, 64), student=_llama(48, 2, 4, 64), base_steps=200, finetune_steps=60,
+              student_steps=120, student_rows=240,
+              batch_size=16, lr=5e-3, warmup_steps=10, top_k=16, samples=8, kd_weight=0.7)
 
 
 # ---------------------------------------------------------------------------------------------- stages
@@ -364,9 +368,10 @@ class _Run:
 
     def train_config(self, model: str, out: Path, steps: int, **kw: Any) -> TrainConfig:
         s = self.scale
-        return TrainConfig(store=self.store, student=model, out=str(out), steps=steps, batch_size=s.batch_size, lr=s.lr,
-                           warmup_steps=s.warmup_steps, seed=self.cfg.seed, eval_every=0, save_every=0,
-                           eval_rows=TRAIN_EVAL_ROWS, **kw)
+        base = dict(store=self.store, student=model, out=str(out), steps=steps, batch_size=s.batch_size, lr=s.lr,
+                    warmup_steps=s.warmup_steps, seed=self.cfg.seed, eval_every=0, save_every=0,
+                    eval_rows=TRAIN_EVAL_ROWS)
+        return TrainConfig(**{**base, **kw})
 
 
 def _setup(r: _Run) -> None:
@@ -394,13 +399,20 @@ def _setup(r: _Run) -> None:
 
 
 def _teachers(r: _Run) -> None:
+    """A model family, as teachers come in real use: one base trained on every domain, then fine-tuned
+    into a specialist per domain (like a family's coder / writer variants), each several times the
+    student's size."""
     s, stages = r.scale, r.stages
+    bcfg = r.train_config(str(r.out / "models" / "teacher.yaml"), r.out / "teachers" / "base", s.base_steps)
+    base = _train_job(r, 3, f"training the teachers' base from scratch on every domain (CE, {s.base_steps} steps)",
+                      "teacher-base", bcfg, [r.keys["corpus"], s.teacher])
+    r.runner.run([base])
     jobs = []
     for d in r.domains:
-        tcfg = r.train_config(str(r.out / "models" / "teacher.yaml"), r.out / "teachers" / d, s.teacher_steps,
-                              train_domains=[d])
-        jobs.append(_train_job(r, 3, f"training teacher {d} from scratch on {d} rows only (CE, {s.teacher_steps} steps)",
-                               f"teacher-{d}", tcfg, [r.keys["corpus"], s.teacher]))
+        tcfg = r.train_config(str(r.out / "teachers" / "base" / "model"), r.out / "teachers" / d, s.finetune_steps,
+                              train_domains=[d], lr=s.lr / 2)
+        jobs.append(_train_job(r, 3, f"fine-tuning the base into teacher {d} on {d} rows (CE, {s.finetune_steps} steps)",
+                               f"teacher-{d}", tcfg, [base.key]))
     r.runner.run(jobs)
     r.keys.update({d: job.key for d, job in zip(r.domains, jobs)})
 
@@ -442,7 +454,7 @@ def _students(r: _Run) -> list[str]:
         how = ("CE only" if not teachers else f"KD from teacher {teachers[0]}" if len(teachers) == 1
                else "KD from the fitted blend of all teachers")
         scfg = r.train_config(str(r.out / "models" / "student.yaml"), r.out / "students" / name, s.student_steps,
-                              teachers=teachers, kd_weight=s.kd_weight if teachers else 0.0)
+                              teachers=teachers, kd_weight=s.kd_weight if teachers else 0.0, train_rows=s.student_rows)
         deps = [r.keys["corpus"], s.student, *(r.keys[t] for t in teachers)] + ([r.keys["blend"]] if len(teachers) > 1 else [])
         jobs.append(_train_job(r, 6, f"training {name}: {how}, {s.student_steps} steps", name, scfg, deps))
     r.runner.run(jobs)

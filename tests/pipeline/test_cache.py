@@ -373,6 +373,22 @@ def test_name_used_by_another_model_is_refused_unless_overwrite(tmp_path, cached
     assert sorted(Store.open(store, "r").array_names("teachers/tiny")) == ["stats", "tail_logz", "topk_ids", "topk_logprobs"]
 
 
+def test_a_v1_cache_is_refused_until_overwritten_then_upgraded(tmp_path, cached_store, teacher_model, capsys):
+    store = str(tmp_path / "store.zarr")
+    shutil.copytree(cached_store, store)
+    s = Store.open(store, "a")
+    v1 = s.teacher_manifest("tiny").replace(format_version=1, tail_betas=(), fingerprint="a v1 cache")
+    s.write_teacher_manifest(v1)  # as format v1 wrote it: no statistics
+    assert not Store.open(store, "r").teacher_manifest("tiny").has_stats
+    args = cli_args(store, teacher_model, samples=0, batch_size=50)
+    rc, err = _cli(args, capsys)
+    _assert_one_line_error(rc, err, "other settings", "format_version 1 → 2", "tail_betas", "--overwrite")
+    rc, err = _cli(args + ["--overwrite"], capsys)
+    assert rc == 0, err
+    m = Store.open(store, "r").teacher_manifest("tiny")
+    assert m.format_version == 2 and m.has_stats and m.status == "complete"
+
+
 def test_nan_logits_name_the_row_and_commit_nothing_for_that_shard(tmp_path, store_copy, teacher_model, capsys):
     from transformers import AutoModelForCausalLM
 

@@ -251,8 +251,9 @@ def tail_statistics(logp: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: t
     sums, moment = _tail_sums(y, tail_betas)
     head = -(torch.exp(topk_logprobs) * topk_logprobs).nan_to_num_(nan=0.0).sum(-1)
     entropy = head - torch.exp(m) * (m * sums[1.0] + moment)
-    a = [b * m + torch.log(sums[b]) for b in tail_betas]  # A(β) = log Σ_tail p_i^β
-    return {"log_tail": m + torch.log(sums[1.0]), "entropy": entropy, "gold_logprob": gold, "tail_logz": torch.stack(a, -1)}
+    betas = torch.tensor(tail_betas, dtype=torch.float32, device=y.device)
+    a = torch.log(torch.stack([sums[b] for b in tail_betas], -1)).add_(m[:, None] * betas)  # A(β) = log Σ_tail p^β
+    return {"log_tail": m + torch.log(sums[1.0]), "entropy": entropy, "gold_logprob": gold, "tail_logz": a}
 
 
 def sparse_targets(logits: torch.Tensor, input_ids: torch.Tensor, *, top_k: int, num_samples: int, seed: int,

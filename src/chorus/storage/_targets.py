@@ -221,9 +221,11 @@ def decode_samples(arrays: dict[str, np.ndarray], manifest: Any) -> tuple[np.nda
 STATS_FIELDS = ("log_tail", "entropy", "gold_logprob")
 # Softening needs A(1/T): the grid is T = 4, 3, 2, 1.5, 0.7, 0.5 (β = 1/T); β = 0 and 1 are known exactly.
 TAIL_BETAS = (0.25, 1.0 / 3.0, 0.5, 2.0 / 3.0, 1.0 / 0.7, 2.0)
-# blosc level 8 (zstd level 15 inside, byte-shuffled fp16): 6.5-7.5 B/token for both arrays on the sources of
-# benchmarks/cache.py at k = 8 and 64, vs 7.3-9.0 with zstd level 3 and 6.6-8.5 with zstd 9; encodes ~1 M positions/s
-# on one core, decodes ~25 M/s (measured on this project's 2-core CPU; results in benchmarks/results/cache.json).
+# blosc level 8 (zstd ~15 inside, byte-shuffled fp16), both arrays together on the sources of benchmarks/cache.py
+# (n-gram and sharpened random-model distributions, V = 8192): 6.4-7.5 B/token at k = 8-64 in chunks of 8192
+# positions (6.3-8.7 in chunks of 2048, the --quick run: smaller chunks compress worse), vs 7.3-9.1 with zstd 3
+# and 6.6-8.9 with zstd 9; the stats are ~4.3-4.9 of it (fp16 noise), tail_logz ~2-3.8 (fewer with larger k).
+# Encodes ~1 M positions/s on one core, decodes ~25 M/s (this project's 2-core CPU).
 STATS_COMPRESSION = ("blosc", 8)
 
 

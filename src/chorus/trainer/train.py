@@ -321,7 +321,8 @@ def _train(cfg: TrainConfig, dist: _Dist) -> dict:
     autocast, amp_dtype = _autocast(cfg, dist.device)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=amp_dtype == torch.float16)
     data = CachedRows(cfg.store, batch_size=cfg.batch_size, teachers=cfg.teachers, split="train",
-                      domains=cfg.train_domains or None, samples=cfg.target == "samples", topk=cfg.target != "samples",
+                      domains=cfg.train_domains or None, max_rows=cfg.train_rows,
+                      samples=cfg.target == "samples", topk=cfg.target != "samples",
                       shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, rank=dist.rank, world_size=dist.world,
                       storage_options=cfg.storage_options)
     loader = StreamLoader(data, num_workers=cfg.num_workers, pin_memory=dist.device.type == "cuda")
