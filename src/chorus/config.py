@@ -88,7 +88,8 @@ class TrainConfig:
     kd_weight: float = opt(1.0, "weight of the KD term; 1 - kd_weight goes to hard-label CE")
     temperature: float = opt(1.0, "softening temperature (probability domain, T^2 scaled)")
     aggregate: str = opt("mixture", "how teachers are pooled", choices=("mixture", "geometric", "power"))
-    weighting: str = opt("none", "per-token teacher weights", choices=("none", "confidence", "agreement", "likelihood"))
+    weighting: str = opt("none", "per-token teacher weights",
+                         choices=("none", "confidence", "agreement", "likelihood", "context"))
     teacher_weights: dict = opt({}, "global weight per teacher name (default 1 each)")
     domain_weights: dict = opt({}, "per-domain weights: {domain: {teacher: weight}}")
     alpha: float = opt(0.5, "alpha of the power pool")

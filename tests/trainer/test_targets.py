@@ -25,7 +25,7 @@ from chorus.trainer.calibration import fit_temperature
 from chorus.trainer.ensemble import OPERATORS, WEIGHTINGS, aggregate, confidence_weights
 from chorus.trainer.losses import LOSSES, distill_loss_from_logits
 from chorus.trainer.sparse import entropy, from_topk, log_prob_of, soften, valid_mask
-from chorus.trainer.targets import TARGETS, TargetBuilder, check_combination
+from chorus.trainer.targets import TARGETS, WEIGHTINGS as ALL_WEIGHTINGS, TargetBuilder, check_combination
 
 
 def true_logp(kind: str, n: int, v: int, seed: int = 0) -> torch.Tensor:
@@ -236,10 +236,11 @@ def _batch(v: int = 40, b: int = 2, length: int = 6, k: int = 6, m: int = 5):
             "tail_logz": torch.stack([torch.logsumexp(x * tail, -1) for x in TAIL_BETAS], -1).float()
             .reshape(b, length, -1)}
         manifests.append(SimpleNamespace(name=name, temperature=1.0 + 0.5 * i, tail_betas=TAIL_BETAS))
-    return {"teachers": teachers}, manifests
+    segments = torch.tensor([[1, 1, 1, 2, 2, 2], [1, 1, 1, 1, 1, 0]])
+    return {"teachers": teachers, "segment_ids": segments}, manifests
 
 
-GRID = list(itertools.product(TARGETS, sorted(LOSSES), OPERATORS, WEIGHTINGS, (1.0, 2.0), (False, True)))
+GRID = list(itertools.product(TARGETS, sorted(LOSSES), OPERATORS, ALL_WEIGHTINGS, (1.0, 2.0), (False, True)))
 
 
 def test_the_whole_combination_grid_trains_or_is_refused():
@@ -264,7 +265,9 @@ def test_the_whole_combination_grid_trains_or_is_refused():
         assert torch.isfinite(value) and torch.isfinite(x.grad).all(), (target, loss, operator, weighting)
         trained += 1
     # samples train only with forward KL, T = 1, no calibration, mixture, weights independent of the samples
-    assert refused == len(GRID) - len(GRID) * 2 // 3 - 3  # every samples cell but (fkl, T1, raw, mixture, 3 weightings)
+    sound = [c for c in GRID if c[0] == "samples" and c[1:3] == ("forward_kl", "mixture") and c[3] != "agreement"
+             and c[4:] == (1.0, False)]
+    assert len(sound) == 4 and refused == len(GRID) // 3 - len(sound)
     assert trained == len(GRID) - refused
 
 

@@ -44,11 +44,15 @@ class _Batch:
 
 class ShardWriter:
     """``encode(shard, row_start, host_arrays) -> arrays`` runs on the thread for each complete shard
-    (it may raise to refuse the shard); ``on_commit(shard, arrays)`` is called after its commit."""
+    (it may raise to refuse the shard); ``before_commit(shard)`` runs after its chunks are written and before
+    its commit record (it may raise to withhold it); ``on_commit(shard, arrays)`` is called after its commit.
+    Commit records carry ``fingerprint``."""
 
     def __init__(self, store: Store, unit: str, *, encode: Callable[[int, int, dict[str, np.ndarray]], dict[str, np.ndarray]],
-                 on_commit: Callable[[int, dict[str, np.ndarray]], None] | None = None, max_queue: int = 2) -> None:
+                 on_commit: Callable[[int, dict[str, np.ndarray]], None] | None = None, max_queue: int = 2,
+                 fingerprint: str = "", before_commit: Callable[[int], None] | None = None) -> None:
         self.store, self.unit, self.encode, self.on_commit = store, unit, encode, on_commit
+        self.fingerprint, self.before_commit = fingerprint, before_commit
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self._error: BaseException | None = None
         self._shards: dict[int, _Shard] = {}
@@ -124,7 +128,9 @@ class ShardWriter:
         if shard.filled == shard.num_rows:
             del self._shards[batch.shard]
             arrays = self.encode(batch.shard, shard.row_start, shard.buffers)
-            self.store.write_shard(self.unit, batch.shard, shard.row_start, arrays)
+            check = None if self.before_commit is None else (lambda _c, s=batch.shard: self.before_commit(s))
+            self.store.write_shard(self.unit, batch.shard, shard.row_start, arrays, fingerprint=self.fingerprint,
+                                   before_commit=check)
             self.committed.append(batch.shard)
             if self.on_commit is not None:
                 self.on_commit(batch.shard, arrays)

@@ -13,6 +13,7 @@ among workers, each shard's bytes are those an uninterrupted single run writes.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -20,7 +21,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-import zarr
 
 from chorus import __version__
 from chorus._progress import Progress, say
@@ -38,8 +38,12 @@ from chorus.pipeline._teacher import (
     sparse_targets,
 )
 from chorus.pipeline._writer import ShardWriter
+from chorus.storage._manifest import NAME_PATTERN
 from chorus.storage import (
     STATS_FIELDS,
+    ShardLeases,
+    describe,
+    live_writers,
     TAIL_BETAS,
     CorpusManifest,
     Store,
@@ -53,7 +57,6 @@ from chorus.storage import (
 TARGETS = ("topk log_softmax fp32 + inverse-cdf samples seeded by (seed, row) + exact tail statistics "
            "(masked logsumexp, entropy, gold log-prob), v2")  # in the fingerprint: change it with the math
 WAIT_FOR_CREATOR_S = float(os.environ.get("CHORUS_WAIT_FOR_CREATOR_S", 600))
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 # ---------------------------------------------------------------------------------------------- setup helpers
@@ -96,7 +99,7 @@ def _check_args(cfg: CacheConfig, corpus: CorpusManifest) -> str:
     if cfg.batch_size < 1:
         raise ChorusError(f"--batch-size must be >= 1, got {cfg.batch_size}")
     name = cfg.name or default_name(cfg.teacher)
-    if not _NAME.match(name):
+    if not NAME_PATTERN.match(name) or ".." in name:
         raise ChorusError(f"--name {name!r}: use letters, digits, '.', '_' and '-' (no '/')")
     value_params(cfg.value_codec)  # refuses an unknown codec
     return name
@@ -107,10 +110,13 @@ def _existing(store: Store, name: str) -> TeacherManifest | None:
     if name not in store.teacher_names():
         return None
     try:
-        data = zarr.open_group(store=store.group.store, path=f"teachers/{name}", mode="r").attrs.get("chorus")
+        return store.teacher_manifest(name)
     except FileNotFoundError:  # deleted between the listing and the read (worker 0 replacing it)
         return None
-    return TeacherManifest.from_dict(data) if data is not None else None
+    except ChorusError as e:
+        if "still being created" in str(e):
+            return None
+        raise
 
 
 def _differences(old: TeacherManifest, new: TeacherManifest) -> str:
@@ -125,7 +131,13 @@ def _claim_unit(store: Store, manifest: TeacherManifest, specs, corpus: CorpusMa
     unit, deadline = f"teachers/{manifest.name}", time.monotonic() + WAIT_FOR_CREATOR_S
     announced = False
     while True:
-        old = _existing(store, manifest.name)
+        try:
+            old = _existing(store, manifest.name)
+        except (ChorusError, ValueError) as e:  # an unreadable unit: only --overwrite (worker 0) may replace it
+            if not (overwrite and worker == 0):
+                raise ChorusError(f"cache '{manifest.name}' in '{store.url}' is unreadable ({str(e).splitlines()[0]}); "
+                                  "rerun with --overwrite to rebuild it") from None
+            old = manifest.replace(fingerprint="", status="unreadable")
         if old is not None and old.fingerprint == manifest.fingerprint:
             return
         if old is not None and not overwrite:
@@ -134,6 +146,11 @@ def _claim_unit(store: Store, manifest: TeacherManifest, specs, corpus: CorpusMa
                 "pass --overwrite to replace it, or choose another --name"
             )
         if worker == 0:
+            live = live_writers(store, unit)
+            if live:
+                raise ChorusError(
+                    f"cache '{manifest.name}' in '{store.url}' is being written by another job ({describe(live[0])}); "
+                    "stop it (or let it finish) before --overwrite replaces the cache")
             if old is not None:
                 say(f"replacing cache '{manifest.name}' ({_differences(old, manifest)})")
             store.delete_unit(unit)  # also a half-created unit with no manifest
@@ -188,7 +205,7 @@ def run(cfg: CacheConfig) -> TeacherManifest:
     mine = [s for s in range(corpus.num_shards) if s % workers == worker]
     if cfg.overwrite:
         _rewrite_corrupt(store, unit, mine)
-    done = store.commits(unit)
+    done = {s: c for s, c in store.commits(unit).items() if c.fingerprint in ("", manifest.fingerprint)}
     todo = [s for s in mine if s not in done]
     rows_todo = sum(corpus.shard_rows(s)[1] - corpus.shard_rows(s)[0] for s in todo)
     say(f"cache '{name}': {teacher.model_id} on {device} ({dtype_name(dtype)}), k={cfg.top_k} samples={cfg.samples} "
@@ -207,18 +224,32 @@ def run(cfg: CacheConfig) -> TeacherManifest:
                               codec=cfg.value_codec, params=params, draws=host.get("draws"), stats=stats)
 
     # ------------------------------------------------------------------ loop
+    def still_ours(shard: int) -> None:  # right before each commit: fenced out by a lost lease or a replaced cache
+        leases.check(shard)
+        current = _existing(store, name)
+        if current is None or current.fingerprint != manifest.fingerprint:
+            raise ChorusError(f"cache '{name}' in '{store.url}' was replaced by another writer (--overwrite) while this "
+                              "one ran; this writer stops without committing: rerun it only if its settings are wanted")
+
+    skipped: list[int] = []
     if todo:
-        _cache_shards(store, unit, corpus, teacher, todo, rows_todo, encode, cfg, tail_betas=manifest.tail_betas)
+        with ShardLeases(store, unit) as leases:
+            skipped = _cache_shards(store, unit, corpus, teacher, todo, rows_todo, encode, cfg,
+                                    tail_betas=manifest.tail_betas, leases=leases, fingerprint=manifest.fingerprint,
+                                    before_commit=still_ours)
 
     # ------------------------------------------------------------------ cleanup
-    committed = store.commits(unit)
-    status = "complete" if len(committed) == corpus.num_shards else "incomplete"
     current = _existing(store, name)
-    if status == "complete" and current is not None and current.status != "complete":
+    if current is None or current.fingerprint != manifest.fingerprint:
+        raise ChorusError(f"cache '{name}' in '{store.url}' was replaced by another writer (--overwrite) while this "
+                          "one ran; its status is left to that writer")
+    committed = {s: c for s, c in store.commits(unit).items() if c.fingerprint in ("", manifest.fingerprint)}
+    status = "complete" if len(committed) == corpus.num_shards else "incomplete"
+    if status == "complete" and current.status != "complete":
         store.write_teacher_manifest(current.replace(status="complete"))  # two workers both flipping is fine
     bpt = _bytes_per_token(store, unit, corpus)
     say(f"cache '{name}' → {store.url} ({unit}): {status}, {len(committed)}/{corpus.num_shards} shards, "
-        f"{bpt:.1f} B/token")
+        f"{bpt:.1f} B/token" + (f"; {len(skipped)} shard(s) left to the writers that hold them" if skipped else ""))
     return _existing(store, name) or manifest
 
 
@@ -238,17 +269,25 @@ def _manifest(cfg: CacheConfig, name: str, corpus: CorpusManifest, teacher: Teac
 
 
 def _cache_shards(store: Store, unit: str, corpus: CorpusManifest, teacher: Teacher, todo: list[int], rows_todo: int,
-                  encode, cfg: CacheConfig, *, tail_betas: tuple[float, ...]) -> None:
-    """The loop: the main thread only reads ahead (one shard), runs the teacher and queues tensors."""
+                  encode, cfg: CacheConfig, *, tail_betas: tuple[float, ...], leases: ShardLeases, fingerprint: str,
+                  before_commit) -> list[int]:
+    """The loop: the main thread only reads ahead (one shard), claims each shard, runs the teacher and queues
+    tensors; returns the shards skipped because a live writer holds them."""
     reader = ThreadPoolExecutor(1, thread_name_prefix="chorus-read")
     read = lambda s: store.read_shard("corpus", s, ["input_ids"])["input_ids"]  # noqa: E731
     pending = reader.submit(read, todo[0])
+    skipped: list[int] = []
     try:
-        with ShardWriter(store, unit, encode=encode) as writer, Progress(f"cache {unit}", total=rows_todo) as bar:
+        with ShardWriter(store, unit, encode=encode, fingerprint=fingerprint, before_commit=before_commit,
+                         on_commit=lambda shard, _a: leases.release(shard)) as writer, \
+                Progress(f"cache {unit}", total=rows_todo) as bar:
             for n, shard in enumerate(todo):
                 ids = pending.result()
                 if n + 1 < len(todo):
                     pending = reader.submit(read, todo[n + 1])
+                if not _claim_shard(store, unit, shard, leases, fingerprint):
+                    skipped.append(shard)
+                    continue
                 row_start, _ = corpus.shard_rows(shard)
                 for offset in range(0, len(ids), cfg.batch_size):
                     x = torch.from_numpy(ids[offset: offset + cfg.batch_size].astype(np.int64)).to(teacher.device)
@@ -265,3 +304,25 @@ def _cache_shards(store: Store, unit: str, corpus: CorpusManifest, teacher: Teac
                     bar.update(len(x), tokens=x.numel(), shards=f"{len(writer.committed)}/{len(todo)}")
     finally:
         reader.shutdown(wait=True, cancel_futures=True)
+    return skipped
+
+
+def _claim_shard(store: Store, unit: str, shard: int, leases: ShardLeases, fingerprint: str) -> bool:
+    """Claim ``shard`` before computing it: False when a live writer holds it or has committed it meanwhile.
+    A commit record left by a writer of another cache (fenced out by --overwrite) is removed under the lease."""
+    holder = leases.claim(shard)
+    if holder is not None:
+        say(f"shard {shard} of {unit} is being written by {describe(holder)}; leaving it to that writer")
+        return False
+    path = store._commit_path(unit, shard)
+    try:
+        old = json.loads(store.fs.cat_file(path))
+    except FileNotFoundError:
+        return True
+    except ValueError:  # unreadable: rewritten under the lease
+        old = None
+    if isinstance(old, dict) and old.get("fingerprint", "") in ("", fingerprint):
+        leases.release(shard)  # committed by another writer since this one listed the commits
+        return False
+    store.fs.rm(path)
+    return True

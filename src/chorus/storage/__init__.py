@@ -1,6 +1,7 @@
 """The chorus on-disk format: corpus and commit records v1, teacher caches v2 (v1 caches, without
 per-position statistics, still read). Imports numpy/zarr/fsspec, never torch."""
 
+from chorus.storage._lease import ShardLeases, describe, live_writers
 from chorus.storage._fingerprint import StreamHasher, checksum, fingerprint
 from chorus.storage._manifest import (
     FORMAT_VERSION,
@@ -60,6 +61,9 @@ __all__ = [
     "ArraySpec",
     "CorpusManifest",
     "ShardCommit",
+    "ShardLeases",
+    "describe",
+    "live_writers",
     "Store",
     "StreamHasher",
     "TeacherManifest",

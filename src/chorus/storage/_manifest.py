@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -19,6 +20,7 @@ from chorus.errors import ChorusError
 FORMAT_VERSION = 1  # corpus manifest and commit records
 TEACHER_FORMAT_VERSION = 2  # teacher manifests: v2 adds per-position statistics (``tail_betas``); v1 caches still read
 
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # a cache name is one folder: no '/', no '..'
 _SCALARS = {int: "an integer", float: "a number", str: "a string", bool: "true/false"}
 
 
@@ -168,6 +170,9 @@ class TeacherManifest(_Record):
     FORMAT_VERSIONS: ClassVar[tuple[int, ...]] = (1, TEACHER_FORMAT_VERSION)
 
     def __post_init__(self) -> None:
+        if not NAME_PATTERN.match(self.name) or ".." in self.name:
+            raise ChorusError(f"{self.KIND} field 'name': expected letters, digits, '.', '_' and '-' (one folder, "
+                              f"no '/' or '..'), got {self.name!r}")
         if self.format_version < 2 and self.tail_betas:
             raise ChorusError(f"{self.KIND}: format_version 1 has no statistics, got tail_betas {list(self.tail_betas)}")
 
@@ -186,5 +191,6 @@ class ShardCommit(_Record):
     shard: int
     row_start: int
     row_stop: int
-    checksums: dict[str, str]  # array name -> checksum of its encoded chunk bytes
+    checksums: dict[str, str]  # array name -> checksum of the chunk bytes its writer encoded
+    fingerprint: str = ""  # the unit's cache fingerprint when written ("": the corpus, or a record before 0.1.1)
     format_version: int = FORMAT_VERSION

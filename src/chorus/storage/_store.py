@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import os
 import threading
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import fsspec
 import fsspec.implementations.local
@@ -89,6 +89,29 @@ def _check_replaceable(fs: fsspec.AbstractFileSystem, root: str, url: str) -> No
         raise refuse from None
     if MANIFEST_KEY not in attrs and CREATING_KEY not in attrs:
         raise refuse
+
+
+def clean_stale_tmp(fs: fsspec.AbstractFileSystem, paths: Iterable[str]) -> None:
+    """Remove ``*.tmp-PID-…`` files left by killed processes of this host (local files only; a live
+    process's temporary file is kept)."""
+    if not isinstance(fs, fsspec.implementations.local.LocalFileSystem):
+        return
+    for p in paths:
+        try:
+            pid = int(p.rsplit(".tmp-", 1)[1].split("-", 1)[0])
+        except (IndexError, ValueError):
+            continue
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            try:
+                os.unlink(p)
+            except FileNotFoundError:
+                pass
+        except PermissionError:
+            pass
 
 
 @functools.lru_cache(maxsize=1)
@@ -178,10 +201,19 @@ class Store:
         if name not in self.teacher_names():
             known = ", ".join(self.teacher_names()) or "none"
             raise ChorusError(f"no teacher '{name}' in store '{self.url}' (teachers: {known}); run `chorus cache` first")
-        grp = zarr.open_group(store=self.group.store, path=f"teachers/{name}", mode="r")
-        if MANIFEST_KEY not in grp.attrs:
-            raise ChorusError(f"teacher '{name}' in '{self.url}' is still being created (no manifest yet); wait for `chorus cache`")
-        return TeacherManifest.from_dict(grp.attrs[MANIFEST_KEY])
+        try:
+            attrs = json.loads(self.fs.cat_file(f"{self.root}/teachers/{name}/zarr.json")).get("attributes") or {}
+        except (ValueError, AttributeError, UnicodeDecodeError):
+            raise ChorusError(f"teacher '{name}' in '{self.url}': its zarr.json is not valid JSON; rebuild it with "
+                              f"`chorus cache --name {name} ... --overwrite`") from None
+        if MANIFEST_KEY not in attrs:
+            raise ChorusError(f"teacher '{name}' in '{self.url}' is still being created (no manifest yet); wait for "
+                              f"`chorus cache`, or rerun it with --overwrite if it was killed")
+        m = TeacherManifest.from_dict(attrs[MANIFEST_KEY])
+        if m.name != name:
+            raise ChorusError(f"teacher '{name}' in '{self.url}': its manifest names it {m.name!r}; rebuild it with "
+                              f"`chorus cache --name {name} ... --overwrite`")
+        return m
 
     def write_teacher_manifest(self, manifest: TeacherManifest) -> None:
         grp = self.group.require_group(f"teachers/{manifest.name}")
@@ -240,18 +272,62 @@ class Store:
         return f"{self.root}/{unit}/{name}/{key}"
 
     # ------------------------------------------------------------------ shards
-    def write_shard(self, unit: str, shard: int, row_start: int, arrays: dict[str, np.ndarray]) -> ShardCommit:
-        """Write one whole shard of every array in ``arrays``, then create its commit record."""
+    def write_shard(self, unit: str, shard: int, row_start: int, arrays: dict[str, np.ndarray], *,
+                    fingerprint: str = "", before_commit: Callable[[ShardCommit], None] | None = None) -> ShardCommit:
+        """Write one whole shard of every array in ``arrays``, then create its commit record.
+
+        The record checksums the bytes encoded here (never a read-back: a concurrent writer's chunk
+        must fail verification, not be blessed) and carries ``fingerprint``, the unit's cache
+        fingerprint. ``before_commit(commit)`` runs last before the record is created and may raise
+        to withhold it (a writer that lost its lease or whose cache was replaced)."""
         rows = {len(a) for a in arrays.values()}
         if len(rows) != 1:
             raise ValueError(f"arrays of shard {shard} disagree on row count: {sorted(rows)}")
         row_stop = row_start + rows.pop()
-        for name, data in arrays.items():
-            self.array(unit, name)[row_start:row_stop] = data
-        sums = {name: checksum(self.fs.cat_file(self._chunk_path(unit, name, shard))) for name in sorted(arrays)}
-        commit = ShardCommit(unit=unit, shard=shard, row_start=row_start, row_stop=row_stop, checksums=sums)
+        blobs = {name: self._encode(unit, name, data) for name, data in arrays.items()}
+        for name, blob in blobs.items():
+            self._put(self._chunk_path(unit, name, shard), blob)
+        sums = {name: checksum(blobs[name]) for name in sorted(blobs)}
+        commit = ShardCommit(unit=unit, shard=shard, row_start=row_start, row_stop=row_stop, checksums=sums,
+                             fingerprint=fingerprint)
+        if before_commit is not None:
+            before_commit(commit)
         self._create_commit(commit)
         return commit
+
+    def _encode(self, unit: str, name: str, data: np.ndarray) -> bytes:
+        """One whole chunk's bytes, encoded with the codecs of the array's zarr metadata (rows past ``data``
+        are the fill value 0, as zarr pads an edge chunk)."""
+        arr = self.array(unit, name)
+        dtype = self._dtype(arr)
+        chunks = tuple(arr.chunks)
+        if data.ndim != len(chunks) or tuple(data.shape[1:]) != chunks[1:] or len(data) > chunks[0]:
+            raise IntegrityError(f"{unit}/{name}: data of shape {tuple(data.shape)} does not fit chunks {chunks} of "
+                                 f"'{self.url}' (the unit was replaced by another writer?); rerun with the same settings")
+        chunk = np.zeros(chunks, dtype=dtype)
+        chunk[: len(data)] = data
+        out: Any = chunk.astype(dtype.newbyteorder("<") if dtype.itemsize > 1 else dtype, copy=False)
+        for codec in arr.metadata.codecs[1:]:
+            if isinstance(codec, ZstdCodec):
+                out = numcodecs.Zstd(level=codec.level, checksum=codec.checksum).encode(out)
+            elif isinstance(codec, BloscCodec):
+                out = codec._blosc_codec.encode(out)
+            else:
+                raise ChorusError(f"array {unit}/{name} uses codec {type(codec).__name__}, which this writer cannot encode")
+        return bytes(out) if not isinstance(out, np.ndarray) else out.tobytes()
+
+    def _put(self, path: str, blob: bytes) -> None:
+        """Write ``path`` whole: locally through a temporary file renamed into place (a reader never sees a
+        torn object), on object stores with one PUT (atomic by itself)."""
+        if not isinstance(self.fs, fsspec.implementations.local.LocalFileSystem):
+            self.fs.pipe_file(path, blob)
+            return
+        folder = os.path.dirname(path)
+        os.makedirs(folder, exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
+        with open(tmp, "wb") as f:
+            f.write(blob)
+        os.replace(tmp, path)
 
     def _commit_path(self, unit: str, shard: int) -> str:
         return f"{self.root}/{unit}/{COMMITS}/{shard:06d}.json"
@@ -278,7 +354,7 @@ class Store:
             with self.fs.open(path, "xb") as f:
                 f.write(blob)
             return
-        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+        tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
         with open(tmp, "wb") as f:
             f.write(blob)
             f.flush()
@@ -288,12 +364,15 @@ class Store:
         finally:
             os.unlink(tmp)
 
-    def commits(self, unit: str) -> dict[int, ShardCommit]:
+    def commits(self, unit: str, *, fingerprint: str | None = None) -> dict[int, ShardCommit]:
+        """The commit records of ``unit`` by shard. With ``fingerprint`` (the unit manifest's), a record written
+        for another cache (a writer that overlapped an --overwrite) is an IntegrityError naming the shard."""
         base = f"{self.root}/{unit}/{COMMITS}"
         try:
             paths = self.fs.ls(base, detail=False)
         except FileNotFoundError:
             return {}
+        clean_stale_tmp(self.fs, [p for p in paths if ".tmp-" in p])
         paths = [p for p in paths if p.endswith(".json")]
         blobs = self.fs.cat(paths) if paths else {}
         out = {}
@@ -303,6 +382,11 @@ class Store:
                 c = ShardCommit.from_dict(json.loads(raw))
             except (ValueError, ChorusError) as e:
                 raise IntegrityError(f"commit record {p} is unreadable ({e}); run `chorus verify {self.url}`") from None
+            if fingerprint is not None and c.fingerprint and c.fingerprint != fingerprint:
+                raise IntegrityError(
+                    f"shard {c.shard} of {unit} in '{self.url}' was committed for another cache (fingerprint "
+                    f"{c.fingerprint}, the manifest says {fingerprint}): a writer overlapped an --overwrite; "
+                    "rerun `chorus cache` with --overwrite to rebuild it")
             out[c.shard] = c
         return out
 
@@ -323,7 +407,11 @@ class Store:
                 raise ChorusError(f"shard {shard} of {unit} has no array '{name}'")
 
         def load(name: str) -> np.ndarray:
-            raw = self.fs.cat_file(self._chunk_path(unit, name, shard))
+            try:
+                raw = self.fs.cat_file(self._chunk_path(unit, name, shard))
+            except FileNotFoundError:
+                raise IntegrityError(f"{unit}/{name} shard {shard} of '{self.url}' is committed but its chunk is "
+                                     f"missing; run `chorus verify {self.url}` and rebuild what it names") from None
             if verify and not matches(raw, commit.checksums[name]):
                 raise IntegrityError(
                     f"checksum mismatch in {unit}/{name} shard {shard} (rows {commit.row_start}:{commit.row_stop}) "
@@ -350,9 +438,18 @@ class Store:
                 data = numcodecs.Blosc().decode(data)
             else:
                 raise ChorusError(f"array {unit}/{name} uses codec {type(codec).__name__}, which this reader cannot decode")
-        dtype = arr.dtype.to_native_dtype() if hasattr(arr.dtype, "to_native_dtype") else np.dtype(arr.dtype)
-        dtype = np.dtype(dtype).newbyteorder("<") if np.dtype(dtype).itemsize > 1 else np.dtype(dtype)
+        dtype = self._dtype(arr)
+        dtype = dtype.newbyteorder("<") if dtype.itemsize > 1 else dtype
+        expected = int(np.prod(arr.chunks)) * dtype.itemsize
+        if len(data) != expected:
+            raise IntegrityError(f"{unit}/{name} of '{self.url}': a chunk decodes to {len(data)} bytes, its metadata "
+                                 f"(shape {tuple(arr.chunks)}, {dtype.name}) needs {expected}; the array metadata was "
+                                 f"edited or the chunk is foreign: run `chorus verify {self.url}`")
         return np.frombuffer(data, dtype=dtype).reshape(arr.chunks).astype(dtype.newbyteorder("="), copy=False)
+
+    @staticmethod
+    def _dtype(arr: zarr.Array) -> np.dtype:
+        return np.dtype(arr.dtype.to_native_dtype() if hasattr(arr.dtype, "to_native_dtype") else arr.dtype)
 
     def read_rows(self, unit: str, name: str, start: int, stop: int, *, verify: bool = True) -> np.ndarray:
         """Rows ``[start, stop)`` of one array, stitched from committed shards."""

@@ -12,6 +12,7 @@ import json
 import numpy as np
 
 from chorus.errors import ChorusError
+from chorus.storage._check import problems
 from chorus.storage._manifest import CorpusManifest, TeacherManifest
 from chorus.storage._store import Store
 from chorus.storage._targets import STATS_FIELDS
@@ -128,15 +129,19 @@ def _print_statistics(t: dict) -> None:
 
 
 def verify_command(url: str, *, storage_options: dict | None = None) -> int:
+    """Structure first (every fact a reader relies on: see ``_check``), then every committed chunk's checksum."""
     store = Store.open(url, "r", storage_options)
+    bad = list(problems(store))
     units = ["corpus"] + [f"teachers/{n}" for n in store.teacher_names()]
-    bad, checked = [], 0
-    for unit in units:
-        checked += len(store.commits(unit))
-        bad += store.verify(unit)
+    checked = 0
+    if not bad:
+        for unit in units:
+            checked += len(store.commits(unit))
+            bad += store.verify(unit)
     for line in bad:
         print(f"BAD  {line}")
     print(f"verified {checked} shards in {len(units)} units: {len(bad)} bad")
     if bad:
-        raise ChorusError(f"{len(bad)} corrupt shard(s) in '{url}'; rerun the job that wrote each with --overwrite")
+        fix = "" if "; " in bad[0] else "; rerun the job that wrote it with --overwrite"
+        raise ChorusError(f"'{url}' is damaged ({len(bad)} problem(s)); first: {bad[0]}{fix}")
     return 0

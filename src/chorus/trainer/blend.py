@@ -2,15 +2,17 @@
 the blend in the store so everyone who shares the cache trains with it.
 
 setup (store, teachers, each at its calibrated temperature) → collect (held-out rows: every teacher's exact
-gold log-prob and entropy at every position, from the target builder) → fit (per-domain mixture weights
-by EM, and the sharpness β of per-token confidence weighting by a grid, each on one half of the held-out
-positions) → compare (held-out gold NLL of the pooled target on the other half: uniform, per-domain,
-confidence, per-domain × confidence) → write (the winner, with the report, in the store's attributes).
+gold log-prob, entropy and log-likelihood of the document so far at every position, from the target
+builder) → fit (per-domain mixture weights by EM, and the sharpness β of each per-token weighting by a
+grid, on one half of the held-out positions) → compare (held-out gold NLL of the pooled target on the
+other half: uniform, per-domain, and each per-token weighting on a uniform or per-domain prior) → write
+(the winner, with the report, in the store's attributes).
 
 The pooled target's gold log-loss is what a good target minimizes, and for the linear pool it is exact
-from the cached gold log-probs: p(g) = Σ_t w_t p_t(g). Confidence weights come from each teacher's exact
-entropy (gold-free, so they route a corpus without domain labels). Likelihood weights peek at the gold
-token, so their held-out NLL would be meaningless; they are not candidates here.
+from the cached gold log-probs: p(g) = Σ_t w_t p_t(g). The per-token candidates are gold-free, so they
+route a corpus without domain labels: confidence (each teacher's exact entropy) and context (how well each
+teacher predicted the document so far, targets.context_loglik). Likelihood weights peek at the gold token,
+so their held-out NLL would be meaningless; they are not candidates here.
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ from chorus.errors import ChorusError
 from chorus.storage import Store
 from chorus.trainer.data import CachedRows, check_teachers, complete_teachers, positions
 from chorus.trainer.sparse import entropy, gold_log_prob
-from chorus.trainer.targets import TargetBuilder
+from chorus.trainer.targets import TargetBuilder, context_loglik
 
 BLEND_KEY = "chorus_blend"
-BETAS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+# β grid per per-token signal (weights ∝ prior · exp(β · signal)); context sums grow with the document
+SIGNAL_BETAS = {"confidence": (0.25, 0.5, 1.0, 2.0, 4.0), "context": (0.02, 0.05, 0.1, 0.25, 0.5, 1.0)}
 _EM_STEPS = 100
 
 
@@ -53,40 +56,41 @@ def fit_domain_weights(gold_logp: Tensor, domain: Tensor, num_domains: int) -> T
     return w.float()
 
 
-def confidence(prior: Tensor, ent: Tensor, beta: float) -> Tensor:
-    """(N, T) w ∝ prior · exp(−β H_t): the confidence weighting of ensemble.confidence_weights."""
-    return torch.softmax(prior.clamp_min(1e-30).log() - beta * ent, dim=-1)
+def reweight(prior: Tensor, signal: Tensor | None, beta: float) -> Tensor:
+    """(N, T) w ∝ prior · exp(β · signal): confidence uses signal = −H_t (ensemble.confidence_weights),
+    context the document's log-likelihood so far (targets.context_loglik)."""
+    if signal is None or beta == 0:
+        return prior
+    return torch.softmax(prior.clamp_min(1e-30).log() + beta * signal, dim=-1)
 
 
-def compare(gold_logp: Tensor, ent: Tensor, domain: Tensor, num_domains: int, fit: Tensor) -> dict:
-    """Fit on positions ``fit`` (bool), score on the others: mean held-out NLL per candidate blend."""
+def compare(gold_logp: Tensor, signals: dict[str, Tensor], domain: Tensor, num_domains: int, fit: Tensor) -> dict:
+    """Fit on positions ``fit`` (bool), score on the others: mean held-out NLL per candidate blend.
+    ``signals``: per-token weighting name → (N, T) signal (see :func:`reweight`)."""
     t = gold_logp.shape[1]
     test = ~fit
     if not bool(fit.any()) or not bool(test.any()):
         raise ChorusError("blend needs held-out positions to fit on and to score on; use more --max-rows")
-    per_domain = fit_domain_weights(gold_logp[fit], domain[fit], num_domains)
-    uniform = torch.full((num_domains, t), 1.0 / t)
+    priors = {"uniform": torch.full((num_domains, t), 1.0 / t),
+              "per_domain": fit_domain_weights(gold_logp[fit], domain[fit], num_domains)}
 
-    def score(table: Tensor, beta: float, rows: Tensor) -> float:
-        w = confidence(table[domain[rows]], ent[rows], beta) if beta else table[domain[rows]]
-        return float(pooled_nll(gold_logp[rows], w).mean())
+    def nll(table: Tensor, weighting: str, beta: float, rows: Tensor) -> Tensor:
+        signal = signals[weighting][rows] if weighting != "none" else None
+        return pooled_nll(gold_logp[rows], reweight(table[domain[rows]], signal, beta))
 
-    best_beta = {name: min(BETAS, key=lambda b: score(table, b, fit)) for name, table in
-                 (("uniform", uniform), ("per_domain", per_domain))}
-    out = {
-        "uniform": {"domain_weights": uniform, "beta": 0.0},
-        "per_domain": {"domain_weights": per_domain, "beta": 0.0},
-        "confidence": {"domain_weights": uniform, "beta": best_beta["uniform"]},
-        "per_domain_confidence": {"domain_weights": per_domain, "beta": best_beta["per_domain"]},
-    }
+    out = {}
+    for prior_name, table in priors.items():
+        out[prior_name] = {"domain_weights": table, "weighting": "none", "beta": 0.0}
+        for weighting in signals:
+            beta = min(SIGNAL_BETAS[weighting], key=lambda b: float(nll(table, weighting, b, fit).mean()))
+            name = weighting if prior_name == "uniform" else f"{prior_name}_{weighting}"
+            out[name] = {"domain_weights": table, "weighting": weighting, "beta": beta}
     for cand in out.values():
-        cand["heldout_nll"] = score(cand["domain_weights"], cand["beta"], test)
-        cand["heldout_nll_per_domain"] = {
-            d: float(pooled_nll(gold_logp[test & (domain == d)],
-                                (confidence(cand["domain_weights"][domain[test & (domain == d)]],
-                                            ent[test & (domain == d)], cand["beta"]) if cand["beta"]
-                                 else cand["domain_weights"][domain[test & (domain == d)]])).mean())
-            for d in range(num_domains) if bool((test & (domain == d)).any())}
+        scores = nll(cand["domain_weights"], cand["weighting"], cand["beta"], test)
+        cand["heldout_nll"] = float(scores.mean())
+        dom = domain[test]
+        cand["heldout_nll_per_domain"] = {d: float(scores[dom == d].mean()) for d in range(num_domains)
+                                          if bool((dom == d).any())}
     return out
 
 
@@ -108,7 +112,7 @@ def run(cfg: BlendConfig) -> dict:
     builder = TargetBuilder(manifests, m.tokenizer.vocab_size, calibrated=True)
     data = CachedRows(cfg.store, batch_size=64, teachers=names, split=cfg.split, shuffle=False, epochs=1,
                       max_rows=cfg.max_rows, rank=0, world_size=1, storage_options=cfg.storage_options)
-    golds, ents, doms = [], [], []
+    golds, ents, ctxs, doms = [], [], [], []
     with Progress("blend", total=data.rows_per_epoch, unit="rows") as bar:
         for batch in data:
             pos = positions(batch)
@@ -116,11 +120,13 @@ def run(cfg: BlendConfig) -> dict:
             dists = [builder.teacher(i, batch["teachers"][t], pos.select) for i, t in enumerate(names)]
             golds.append(torch.stack([gold_log_prob(d, pos.gold) for d in dists], -1)[keep])
             ents.append(torch.stack([entropy(d) for d in dists], -1)[keep])
+            ctxs.append(context_loglik(batch, names, pos.select)[keep])
             doms.append(pos.domain[keep])
             bar.update(len(batch["row"]), tokens=int(keep.sum()))
-    gold_logp, ent, domain = torch.cat(golds), torch.cat(ents), torch.cat(doms)
+    gold_logp, domain = torch.cat(golds), torch.cat(doms)
+    signals = {"confidence": -torch.cat(ents), "context": torch.cat(ctxs)}
     fit = torch.arange(len(domain)) % 2 == 0  # interleaved halves: every domain in both
-    cands = compare(gold_logp, ent, domain, len(m.domains), fit)
+    cands = compare(gold_logp, signals, domain, len(m.domains), fit)
     best = min(cands, key=lambda k: cands[k]["heldout_nll"])
     teacher_nll = {t: {m.domains[d]: float(-gold_logp[(~fit) & (domain == d), i].mean())
                        for d in range(len(m.domains)) if bool(((~fit) & (domain == d)).any())}
@@ -128,7 +134,7 @@ def run(cfg: BlendConfig) -> dict:
     chosen = cands[best]
     record = {
         "teachers": names, "operator": "mixture", "choice": best,
-        "weighting": "confidence" if chosen["beta"] else "none", "beta": chosen["beta"],
+        "weighting": chosen["weighting"], "beta": chosen["beta"],
         "domain_weights": {d: {t: float(chosen["domain_weights"][i, j]) for j, t in enumerate(names)}
                            for i, d in enumerate(m.domains)},
         "temperatures": {t.name: t.temperature for t in manifests},
@@ -155,6 +161,6 @@ def _print(record: dict, domains) -> None:
     for t in names:
         per = rep["teacher_nll_per_domain"][t]
         print(f"{'teacher ' + t:<24}" + "".join(f"{per.get(d, math.nan):>10.4f}" for d in domains))
-    print(f"weights ({record['choice']}, β = {record['beta']}):")
+    print(f"prior weights ({record['choice']}: per-token weighting {record['weighting']}, β = {record['beta']}):")
     for d, ws in record["domain_weights"].items():
         print(f"  {d:<14}" + ", ".join(f"{t} {w:.2f}" for t, w in ws.items()))

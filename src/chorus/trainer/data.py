@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from chorus.errors import ChorusError
+from chorus.storage._check import check_store
 from chorus.storage import STATS_FIELDS, CorpusManifest, Store, TeacherManifest, decode_stats, decode_values
 
 SPLITS = {"train": 0, "valid": 1}
@@ -34,8 +35,12 @@ CORPUS_ARRAYS = ("input_ids", "segment_ids")
 
 # ---------------------------------------------------------------------------------------------- checks
 def check_teachers(store: Store, names: Sequence[str], *, need_samples: bool = False) -> list[TeacherManifest]:
-    """The manifests of ``names``, refusing (one line, naming the teacher) any that cannot be joined."""
+    """The manifests of ``names``, refusing (one line, naming the teacher) any that cannot be joined, and a store
+    with any structural problem a reader would trip on (``chorus verify`` names the same)."""
     corpus = store.manifest
+    for name in names:
+        store.teacher_manifest(name)  # an unknown name: one line listing the teachers there are
+    check_store(store, list(names))
     out = []
     for name in names:
         m = store.teacher_manifest(name)

@@ -36,6 +36,8 @@ from chorus.trainer.sparse import SparseDist, from_samples, from_topk, from_topk
 
 TARGETS = ("topk_tail", "topk_renorm", "samples")
 STATS_ARRAYS = ("log_tail", "entropy", "gold_logprob")
+# "context": each teacher weighted by how well it predicted the document so far (see context_loglik)
+WEIGHTINGS = (*ensemble.WEIGHTINGS, "context")
 
 
 def check_combination(*, target: str, loss: str, operator: str, weighting: str, temperature: float,
@@ -48,8 +50,11 @@ def check_combination(*, target: str, loss: str, operator: str, weighting: str, 
         raise ChorusError(f"unknown loss '{loss}'; expected one of: {', '.join(LOSSES)}")
     if operator not in ensemble.OPERATORS:
         raise ChorusError(f"unknown operator '{operator}'; expected one of: {', '.join(ensemble.OPERATORS)}")
-    if weighting not in ensemble.WEIGHTINGS:
-        raise ChorusError(f"unknown weighting '{weighting}'; expected one of: {', '.join(ensemble.WEIGHTINGS)}")
+    if weighting not in WEIGHTINGS:
+        raise ChorusError(f"unknown weighting '{weighting}'; expected one of: {', '.join(WEIGHTINGS)}")
+    if weighting == "context" and not all(has_stats):
+        raise ChorusError("the context weighting needs every teacher's cached gold log-probs (format v2 statistics): "
+                          "recache the teachers with `chorus cache --overwrite`, or use another weighting")
     for what, t in [("temperature", temperature), *(("teacher temperature", x) for x in teacher_temperatures)]:
         if not (isinstance(t, (int, float)) and 0 < t < float("inf")):
             raise ChorusError(f"{what} must be a positive finite number, got {t}")
@@ -104,14 +109,39 @@ def teacher_dist(arrays: dict, select: Tensor, *, target: str, vocab_size: int, 
     raise ChorusError(f"unknown target '{target}'; expected one of: {', '.join(TARGETS)}")
 
 
+def context_loglik(batch: dict, names: Sequence[str], select: Tensor, device: torch.device | str = "cpu") -> Tensor:
+    """(N, T) each teacher's log-likelihood of its position's document so far: at position j,
+    Σ_{i < j, same segment} log p_t(x_{i+1} | x_≤i), from the cached exact gold log-probs.
+
+    It reads only tokens up to j — what the student sees when it predicts x_{j+1} — so weights built on
+    it are gold-free and route a corpus without domain labels: the posterior of a mixture of experts
+    after the document's first j tokens (Jacobs et al., 1991), tempered by β in :func:`pool`."""
+    seg = batch["segment_ids"].to(device)[:, :-1]
+    b, n = seg.shape
+    start = torch.ones_like(seg, dtype=torch.bool)
+    start[:, 1:] = seg[:, 1:] != seg[:, :-1]
+    first = torch.where(start, torch.arange(n, device=seg.device).expand(b, n), 0).cummax(1).values
+    out = []
+    for name in names:
+        lp = batch["teachers"][name]["gold_logprob"].to(device)[:, :-1].double()
+        lp = torch.where(seg > 0, lp, 0.0)
+        before = lp.cumsum(1) - lp  # Σ over i < j in the row
+        out.append((before - before.gather(1, first)).reshape(-1)[select])  # ... from the segment's start
+    return torch.stack(out, -1).float()
+
+
 def pool(dists: list[SparseDist], prior: Tensor, *, operator: str, weighting: str, gold: Tensor,
-         alpha: float = 0.5, beta: float = 1.0) -> tuple[SparseDist, Tensor]:
+         alpha: float = 0.5, beta: float = 1.0, context: Tensor | None = None) -> tuple[SparseDist, Tensor]:
     """(pooled SparseDist, (N, T) weight each teacher received per token). ``prior`` (N, T) holds the
-    global × per-domain weights; ``weighting`` reweights them per token, then ``operator`` pools.
-    One teacher is returned as is."""
+    global × per-domain weights; ``weighting`` reweights them per token (``context``: (N, T) from
+    :func:`context_loglik`), then ``operator`` pools. One teacher is returned as is."""
     if len(dists) == 1:
         return dists[0], torch.ones(dists[0].n_positions, 1, device=prior.device)
-    if weighting == "confidence":
+    if weighting == "context":
+        if context is None:
+            raise ChorusError("the context weighting needs each teacher's log-likelihood of the document so far")
+        w = torch.softmax(prior.clamp_min(1e-30).log() + beta * context, dim=-1)
+    elif weighting == "confidence":
         w = ensemble.confidence_weights(dists, beta, prior=prior)
     elif weighting == "agreement":
         w = ensemble.agreement_weights(dists, beta, prior=prior)
@@ -120,7 +150,7 @@ def pool(dists: list[SparseDist], prior: Tensor, *, operator: str, weighting: st
     elif weighting == "none":
         w = prior / prior.sum(-1, keepdim=True)
     else:
-        raise ChorusError(f"unknown weighting '{weighting}'; expected one of: {', '.join(ensemble.WEIGHTINGS)}")
+        raise ChorusError(f"unknown weighting '{weighting}'; expected one of: {', '.join(WEIGHTINGS)}")
     return ensemble.aggregate(dists, operator=operator, weights=w, alpha=alpha), w
 
 
@@ -179,6 +209,7 @@ class TargetBuilder:
               device: torch.device | str = "cpu") -> Targets:
         """The pooled target of a batch's positions ``select`` (N,), gold (N,), prior (N, T)."""
         dists = [self.teacher(i, batch["teachers"][t.name], select, device) for i, t in enumerate(self.teachers)]
+        ctx = context_loglik(batch, self.names, select, device) if self.weighting == "context" else None
         pooled, w = pool(dists, prior, operator=self.operator, weighting=self.weighting, gold=gold,
-                         alpha=self.alpha, beta=self.beta)
+                         alpha=self.alpha, beta=self.beta, context=ctx)
         return Targets(pooled, w, dists)
