@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 # On CPU-only machines torch 2.13.0 is a local wheel; a user with a GPU installs their own torch first.
 TORCH   ?= torch==2.13.0
 
-.PHONY: demo demo-quick test bench bench-quick clean
+.PHONY: demo demo-quick test lint bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,7 +21,10 @@ demo: $(STAMP)
 demo-quick: $(STAMP)
 	$(BIN)/chorus demo --quick --out demo_out_quick
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+
+test: $(STAMP) lint
 	$(BIN)/python -m pytest -n 2 -q
 
 # Every benchmarks/*.py but the helpers (_*.py), then benchmarks/README.md from benchmarks/results/*.json.

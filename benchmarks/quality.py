@@ -293,8 +293,8 @@ def time_steps(store: str, student_yaml: str, batch_size: int, reps: int,
     recipe's own components. The first round (shard decode, allocator warm-up) is not counted."""
     from chorus.trainer._student import Student, load_student
     from chorus.trainer.data import CachedRows, positions
-    from chorus.trainer.targets import teacher_dist
     from chorus.trainer.losses import get_loss
+    from chorus.trainer.targets import teacher_dist
 
     m = Store.open(store, "r").manifest
     vocab, loss_fn = m.tokenizer.vocab_size, get_loss("forward_kl")

@@ -29,11 +29,21 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import table, write  # noqa: E402
 
-from chorus.storage import CorpusManifest, Store, TeacherManifest, TokenizerInfo, fingerprint  # noqa: E402
-from chorus.storage import ArraySpec, encode_targets, target_specs, value_params  # noqa: E402
+from chorus.storage import (  # noqa: E402  # noqa: E402
+    ArraySpec,
+    CorpusManifest,
+    Store,
+    TeacherManifest,
+    TokenizerInfo,
+    encode_targets,
+    fingerprint,
+    target_specs,
+    value_params,
+)
 from chorus.trainer._student import Student  # noqa: E402
 from chorus.trainer.data import CachedRows, positions  # noqa: E402
-from chorus.trainer.targets import pool as pool_teachers, teacher_dist  # noqa: E402
+from chorus.trainer.targets import pool as pool_teachers  # noqa: E402
+from chorus.trainer.targets import teacher_dist
 
 K = 64
 
@@ -220,7 +230,7 @@ def main() -> None:
     peak = Peak(device)
     for fn in modes.values():  # warm-up
         fn()
-    for r in range(repeats):
+    for _ in range(repeats):
         for name, fn in modes.items():
             sync()
             peak.start()

@@ -22,8 +22,8 @@ import json
 import sys
 import sysconfig
 import unicodedata
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from chorus.errors import ChorusError
 

@@ -24,6 +24,7 @@ RECIPES = {
     "export": "chorus.pipeline.export:run_export",
     "import": "chorus.pipeline.export:run_import",
     "demo": "chorus.demo:run",
+    "compress": "chorus.compress.stages:run",
 }
 
 SUMMARIES = {
@@ -36,6 +37,7 @@ SUMMARIES = {
     "export": "write a teacher cache as parquet/arrow files for `datasets`",
     "import": "read exported files back into a store, checked against its corpus",
     "demo": "the whole pipeline end to end on text shipped with Python",
+    "compress": "prune a model toward a size or sparsity in stages, each distilled from the cached teachers",
 }
 
 

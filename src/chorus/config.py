@@ -87,6 +87,8 @@ class TrainConfig:
     target: str = opt("topk_tail", "sparse target", choices=("topk_tail", "topk_renorm", "samples"))
     kd_weight: float = opt(1.0, "weight of the KD term; 1 - kd_weight goes to hard-label CE")
     temperature: float = opt(1.0, "softening temperature (probability domain, T^2 scaled)")
+    softening: str = opt("power", "operator the temperature softens the teachers with: power (p^(1/T)) or linear "
+                                  "(toward uniform for T > 1, toward the argmax for T < 1)", choices=("power", "linear"))
     aggregate: str = opt("mixture", "how teachers are pooled", choices=("mixture", "geometric", "power"))
     weighting: str = opt("none", "per-token teacher weights",
                          choices=("none", "confidence", "agreement", "likelihood", "context"))
@@ -95,6 +97,8 @@ class TrainConfig:
     alpha: float = opt(0.5, "alpha of the power pool")
     beta: float = opt(1.0, "sharpness of per-token weighting")
     calibrated: bool = opt(True, "apply each teacher's fitted temperature before pooling")
+    teacher_temperatures: dict = opt({}, "per-teacher temperatures {teacher: T} replacing the calibrated ones "
+                                         "(a stored blend fills them in)")
     blend: bool = opt(True, "use the blend `chorus blend` recorded for these teachers (explicit domain_weights / "
                             "weighting override it)")
     train_domains: list = opt([], "train only on rows of these domains (default: all)")
@@ -166,6 +170,28 @@ class ImportConfig:
     src: str = opt(REQUIRED, "directory written by `chorus export`")
     name: Optional[str] = opt(None, "teacher name in the store (default: as exported)")
     overwrite: bool = opt(False, "replace an existing teacher of that name")
+    storage_options: dict = opt({}, "fsspec options for the store URL")
+
+
+@dataclass
+class CompressConfig:
+    store: str = opt(REQUIRED, "store with the corpus (calibration rows, held-out rows) and the cached teachers")
+    model: str = opt(REQUIRED, "model to compress: a directory or hub id (AutoModelForCausalLM, Llama family)")
+    out: str = opt(REQUIRED, "run directory: one folder per stage (pruned model, distillation run), a table")
+    teachers: list = opt([], "cached teachers every stage distills from (none: CE-only recovery)")
+    method: str = opt("structured", "structured: a smaller model (width/depth); magnitude or wanda: unstructured "
+                                    "masks; 2:4: semi-structured masks (wanda scores)",
+                      choices=("structured", "magnitude", "wanda", "2:4"))
+    target_params: float = opt(0.5, "structured: fraction of the model's parameters to keep")
+    axes: list = opt(["heads", "mlp", "hidden"], "structured: what shrinks (heads, mlp, hidden; layers for depth)")
+    sparsity: float = opt(0.5, "magnitude / wanda: fraction of each block matrix pruned (2:4 is always 0.5)")
+    stages: int = opt(1, "prune → distill stages from the model to the target (1: one-shot)")
+    steps: int = opt(400, "student steps in all, split evenly over the stages")
+    calibration_rows: int = opt(64, "training rows whose activations rank the units")
+    seed: int = opt(0, "seed of every stage's distillation")
+    train: dict = opt({}, "train keys for every stage (lr, batch_size, loss, kd_weight, temperature, ...)")
+    eval_rows: int = opt(256, "held-out rows evaluated after each stage")
+    overwrite: bool = opt(False, "replace a run directory that holds another compression")
     storage_options: dict = opt({}, "fsspec options for the store URL")
 
 
@@ -288,4 +314,5 @@ COMMANDS: dict[str, type] = {
     "export": ExportConfig,
     "import": ImportConfig,
     "demo": DemoConfig,
+    "compress": CompressConfig,
 }

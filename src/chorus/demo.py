@@ -20,9 +20,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -127,9 +128,13 @@ class _Stages:
 
 
 def _cfg_key(cfg: Any) -> dict:
-    """A config as the settings that decide a stage's output (paths and run-control flags left out)."""
+    """A config as the settings that decide a stage's output: paths and run-control flags left out, and so
+    are settings at their default, so that a new option (default: the old behaviour) keeps earlier stages."""
     skip = {"out", "overwrite", "resume", "storage_options", "device", "num_workers", "log_every"}
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING}
+    defaults.update({f.name: f.default_factory() for f in dataclasses.fields(cfg)
+                     if f.default_factory is not dataclasses.MISSING})
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip and not (k in defaults and v == defaults[k])}
 
 
 @dataclass
@@ -471,7 +476,7 @@ def _evaluate_all(r: _Run, students: list[str]) -> list[dict]:
     runs += [("student", name, name, r.out / "students" / name) for name in students]
     (r.out / "eval").mkdir(exist_ok=True)
     jobs = []
-    for kind, label, key, run_dir in runs:
+    for _kind, label, key, run_dir in runs:
         ecfg = EvalConfig(store=r.store, model=str(run_dir / "model"), out=str(r.out / "eval" / f"{label}.json"),
                           batch_size=32)
         jobs.append(_Job(7, f"evaluating {label} on every held-out row", f"eval-{label}",

@@ -172,4 +172,4 @@ def test_bad_input_is_one_line_and_nothing_marked_complete(tmp_path, corpus_file
     assert len(lines) == 1 and expect in lines[0], err
     if case != "exists" and Path(out).exists():
         with pytest.raises(ChorusError):  # half-written: no manifest, so no reader accepts it
-            Store.open(str(out), "r").manifest
+            _ = Store.open(str(out), "r").manifest

@@ -106,10 +106,9 @@ def test_two_specialists_beat_plain_training_on_a_corpus_without_domains(tmp_pat
     a,b` (defaults otherwise) gives a better held-out student than CE alone on the same rows and steps."""
     import json
 
-    from chorus.config import PrepareConfig
+    from chorus.config import EvalConfig, PrepareConfig
     from chorus.pipeline import prepare
     from chorus.trainer import evaluate
-    from chorus.config import EvalConfig
     from tests.trainer.conftest import cache_teacher
 
     corpus = tmp_path / "plain.jsonl"

@@ -10,8 +10,8 @@ from chorus.errors import ChorusError
 from chorus.trainer.ensemble import (
     OPERATORS,
     WEIGHTINGS,
-    agreement_weights,
     aggregate,
+    agreement_weights,
     confidence_weights,
     geometric,
     likelihood_weights,
@@ -20,7 +20,6 @@ from chorus.trainer.ensemble import (
     power,
     top1,
 )
-from tests.trainer.test_sparse import random_dist_from
 from chorus.trainer.sparse import (
     SparseDist,
     entropy,
@@ -30,6 +29,7 @@ from chorus.trainer.sparse import (
     to_dense,
     valid_mask,
 )
+from tests.trainer.test_sparse import random_dist_from
 
 FAST = settings(max_examples=12, deadline=None)
 COMBOS = list(itertools.product(OPERATORS, WEIGHTINGS))

@@ -10,7 +10,6 @@ one target builder: each cell builds a finite loss or is refused with one line.
 from __future__ import annotations
 
 import itertools
-import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -19,13 +18,13 @@ import torch
 
 from chorus.errors import ChorusError
 from chorus.storage import TAIL_BETAS, decode_stats, decode_values, encode_stats, encode_values, value_params
-from chorus.trainer import ensemble
 from chorus.trainer._tail import Stats
 from chorus.trainer.calibration import fit_temperature
 from chorus.trainer.ensemble import OPERATORS, WEIGHTINGS, aggregate, confidence_weights
 from chorus.trainer.losses import LOSSES, distill_loss_from_logits
 from chorus.trainer.sparse import entropy, from_topk, log_prob_of, soften, valid_mask
-from chorus.trainer.targets import TARGETS, WEIGHTINGS as ALL_WEIGHTINGS, TargetBuilder, check_combination
+from chorus.trainer.targets import TARGETS, TargetBuilder, check_combination
+from chorus.trainer.targets import WEIGHTINGS as ALL_WEIGHTINGS
 
 
 def true_logp(kind: str, n: int, v: int, seed: int = 0) -> torch.Tensor:

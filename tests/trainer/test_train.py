@@ -195,7 +195,6 @@ def test_unsound_sampled_targets_are_refused_before_training(teacher_store, stud
 
 def test_calibrated_temperature_is_applied_before_pooling(teacher_store, student, tmp_path, monkeypatch):
     from chorus.storage import Store
-
     from chorus.trainer import targets
 
     seen = []

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -129,6 +129,8 @@ class ShardWriter:
             del self._shards[batch.shard]
             arrays = self.encode(batch.shard, shard.row_start, shard.buffers)
             check = None if self.before_commit is None else (lambda _c, s=batch.shard: self.before_commit(s))
+            if check is not None:  # fenced out before writing a byte, not only before the commit
+                check(None)
             self.store.write_shard(self.unit, batch.shard, shard.row_start, arrays, fingerprint=self.fingerprint,
                                    before_commit=check)
             self.committed.append(batch.shard)

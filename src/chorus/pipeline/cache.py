@@ -38,21 +38,21 @@ from chorus.pipeline._teacher import (
     sparse_targets,
 )
 from chorus.pipeline._writer import ShardWriter
-from chorus.storage._manifest import NAME_PATTERN
 from chorus.storage import (
     STATS_FIELDS,
-    ShardLeases,
-    describe,
-    live_writers,
     TAIL_BETAS,
     CorpusManifest,
+    ShardLeases,
     Store,
     TeacherManifest,
+    describe,
     encode_targets,
     fingerprint,
+    live_writers,
     target_specs,
     value_params,
 )
+from chorus.storage._manifest import NAME_PATTERN
 
 TARGETS = ("topk log_softmax fp32 + inverse-cdf samples seeded by (seed, row) + exact tail statistics "
            "(masked logsumexp, entropy, gold log-prob), v2")  # in the fingerprint: change it with the math
@@ -128,7 +128,7 @@ def _differences(old: TeacherManifest, new: TeacherManifest) -> str:
 
 def _claim_unit(store: Store, manifest: TeacherManifest, specs, corpus: CorpusManifest, *, worker: int, overwrite: bool) -> None:
     """Worker 0 creates the unit (or replaces it under --overwrite); the others wait for it to exist."""
-    unit, deadline = f"teachers/{manifest.name}", time.monotonic() + WAIT_FOR_CREATOR_S
+    deadline = time.monotonic() + WAIT_FOR_CREATOR_S
     announced = False
     while True:
         try:
@@ -146,16 +146,23 @@ def _claim_unit(store: Store, manifest: TeacherManifest, specs, corpus: CorpusMa
                 "pass --overwrite to replace it, or choose another --name"
             )
         if worker == 0:
-            live = live_writers(store, unit)
-            if live:
-                raise ChorusError(
-                    f"cache '{manifest.name}' in '{store.url}' is being written by another job ({describe(live[0])}); "
-                    "stop it (or let it finish) before --overwrite replaces the cache")
-            if old is not None:
-                say(f"replacing cache '{manifest.name}' ({_differences(old, manifest)})")
-            store.delete_unit(unit)  # also a half-created unit with no manifest
-            store.create_arrays(unit, specs, corpus.num_rows, corpus.rows_per_shard)
-            store.write_teacher_manifest(manifest)  # last: a unit with a manifest has all its arrays
+            creator = ShardLeases(store, "teachers")  # one creator at a time: two "worker 0" jobs must not interleave
+            holder = creator.claim_key(f"create-{manifest.name}")
+            if holder is not None:
+                if not announced:
+                    say(f"waiting for another job ({describe(holder)}) to create cache '{manifest.name}'")
+                    announced = True
+                time.sleep(0.2)
+                continue
+            try:
+                again = _existing(store, manifest.name)
+                if again is not None and again.fingerprint == manifest.fingerprint:
+                    return  # created by the other job while this one waited
+                if again is not None and old is None and not overwrite:
+                    continue  # another job created it with other settings meanwhile: refused above on the next pass
+                _create_unit(store, manifest, specs, corpus, old=again if again is not None else old)
+            finally:
+                creator.release_key(f"create-{manifest.name}")
             return
         if time.monotonic() > deadline:
             raise ChorusError(f"cache '{manifest.name}' was not created within {WAIT_FOR_CREATOR_S:.0f}s; "
@@ -164,6 +171,22 @@ def _claim_unit(store: Store, manifest: TeacherManifest, specs, corpus: CorpusMa
             say(f"waiting for worker 0 to create cache '{manifest.name}'")
             announced = True
         time.sleep(0.5)
+
+
+def _create_unit(store: Store, manifest: TeacherManifest, specs, corpus: CorpusManifest, *,
+                 old: TeacherManifest | None) -> None:
+    """Create (or, under --overwrite, replace) the unit; refused while another writer holds a live lease on it."""
+    unit = f"teachers/{manifest.name}"
+    live = live_writers(store, unit)
+    if live:
+        raise ChorusError(
+            f"cache '{manifest.name}' in '{store.url}' is being written by another job ({describe(live[0])}); "
+            "stop it (or let it finish) before --overwrite replaces the cache")
+    if old is not None:
+        say(f"replacing cache '{manifest.name}' ({_differences(old, manifest)})")
+    store.delete_unit(unit)  # also a half-created unit with no manifest
+    store.create_arrays(unit, specs, corpus.num_rows, corpus.rows_per_shard)
+    store.write_teacher_manifest(manifest)  # last: a unit with a manifest has all its arrays
 
 
 def _rewrite_corrupt(store: Store, unit: str, shards: list[int]) -> None:
@@ -224,8 +247,9 @@ def run(cfg: CacheConfig) -> TeacherManifest:
                               codec=cfg.value_codec, params=params, draws=host.get("draws"), stats=stats)
 
     # ------------------------------------------------------------------ loop
-    def still_ours(shard: int) -> None:  # right before each commit: fenced out by a lost lease or a replaced cache
-        leases.check(shard)
+    def still_ours(shard: int | None) -> None:  # before claiming, writing, committing: fenced out by a lost lease or a replaced cache
+        if shard is not None:
+            leases.check(shard)
         current = _existing(store, name)
         if current is None or current.fingerprint != manifest.fingerprint:
             raise ChorusError(f"cache '{name}' in '{store.url}' was replaced by another writer (--overwrite) while this "
@@ -285,6 +309,7 @@ def _cache_shards(store: Store, unit: str, corpus: CorpusManifest, teacher: Teac
                 ids = pending.result()
                 if n + 1 < len(todo):
                     pending = reader.submit(read, todo[n + 1])
+                before_commit(None)
                 if not _claim_shard(store, unit, shard, leases, fingerprint):
                     skipped.append(shard)
                     continue
@@ -324,5 +349,10 @@ def _claim_shard(store: Store, unit: str, shard: int, leases: ShardLeases, finge
     if isinstance(old, dict) and old.get("fingerprint", "") in ("", fingerprint):
         leases.release(shard)  # committed by another writer since this one listed the commits
         return False
+    current = _existing(store, unit.split("/", 1)[1])
+    if current is None or current.fingerprint != fingerprint:  # the record is the new cache's: this writer is fenced
+        leases.release(shard)
+        raise ChorusError(f"cache '{unit}' in '{store.url}' was replaced by another writer (--overwrite) while this "
+                          "one ran; this writer stops without committing")
     store.fs.rm(path)
     return True

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from chorus._progress import Progress, say
 from chorus.config import ExportConfig, ImportConfig
 from chorus.errors import ChorusError, IntegrityError
-from chorus.storage import CorpusManifest, Store, TeacherManifest, plain_values, stored_values, target_specs
+from chorus.storage import CorpusManifest, Store, TeacherManifest, checksum, plain_values, stored_values, target_specs
 
 SIDECAR = "chorus.json"
 FILE_BYTES = 512 << 20  # whole shards are grouped into files of about this many (uncompressed) bytes
@@ -122,8 +122,13 @@ def _read_sidecar(src: str) -> tuple[fsspec.AbstractFileSystem, str, dict]:
     path = f"{root.rstrip('/')}/{SIDECAR}"
     if not fs.exists(path):
         raise ChorusError(f"'{src}' has no {SIDECAR}; point --src at a directory written by `chorus export`")
-    with fs.open(path, "r") as f:
-        meta = json.load(f)
+    try:
+        with fs.open(path, "r") as f:
+            meta = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ChorusError(f"{path} is not valid JSON ({str(e).splitlines()[0]}); re-export the cache") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("files"), list) or not isinstance(meta.get("commits"), dict):
+        raise ChorusError(f"{path}: expected the JSON object `chorus export` writes (files, commits, ...); re-export")
     if meta.get("export_version") != EXPORT_VERSION:
         raise ChorusError(f"{path}: expected export_version {EXPORT_VERSION}, got {meta.get('export_version')!r}")
     return fs, root.rstrip("/"), meta
@@ -170,6 +175,10 @@ def run_import(cfg: ImportConfig) -> TeacherManifest:
         store.write_teacher_manifest(manifest)
     done = store.commits(unit)  # the same cache partly imported before: resume past these
     originals = meta["commits"]
+    # every byte is checked against the exported checksums before anything is committed
+    for fname in meta["files"]:
+        _import_table(store, unit, _read_table(fs, f"{root}/{fname}", meta["format"]), specs, exported, corpus, done,
+                      originals, write=False)
     with Progress(f"import {name}", total=corpus.num_rows) as bar:
         for fname in meta["files"]:
             table = _read_table(fs, f"{root}/{fname}", meta["format"])
@@ -185,7 +194,7 @@ def run_import(cfg: ImportConfig) -> TeacherManifest:
 
 
 def _import_table(store: Store, unit: str, table: pa.Table, specs, exported: TeacherManifest, corpus: CorpusManifest,
-                  done: dict, originals: dict) -> None:
+                  done: dict, originals: dict, *, write: bool = True) -> None:
     rows = table.column("row").to_numpy()
     if len(rows) and not np.array_equal(rows, np.arange(rows[0], rows[0] + len(rows))):
         raise ChorusError("exported rows are not contiguous; re-export the cache with `chorus export`")
@@ -203,8 +212,11 @@ def _import_table(store: Store, unit: str, table: pa.Table, specs, exported: Tea
             dtype = np.float16 if spec.name == "topk_logprobs" and exported.value_codec == "fp16" else np.dtype(spec.dtype)
             arrays[spec.name] = _unnest(part.column(spec.name), (stop - start, *spec.row_shape), dtype)
         arrays["topk_logprobs"] = stored_values(arrays["topk_logprobs"], exported.value_codec, dict(exported.value_params))
-        commit = store.write_shard(unit, shard, start, arrays)
-        original = originals.get(str(shard), {}).get("checksums")
-        if original is not None and original != commit.checksums:
-            raise IntegrityError(f"shard {shard} of '{exported.name}' re-encoded to other bytes than were exported "
-                                 "(another chorus version?); the import is not bit-identical")
+        original = (originals.get(str(shard)) or {}).get("checksums")
+        sums = {n: checksum(store._encode(unit, n, a)) for n, a in sorted(arrays.items())}
+        if original != sums:
+            raise IntegrityError(f"shard {shard} (rows {start}:{stop}) of '{exported.name}' does not re-encode to the "
+                                 "exported checksums: the files were altered or are damaged; nothing was committed, "
+                                 "re-export the cache")
+        if write:
+            store.write_shard(unit, shard, start, arrays, fingerprint=exported.fingerprint)

@@ -1,8 +1,8 @@
 """The chorus on-disk format: corpus and commit records v1, teacher caches v2 (v1 caches, without
 per-position statistics, still read). Imports numpy/zarr/fsspec, never torch."""
 
-from chorus.storage._lease import ShardLeases, describe, live_writers
 from chorus.storage._fingerprint import StreamHasher, checksum, fingerprint
+from chorus.storage._lease import ShardLeases, describe, live_writers
 from chorus.storage._manifest import (
     FORMAT_VERSION,
     TEACHER_FORMAT_VERSION,

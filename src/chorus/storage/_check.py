@@ -11,7 +11,7 @@ committed chunk object is present.
 from __future__ import annotations
 
 import json
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 

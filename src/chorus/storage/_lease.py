@@ -102,7 +102,10 @@ class ShardLeases:
 
     def claim(self, shard: int) -> dict | None:
         """Claim ``shard``: None when claimed, else the record of the live writer that holds it."""
-        key = f"{shard:06d}"
+        return self.claim_key(f"{shard:06d}")
+
+    def claim_key(self, key: str) -> dict | None:
+        """Claim the lease ``key`` (a shard's, or e.g. ``create-<name>`` for creating a unit)."""
         for _ in range(3):
             if self._create(key):
                 return None
@@ -133,6 +136,9 @@ class ShardLeases:
 
     def release(self, shard: int) -> None:
         self._drop(f"{shard:06d}")
+
+    def release_key(self, key: str) -> None:
+        self._drop(key)
 
     def _drop(self, key: str) -> None:
         with self._lock:

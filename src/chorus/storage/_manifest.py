@@ -54,7 +54,7 @@ def _check(name: str, tp: Any, value: Any) -> Any:
     return value
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _hints(cls: type) -> dict:
     """Resolved field annotations, once per class (``get_type_hints`` costs ~1 ms: 10k commit records = 10 s)."""
     return typing.get_type_hints(cls)

@@ -32,7 +32,8 @@ errs by up to ~4% of the top token's probability (kept decodable: params {"step"
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 

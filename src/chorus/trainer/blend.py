@@ -27,13 +27,16 @@ from chorus.config import BlendConfig
 from chorus.errors import ChorusError
 from chorus.storage import Store
 from chorus.trainer.data import CachedRows, check_teachers, complete_teachers, positions
-from chorus.trainer.sparse import entropy, gold_log_prob
+from chorus.trainer.sparse import cat, entropy, gold_log_prob, soften
 from chorus.trainer.targets import TargetBuilder, context_loglik
 
 BLEND_KEY = "chorus_blend"
 # β grid per per-token signal (weights ∝ prior · exp(β · signal)); context sums grow with the document
 SIGNAL_BETAS = {"confidence": (0.25, 0.5, 1.0, 2.0, 4.0), "context": (0.02, 0.05, 0.1, 0.25, 0.5, 1.0)}
 _EM_STEPS = 100
+# The teachers' calibrated temperatures are fitted one teacher at a time; pooled, calibrated forecasters are
+# under-confident (a mixture flattens where they disagree), so the blend rescales them together.
+TEMPERATURE_SCALES = (0.7, 0.8, 0.9, 1.0, 1.1)
 
 
 def pooled_nll(gold_logp: Tensor, weights: Tensor) -> Tensor:
@@ -86,6 +89,7 @@ def compare(gold_logp: Tensor, signals: dict[str, Tensor], domain: Tensor, num_d
             name = weighting if prior_name == "uniform" else f"{prior_name}_{weighting}"
             out[name] = {"domain_weights": table, "weighting": weighting, "beta": beta}
     for cand in out.values():
+        cand["fit_nll"] = float(nll(cand["domain_weights"], cand["weighting"], cand["beta"], fit).mean())
         scores = nll(cand["domain_weights"], cand["weighting"], cand["beta"], test)
         cand["heldout_nll"] = float(scores.mean())
         dom = domain[test]
@@ -109,25 +113,34 @@ def run(cfg: BlendConfig) -> dict:
         raise ChorusError(f"blend needs at least two complete teachers; the store has: {', '.join(names) or 'none'}")
     manifests = check_teachers(store, names)
     m = store.manifest
-    builder = TargetBuilder(manifests, m.tokenizer.vocab_size, calibrated=True)
+    builder = TargetBuilder(manifests, m.tokenizer.vocab_size, calibrated=False)  # raw: the blend picks T
     data = CachedRows(cfg.store, batch_size=64, teachers=names, split=cfg.split, shuffle=False, epochs=1,
                       max_rows=cfg.max_rows, rank=0, world_size=1, storage_options=cfg.storage_options)
-    golds, ents, ctxs, doms = [], [], [], []
+    dists, golds, ctxs, doms = [[] for _ in names], [], [], []
     with Progress("blend", total=data.rows_per_epoch, unit="rows") as bar:
         for batch in data:
             pos = positions(batch)
             keep = pos.gold != -100
-            dists = [builder.teacher(i, batch["teachers"][t], pos.select) for i, t in enumerate(names)]
-            golds.append(torch.stack([gold_log_prob(d, pos.gold) for d in dists], -1)[keep])
-            ents.append(torch.stack([entropy(d) for d in dists], -1)[keep])
+            for i, t in enumerate(names):
+                dists[i].append(builder.teacher(i, batch["teachers"][t], pos.select).rows(keep))
+            golds.append(pos.gold[keep])
             ctxs.append(context_loglik(batch, names, pos.select)[keep])
             doms.append(pos.domain[keep])
             bar.update(len(batch["row"]), tokens=int(keep.sum()))
-    gold_logp, domain = torch.cat(golds), torch.cat(doms)
-    signals = {"confidence": -torch.cat(ents), "context": torch.cat(ctxs)}
+    raw, gold, domain = [cat(d) for d in dists], torch.cat(golds), torch.cat(doms)
+    context = torch.cat(ctxs)
     fit = torch.arange(len(domain)) % 2 == 0  # interleaved halves: every domain in both
-    cands = compare(gold_logp, signals, domain, len(m.domains), fit)
-    best = min(cands, key=lambda k: cands[k]["heldout_nll"])
+    calibrated = {t.name: t.temperature for t in manifests}
+    trials = {}
+    for scale in TEMPERATURE_SCALES:  # the calibrated temperatures, scaled together: the pool's own optimum
+        temps = {t: calibrated[t] * scale for t in names}
+        soft = [soften(d, temps[t]) for d, t in zip(raw, names)]
+        gold_lp = torch.stack([gold_log_prob(d, gold) for d in soft], -1)
+        signals = {"confidence": -torch.stack([entropy(d) for d in soft], -1), "context": context}
+        trials[scale] = (temps, gold_lp, compare(gold_lp, signals, domain, len(m.domains), fit))
+    # chosen on the fit half; the report is the other half's
+    scale, best = min(((s, k) for s, (_, _, c) in trials.items() for k in c), key=lambda sk: trials[sk[0]][2][sk[1]]["fit_nll"])
+    temps, gold_logp, cands = trials[scale]
     teacher_nll = {t: {m.domains[d]: float(-gold_logp[(~fit) & (domain == d), i].mean())
                        for d in range(len(m.domains)) if bool(((~fit) & (domain == d)).any())}
                    for i, t in enumerate(names)}
@@ -137,7 +150,7 @@ def run(cfg: BlendConfig) -> dict:
         "weighting": chosen["weighting"], "beta": chosen["beta"],
         "domain_weights": {d: {t: float(chosen["domain_weights"][i, j]) for j, t in enumerate(names)}
                            for i, d in enumerate(m.domains)},
-        "temperatures": {t.name: t.temperature for t in manifests},
+        "temperatures": temps, "temperature_scale": scale, "calibrated_temperatures": calibrated,
         "report": {"heldout_nll": {k: c["heldout_nll"] for k, c in cands.items()},
                    "heldout_nll_per_domain": {k: {m.domains[d]: v for d, v in c["heldout_nll_per_domain"].items()}
                                               for k, c in cands.items()},
@@ -161,6 +174,8 @@ def _print(record: dict, domains) -> None:
     for t in names:
         per = rep["teacher_nll_per_domain"][t]
         print(f"{'teacher ' + t:<24}" + "".join(f"{per.get(d, math.nan):>10.4f}" for d in domains))
+    temps = ", ".join(f"{t} {v:.3f}" for t, v in record["temperatures"].items())
+    print(f"temperatures (calibrated × {record['temperature_scale']}): {temps}")
     print(f"prior weights ({record['choice']}: per-token weighting {record['weighting']}, β = {record['beta']}):")
     for d, ws in record["domain_weights"].items():
         print(f"  {d:<14}" + ", ".join(f"{t} {w:.2f}" for t, w in ws.items()))

@@ -18,16 +18,17 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from chorus.errors import ChorusError
-from chorus.storage._check import check_store
 from chorus.storage import STATS_FIELDS, CorpusManifest, Store, TeacherManifest, decode_stats, decode_values
+from chorus.storage._check import check_store
 
 SPLITS = {"train": 0, "valid": 1}
 CORPUS_ARRAYS = ("input_ids", "segment_ids")

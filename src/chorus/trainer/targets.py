@@ -30,6 +30,7 @@ from torch import Tensor
 from chorus._progress import say
 from chorus.errors import ChorusError
 from chorus.trainer import ensemble
+from chorus.trainer._softening import SOFTENINGS, get_softening
 from chorus.trainer._tail import Stats
 from chorus.trainer.losses import LOSSES
 from chorus.trainer.sparse import SparseDist, from_samples, from_topk, from_topk_renormalized, soften
@@ -168,7 +169,9 @@ class Targets:
 class TargetBuilder:
     """Builds the target of every batch for ``teachers`` (their manifests: name, temperature, tail_betas).
 
-    ``temperature`` is the KD temperature; ``calibrated`` applies each teacher's fitted temperature."""
+    ``temperature`` is the KD temperature; ``calibrated`` applies each teacher's fitted temperature;
+    ``softening`` the operator of the KD temperature (_softening.py: power q ∝ p^{1/T}, or linear). The
+    calibrated temperature was fitted as a power softening and stays one."""
 
     teachers: Sequence
     vocab_size: int
@@ -181,10 +184,14 @@ class TargetBuilder:
     alpha: float = 0.5
     beta: float = 1.0
     warn: bool = True
+    softening: str = "power"
+    teacher_temperatures: dict = field(default_factory=dict)  # {name: T} replacing calibrated ones (a blend's)
     temperatures: tuple[float, ...] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.temperatures = tuple(float(t.temperature) if self.calibrated else 1.0 for t in self.teachers)
+        self.temperatures = tuple(float(self.teacher_temperatures.get(t.name, t.temperature)) if self.calibrated
+                                  else 1.0 for t in self.teachers)
+        get_softening(self.softening)  # an unknown name fails here, not mid-run
         has_stats = [bool(t.tail_betas) for t in self.teachers]
         check_combination(target=self.target, loss=self.loss, operator=self.operator, weighting=self.weighting,
                           temperature=self.temperature, teacher_temperatures=self.temperatures, has_stats=has_stats)
@@ -202,8 +209,11 @@ class TargetBuilder:
         """Teacher i's distribution softened by its calibrated temperature × the KD temperature."""
         d = teacher_dist(arrays, select, target=self.target, vocab_size=self.vocab_size, device=device,
                          tail_betas=self.teachers[i].tail_betas)
-        t = self.temperatures[i] * self.temperature
-        return d if t == 1.0 else soften(d, t)
+        if self.softening == "power":  # soften∘soften = one softening by the product
+            t = self.temperatures[i] * self.temperature
+            return d if t == 1.0 else soften(d, t)
+        d = d if self.temperatures[i] == 1.0 else soften(d, self.temperatures[i])
+        return SOFTENINGS[self.softening](d, self.temperature)
 
     def build(self, batch: dict, select: Tensor, gold: Tensor, prior: Tensor,
               device: torch.device | str = "cpu") -> Targets:

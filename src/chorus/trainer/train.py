@@ -32,8 +32,8 @@ from chorus.storage import Store
 from chorus.trainer import _checkpoint as ckpt
 from chorus.trainer import ensemble
 from chorus.trainer._student import Student, load_student
-from chorus.trainer.data import CachedRows, StreamLoader, check_teachers, positions
 from chorus.trainer.blend import stored_blend
+from chorus.trainer.data import CachedRows, StreamLoader, check_teachers, positions
 from chorus.trainer.evaluate import evaluate_model
 from chorus.trainer.losses import get_loss
 from chorus.trainer.targets import TargetBuilder, check_combination
@@ -121,6 +121,8 @@ def _with_blend(cfg: TrainConfig, store: Store, dist: _Dist) -> TrainConfig:
         changes["domain_weights"] = fitted["domain_weights"]
     if cfg.weighting == "none" and fitted["weighting"] != "none" and cfg.aggregate == fitted["operator"]:
         changes.update(weighting=fitted["weighting"], beta=float(fitted["beta"]))
+    if cfg.calibrated and not cfg.teacher_temperatures and fitted.get("temperatures"):
+        changes["teacher_temperatures"] = fitted["temperatures"]
     if changes and dist.main:
         say(f"using the store's fitted blend '{fitted['choice']}' for {', '.join(cfg.teachers)} "
             f"({', '.join(sorted(changes))}; blend: false to ignore it)")
@@ -300,7 +302,8 @@ def _train(cfg: TrainConfig, dist: _Dist) -> dict:
     prior_table = _prior_table(cfg, domains).to(dist.device)
     builder = TargetBuilder(manifests, vocab, target=cfg.target, loss=cfg.loss, operator=cfg.aggregate,
                             weighting=cfg.weighting, temperature=cfg.temperature, calibrated=cfg.calibrated,
-                            alpha=cfg.alpha, beta=cfg.beta, warn=dist.main) if cfg.teachers else None
+                            alpha=cfg.alpha, beta=cfg.beta, warn=dist.main, softening=cfg.softening,
+                            teacher_temperatures=cfg.teacher_temperatures) if cfg.teachers else None
     finished, resume_from = _prepare_run_dir(cfg, dist)
     if finished:
         say(f"'{cfg.out}' already holds this finished run; nothing to do (pass --overwrite to train again)")
@@ -312,6 +315,7 @@ def _train(cfg: TrainConfig, dist: _Dist) -> dict:
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     model = load_student(cfg.student, vocab_size=vocab, seq_len=m.seq_len, seed=cfg.seed).to(dist.device)
+    masks = _student_masks(cfg.student, model)  # a sparse student's pruned weights stay exactly zero
     student = Student(model, vocab)
     net = student
     if dist.world > 1:
@@ -396,6 +400,8 @@ def _train(cfg: TrainConfig, dist: _Dist) -> dict:
             scaler.unscale_(optimizer)
             norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.clip if cfg.clip > 0 else float("inf"))
             scaler.step(optimizer)
+            if masks:
+                masks.apply()
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
@@ -442,6 +448,8 @@ def _train(cfg: TrainConfig, dist: _Dist) -> dict:
     if dist.main:
         final = out / "model"
         student.model.save_pretrained(final)
+        if masks:
+            masks.save(final)
         info = {"created_by": __version__, "steps": cfg.steps, "store": cfg.store, "corpus_fingerprint": m.fingerprint,
                 "tokenizer": m.tokenizer.to_dict(), "teachers": cfg.teachers, "config": to_dict(cfg),
                 "eval": result}
@@ -450,6 +458,15 @@ def _train(cfg: TrainConfig, dist: _Dist) -> dict:
                                                           f"{result['worst_domain']} {result['worst']:.4f})" if result else ""))
     dist.barrier()
     return {"steps": cfg.steps, "eval": result, "out": str(out)}
+
+
+def _student_masks(spec: str, model: torch.nn.Module):
+    """The sparsity masks shipped in a student directory (``masks.safetensors``, written by `chorus
+    compress`), bound to ``model``; None for a dense student."""
+    from chorus.compress.masks import Masks  # imported here: compress itself imports this recipe
+
+    masks = Masks.load(spec) if os.path.isdir(os.path.expanduser(spec)) else None
+    return masks.bind(model) if masks else None
 
 
 def _fresh_acc() -> dict:

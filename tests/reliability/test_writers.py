@@ -1,0 +1,184 @@
+"""Overlapping writers never leave a mixed cache that reads as valid: commit records checksum the bytes their
+writer encoded and carry the cache fingerprint, shards are leased before they are written, and ``--overwrite``
+is refused while another writer is live (and fences it out when its lease has lapsed). Local disk and moto S3."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from chorus.config import CacheConfig
+from chorus.errors import ChorusError, IntegrityError
+from chorus.pipeline import cache
+from chorus.storage import ArraySpec, ShardLeases, Store
+from chorus.storage._check import problems
+from tests.pipeline.conftest import CACHE_ARGS, read_cache
+
+
+@pytest.fixture(params=["local", "s3"])
+def where(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "w.zarr"), {}
+    url, opts = request.getfixturevalue("s3_bucket")
+    return f"{url}/w.zarr", opts
+
+
+def _store(url: str, opts: dict) -> Store:
+    store = Store.open(url, "w", opts)
+    store.create_arrays("teachers/t", [ArraySpec("x", (4,), "int32")], 8, 4)
+    return store
+
+
+def test_commit_checksums_the_bytes_this_writer_encoded(where):
+    """Writer B overwrites the chunk between A's write and A's commit: A's record must not bless B's bytes."""
+    url, opts = where
+    store = _store(url, opts)
+    theirs = np.full((4, 4), 7, dtype=np.int32)
+
+    def writer_b_strikes(_commit):
+        store._put(store._chunk_path("teachers/t", "x", 0), store._encode("teachers/t", "x", theirs))
+
+    commit = store.write_shard("teachers/t", 0, 0, {"x": np.ones((4, 4), np.int32)}, fingerprint="fa",
+                               before_commit=writer_b_strikes)
+    assert commit.fingerprint == "fa"
+    assert len(store.verify("teachers/t")) == 1
+    with pytest.raises(IntegrityError, match="checksum mismatch"):
+        store.read_shard("teachers/t", 0, ["x"])
+
+
+def test_commit_of_another_cache_is_refused_on_read(where):
+    url, opts = where
+    store = _store(url, opts)
+    store.write_shard("teachers/t", 0, 0, {"x": np.ones((4, 4), np.int32)}, fingerprint="old")
+    with pytest.raises(IntegrityError, match="committed for another cache"):
+        store.commits("teachers/t", fingerprint="new")
+
+
+def test_all_zero_chunk_survives_reopening(where):
+    url, opts = where
+    _store(url, opts).write_shard("teachers/t", 1, 4, {"x": np.zeros((4, 4), np.int32)})
+    again = Store.open(url, "r", opts)
+    assert (again.read_shard("teachers/t", 1, ["x"])["x"] == 0).all() and again.verify("teachers/t") == []
+
+
+def test_a_leased_shard_is_refused_to_a_second_writer_until_stale(where):
+    url, opts = where
+    store = _store(url, opts)
+    a = ShardLeases(store, "teachers/t", heartbeat_s=60, stale_s=60).start()
+    b = ShardLeases(store, "teachers/t", heartbeat_s=60, stale_s=60).start()
+    try:
+        assert a.claim(0) is None and a.holds(0)
+        holder = b.claim(0)
+        assert holder is not None and holder["owner"] == a.owner  # live: refused
+        b.stale_s = -1  # A's heartbeat lapsed (e.g. a frozen host): B takes over, and A is fenced at its commit
+        assert b.claim(0) is None and b.holds(0)
+        with pytest.raises(ChorusError, match="taken over by another writer"):
+            a.check(0)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_dead_writers_lease_is_taken_over_at_once(tmp_path):
+    store = _store(str(tmp_path / "d.zarr"), {})
+    a = ShardLeases(store, "teachers/t", stale_s=3600)
+    a.claim(3)
+    record = store.fs.cat_file(a._path("000003")).replace(str(os.getpid()).encode(), b"999999999")
+    store.fs.pipe_file(a._path("000003"), record)  # as if a kill -9 left it: its pid is gone
+    assert ShardLeases(store, "teachers/t", stale_s=3600).claim(3) is None
+
+
+# ---------------------------------------------------------------------------------------------- real cache runs
+def _cfg(url: str, teacher: str, opts: dict, **kw) -> CacheConfig:
+    return CacheConfig(store=url, teacher=teacher, storage_options=opts, **{**CACHE_ARGS, **kw})
+
+
+def _copy_store(src: str, where: tuple[str, dict]) -> str:
+    url, opts = where
+    if not opts:
+        shutil.copytree(src, url)
+        return url
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url, **opts)
+    fs.put(src, root, recursive=True)
+    return url
+
+
+@pytest.mark.slow
+def test_overlapping_shard_specs_never_mix(small_store, teacher_dir, where, reference_cache):
+    """`--shard 0/2` and `--shard 0/4` at once (shards 0, 4, 8 overlap), then the rest: every shard is leased
+    by one writer, the cache verifies, and it equals the single-run reference bit for bit."""
+    url = _copy_store(small_store, where)
+    opts = where[1]
+    errors = []
+
+    def go(**kw):
+        try:
+            cache.run(_cfg(url, teacher_dir, opts, **kw))
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    a = threading.Thread(target=go, kwargs={"shard": "0/2", "batch_size": 4})
+    b = threading.Thread(target=go, kwargs={"shard": "0/4", "batch_size": 4})
+    a.start()
+    b.start()
+    a.join()
+    b.join()
+    assert not errors, errors
+    cache.run(_cfg(url, teacher_dir, opts, shard="1/2"))
+    store = Store.open(url, "r", opts)
+    assert list(problems(store)) == [] and store.verify("teachers/tiny") == []
+    assert store.teacher_manifest("tiny").status == "complete"
+    arrays, _ = read_cache(url, "tiny", opts)
+    for n, ref in reference_cache[0].items():
+        np.testing.assert_array_equal(arrays[n], ref, err_msg=n)
+
+
+@pytest.fixture(scope="module")
+def reference_cache(tmp_path_factory, small_store, teacher_dir):
+    out = str(tmp_path_factory.mktemp("ref") / "store.zarr")
+    shutil.copytree(small_store, out)
+    cache.run(_cfg(out, teacher_dir, {}))
+    return read_cache(out, "tiny")
+
+
+@pytest.mark.slow
+def test_overwrite_during_a_run_is_refused_then_fences_the_old_writer(small_store, teacher_dir, where,
+                                                                      monkeypatch):
+    url = _copy_store(small_store, where)
+    opts = where[1]
+    seen: dict = {"calls": 0}
+    claim = cache._claim_shard
+
+    def during_a(store, unit, shard, leases, fingerprint):
+        seen["calls"] += 1
+        if seen["calls"] == 2:  # writer A has committed shard 0 and is about to take shard 1
+            deadline = time.monotonic() + 30
+            while not store.commits(unit) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            with pytest.raises(ChorusError, match="being written by another job"):
+                cache.run(_cfg(url, teacher_dir, opts, top_k=16, overwrite=True))
+            seen["refused"] = True
+            with monkeypatch.context() as m:  # A's lease lapsed (frozen host): B replaces the cache anyway
+                m.setattr(cache, "live_writers", lambda *a, **k: [])
+                m.setattr(cache, "_claim_shard", claim)
+                seen["b"] = cache.run(_cfg(url, teacher_dir, opts, top_k=16, overwrite=True))
+        return claim(store, unit, shard, leases, fingerprint)
+
+    monkeypatch.setattr(cache, "_claim_shard", during_a)
+    with pytest.raises(ChorusError, match="replaced by another writer"):
+        cache.run(_cfg(url, teacher_dir, opts, top_k=8))
+    assert seen.get("refused") and seen["b"].status == "complete" and seen["b"].top_k == 16
+    store = Store.open(url, "r", opts)
+    m = store.teacher_manifest("tiny")
+    assert m.top_k == 16 and m.status == "complete"
+    assert list(problems(store)) == [] and store.verify("teachers/tiny") == []
+    assert {c.fingerprint for c in store.commits("teachers/tiny").values()} == {m.fingerprint}
+    arrays, _ = read_cache(url, "tiny", opts)
+    assert arrays["topk_ids"].shape[-1] == 16
