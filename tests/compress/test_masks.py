@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from chorus.compress import importance, masks as M
+from chorus.compress import importance
+from chorus.compress import masks as M
 from chorus.compress.masks import Masks
 from tests.compress.test_structured import batches, tiny
 

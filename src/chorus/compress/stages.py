@@ -28,7 +28,8 @@ import torch
 import yaml
 
 from chorus._progress import say
-from chorus.compress import importance, masks as masks_mod, structured
+from chorus.compress import importance, structured
+from chorus.compress import masks as masks_mod
 from chorus.compress.masks import Masks
 from chorus.config import CompressConfig, TrainConfig, build_config, to_dict
 from chorus.errors import ChorusError

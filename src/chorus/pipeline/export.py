@@ -156,6 +156,9 @@ def run_import(cfg: ImportConfig) -> TeacherManifest:
         raise ChorusError(f"the files were cached with tokenizer {exported.tokenizer_fingerprint}, the store has "
                           f"{corpus.tokenizer.fingerprint}")
     name = cfg.name or exported.name
+    missing = [f for f in meta["files"] if not fs.exists(f"{root}/{f}")]
+    if missing:  # before anything is written: a failed import leaves no unit behind
+        raise ChorusError(f"'{cfg.src}' lacks {missing[0]}, which its {SIDECAR} lists; re-export the cache")
     unit = f"teachers/{name}"
     manifest = exported.replace(name=name, status="incomplete")
     specs = target_specs(corpus.seq_len, exported.top_k, exported.num_samples, corpus.tokenizer.vocab_size,

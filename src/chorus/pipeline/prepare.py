@@ -8,6 +8,7 @@ A store without a manifest is a half-written one: `prepare` rebuilds it, every r
 from __future__ import annotations
 
 import hashlib
+import os
 import queue
 import threading
 from collections.abc import Iterator
@@ -172,11 +173,24 @@ def _build(cfg: PrepareConfig, store: Store | None, tok, tok_info) -> tuple[str,
     return fp, num_rows, rps, tokens, split_rows, list(domains)
 
 
+def _tokenizer_source(spec: str) -> str:
+    """Where the tokenizer was read from (an absolute path for a directory, else the hub id): `chorus train`
+    saves it with the model it outputs."""
+    path = os.path.expanduser(spec)
+    return os.path.abspath(path) if os.path.isdir(path) else spec
+
+
 def run(cfg: PrepareConfig) -> CorpusManifest:
     if cfg.seq_len < 2:
         raise ChorusError(f"--seq-len must be at least 2 (a row needs an input and a next token), got {cfg.seq_len}")
     if not 0.0 <= cfg.valid_fraction < 1.0:
         raise ChorusError(f"--valid-fraction must be in [0, 1), got {cfg.valid_fraction}")
+    if cfg.batch_size < 1:
+        raise ChorusError(f"--batch-size must be a positive integer, got {cfg.batch_size}")
+    if cfg.rows_per_shard is not None and cfg.rows_per_shard < 1:
+        raise ChorusError(f"--rows-per-shard must be a positive integer, got {cfg.rows_per_shard}")
+    if cfg.max_docs is not None and cfg.max_docs < 1:
+        raise ChorusError(f"--max-docs must be a positive integer, got {cfg.max_docs}")
     tok = load_tokenizer(cfg.tokenizer)
     tok_info = tokenizer_info(tok, cfg.tokenizer)
 
@@ -206,7 +220,8 @@ def run(cfg: PrepareConfig) -> CorpusManifest:
         num_tokens=tokens,
         split_rows=split_rows,
         source={"dataset": cfg.dataset, "text_field": cfg.text_field, "domain_field": cfg.domain_field,
-                "split": cfg.split, "valid_fraction": cfg.valid_fraction, "max_docs": cfg.max_docs},
+                "split": cfg.split, "valid_fraction": cfg.valid_fraction, "max_docs": cfg.max_docs,
+                "tokenizer": _tokenizer_source(cfg.tokenizer)},
         created_by=__version__,
     )
     store.write_manifest(manifest)  # last: only now is the store a store

@@ -12,10 +12,14 @@ import random
 import re
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import torch
 
 from chorus.errors import ChorusError
+from chorus.storage._store import clean_stale_tmp
+
+_LOCAL = fsspec.filesystem("file")
 
 PATTERN = re.compile(r"^step-(\d{8})\.pt$")
 
@@ -45,6 +49,7 @@ def save(run_dir: str | Path, step: int, state: dict, keep: int = 1) -> Path:
     folder = Path(run_dir) / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step-{step:08d}.pt"
+    clean_stale_tmp(_LOCAL, [str(p) for p in folder.glob(".step-*.pt.tmp-*")])  # left by killed runs
     tmp = folder / f".{final.name}.tmp-{os.getpid()}"
     torch.save(state, tmp)
     with open(tmp, "rb+") as f:  # on disk before the rename makes it visible

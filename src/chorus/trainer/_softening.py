@@ -26,7 +26,7 @@ for T < 1 the argmax set jumps where two top ids tie, as any argmax limit must.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -33,11 +33,13 @@ def _read_model_yaml(path: str) -> dict:
     return data
 
 
-def load_student(spec: str, *, vocab_size: int, seq_len: int, seed: int = 0, trust_remote_code: bool = False) -> nn.Module:
+def load_student(spec: str, *, vocab_size: int, seq_len: int, seed: int = 0, trust_remote_code: bool = False,
+                 tokenizer_fingerprint: str | None = None) -> nn.Module:
     """A causal LM from a directory / hub id (pretrained) or a model-config YAML (random init, seeded).
 
     The model must have at least ``vocab_size`` embedding rows (padded rows are cut from the softmax)
-    and room for ``seq_len`` positions; a YAML without ``vocab_size`` gets the store's."""
+    and room for ``seq_len`` positions; a YAML without ``vocab_size`` gets the store's. A chorus model
+    directory recording another ``tokenizer_fingerprint`` than the store's is refused."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if spec.endswith(YAML_SUFFIXES):
@@ -48,14 +50,19 @@ def load_student(spec: str, *, vocab_size: int, seq_len: int, seed: int = 0, tru
         data.setdefault("vocab_size", vocab_size)
         try:
             config = AutoConfig.for_model(model_type, **data)
-        except (ValueError, TypeError) as e:
+        except Exception as e:  # ValueError, TypeError, KeyError, transformers' strict-dataclass validation errors
             raise ChorusError(f"student config '{spec}': {str(e).splitlines()[0]}") from None
+        _check_config_keys(spec, model_type, data, config)
         _check_vocab(spec, config.vocab_size, vocab_size)
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        try:
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        except (ValueError, TypeError, RuntimeError) as e:
+            raise ChorusError(f"student config '{spec}' does not build a model: {str(e).splitlines()[0]}") from None
     else:
         if spec.startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(spec)):
             raise ChorusError(f"student '{spec}' not found: no such directory or model-config YAML")
+        _check_tokenizer(spec, tokenizer_fingerprint)
         try:
             model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(spec), trust_remote_code=trust_remote_code)
         except Exception as e:  # OSError, hub errors, unknown architectures
@@ -67,6 +74,45 @@ def load_student(spec: str, *, vocab_size: int, seq_len: int, seed: int = 0, tru
     if isinstance(max_pos, int) and max_pos < seq_len:
         raise ChorusError(f"student '{spec}' handles {max_pos} positions but the store's rows have {seq_len} tokens")
     return model
+
+
+def _check_config_keys(spec: str, model_type: str, data: dict, config: Any) -> None:
+    """Refuse keys the model's config class does not know (a typo such as ``num_hiden_layers`` would be
+    kept as an inert attribute and the model built with the default) and widths the heads cannot split.
+    A key is known when a default config has it or the class consumed it (legacy names such as rope_theta)."""
+    import difflib
+
+    try:
+        known = set(type(config)().to_dict())
+    except Exception:  # a config class without defaults: nothing to compare with
+        return
+    unknown = sorted(k for k in data if k in set(config.to_dict()) - known)
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], sorted(known), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ChorusError(f"student config '{spec}': unknown key '{unknown[0]}' for model_type {model_type}{hint}")
+    hidden, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
+    if isinstance(hidden, int) and isinstance(heads, int) and "head_dim" not in data:
+        if heads < 1 or hidden < 1 or hidden % heads:
+            raise ChorusError(f"student config '{spec}': hidden_size {hidden} is not a positive multiple of "
+                              f"num_attention_heads {heads}")
+
+
+def _check_tokenizer(spec: str, fingerprint: str | None) -> None:
+    """A model directory written by chorus records the tokenizer it was trained with (``chorus.json``);
+    a model trained on another tokenizer's ids would be silently wrong on this store's."""
+    info_path = Path(os.path.expanduser(spec)) / "chorus.json"
+    if fingerprint is None or not info_path.is_file():
+        return
+    import json
+
+    try:
+        recorded = json.loads(info_path.read_text()).get("tokenizer", {}).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        raise ChorusError(f"'{info_path}' is unreadable; restore it or delete it") from None
+    if recorded is not None and recorded != fingerprint:
+        raise ChorusError(f"student '{spec}' was trained with another tokenizer (fingerprint {recorded}, the store's "
+                          f"is {fingerprint}); use a model trained on this store's tokenizer")
 
 
 def _check_vocab(spec: str, rows: int, vocab_size: int) -> None:

@@ -164,6 +164,8 @@ class CachedRows(IterableDataset):
                 raise ChorusError(f"unknown domain(s) {', '.join(unknown)}; the store has: {', '.join(m.domains)}")
             keep &= np.isin(domain_of, [m.domains.index(d) for d in domains])
         rows = np.flatnonzero(keep)
+        if max_rows is not None and max_rows < 1:
+            raise ChorusError(f"max_rows: expected a positive number of rows, got {max_rows}")
         if max_rows is not None and max_rows < len(rows):  # evenly spread over the store, not its first rows
             rows = rows[np.linspace(0, len(rows) - 1, max(max_rows, 1)).astype(np.int64)]
         if len(rows) == 0:
@@ -353,8 +355,11 @@ class StreamLoader:
         if self.num_workers == 0:
             yield from self.dataset
             return
+        # a generator of its own: without one, iter(DataLoader) draws the workers' base seed from the global RNG,
+        # shifting dropout's stream by one draw at a different step in a resumed run than in an uninterrupted one
+        generator = torch.Generator().manual_seed(self.dataset.seed)
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                            prefetch_factor=4, persistent_workers=False)
+                            prefetch_factor=4, persistent_workers=False, generator=generator)
         for batch in loader:
             self.dataset._position = int(batch["stop"])
             yield batch

@@ -25,7 +25,7 @@ from chorus.errors import ChorusError
 from chorus.storage import Store
 from chorus.trainer import ensemble
 from chorus.trainer.calibration import expected_calibration_error, top1_confidence
-from chorus.trainer.data import CachedRows, check_teachers, complete_teachers, positions
+from chorus.trainer.data import CachedRows, Positions, check_teachers, complete_teachers, positions
 from chorus.trainer.losses import forward_kl
 from chorus.trainer.sparse import gold_log_prob
 from chorus.trainer.targets import TargetBuilder, pool
@@ -74,6 +74,17 @@ def _summary(loss: _Sums, names, conf: list, correct: list) -> dict:
     }
 
 
+def _predictable(pos: Positions) -> Positions | None:
+    """``pos`` without ignored positions (gold -100: ``positions`` keeps one in a batch with nothing to
+    predict, for DDP's sake), or None when none is left."""
+    keep = pos.gold != -100
+    if bool(keep.all()):
+        return pos
+    if not bool(keep.any()):
+        return None
+    return Positions(pos.select[keep], pos.gold[keep], pos.domain[keep], pos.attention_mask)
+
+
 @torch.no_grad()
 def evaluate_model(model, store: str, *, split: str = "valid", batch_size: int = 8, max_rows: int | None = None,
                    teachers: list[str] | None = None, chunk_size: int = 1024, operator: str = "mixture",
@@ -102,7 +113,9 @@ def evaluate_model(model, store: str, *, split: str = "valid", batch_size: int =
     rows = 0
     for batch in data:
         rows += len(batch["row"])
-        pos = positions(batch, device)
+        pos = _predictable(positions(batch, device))
+        if pos is None:  # every position of the batch is padding: nothing to score
+            continue
         dists = [builder.teacher(i, batch["teachers"][t], pos.select, device) for i, t in enumerate(teachers)]
         for sl, s_logp in student.log_probs_chunks(batch["input_ids"].to(device), pos.attention_mask, pos.select,
                                                    chunk_size):
@@ -156,7 +169,9 @@ def evaluate_teacher_cache(store: str, name: str, *, split: str = "valid", batch
     loss, conf, correct, in_topk, rows = _Sums(), [], [], _Sums(), 0
     for batch in data:
         rows += len(batch["row"])
-        pos = positions(batch)
+        pos = _predictable(positions(batch))
+        if pos is None:
+            continue
         arrays = batch["teachers"][name]
         d = builder.teacher(0, arrays, pos.select)
         loss.add(-gold_log_prob(d, pos.gold).clamp_min(-1e4), pos.domain, len(names))
@@ -222,7 +237,8 @@ def run(cfg: EvalConfig) -> dict:
         from chorus.trainer._student import Student, load_student
 
         device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device)
-        model = load_student(_model_dir(cfg.model), vocab_size=m.tokenizer.vocab_size, seq_len=m.seq_len).to(device)
+        model = load_student(_model_dir(cfg.model), vocab_size=m.tokenizer.vocab_size, seq_len=m.seq_len,
+                             tokenizer_fingerprint=m.tokenizer.fingerprint).to(device)
         teachers = cfg.teachers or complete_teachers(st)
         res = evaluate_model(Student(model, m.tokenizer.vocab_size), cfg.store, split=cfg.split, batch_size=cfg.batch_size,
                              max_rows=cfg.max_rows, teachers=teachers, chunk_size=cfg.chunk_size,

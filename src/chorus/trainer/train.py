@@ -58,7 +58,7 @@ class _Dist:
             torch.cuda.set_device(self.device)
         self.owns_group = False
         if self.world > 1 and not torch.distributed.is_initialized():
-            torch.distributed.init_process_group("nccl" if cuda else "gloo")
+            torch.distributed.init_process_group(_backend(cuda))
             self.owns_group = True
 
     @property
@@ -70,10 +70,10 @@ class _Dist:
             torch.distributed.barrier()
 
     def sum(self, values: list[float]) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)  # NCCL reduces device tensors only
         if self.world > 1:
             torch.distributed.all_reduce(t)
-        return t.tolist()
+        return t.cpu().tolist()
 
     def gather(self, obj: object) -> list:
         if self.world == 1:
@@ -87,12 +87,33 @@ class _Dist:
             torch.distributed.destroy_process_group()
 
 
+def _backend(cuda: bool) -> str:
+    """gloo for CPU tensors and NCCL for CUDA ones, so objects gathered on the CPU and losses reduced on
+    the GPU both have a backend."""
+    return "cpu:gloo,cuda:nccl" if cuda else "gloo"
+
+
 def _validate(cfg: TrainConfig, domains: tuple[str, ...]) -> None:
+    """Every setting a run needs, checked before the run directory is made (a refused run blocks no rerun)."""
     check_combination(target=cfg.target, loss=cfg.loss, operator=cfg.aggregate, weighting=cfg.weighting,
                       temperature=cfg.temperature)
-    for key in ("steps", "batch_size", "grad_accum", "chunk_size"):
+    for key in ("steps", "batch_size", "grad_accum", "chunk_size", "log_every", "shuffle_buffer"):
         if getattr(cfg, key) < 1:
             raise ChorusError(f"train key '{key}': expected a positive integer, got {getattr(cfg, key)}")
+    for key in ("eval_every", "eval_rows", "save_every", "warmup_steps", "num_workers"):
+        if getattr(cfg, key) < 0:
+            raise ChorusError(f"train key '{key}': expected an integer >= 0, got {getattr(cfg, key)}")
+    if cfg.train_rows is not None and cfg.train_rows < 1:
+        raise ChorusError(f"train key 'train_rows': expected a positive integer, got {cfg.train_rows}")
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise ChorusError(f"train key 'lr': expected a positive finite number, got {cfg.lr}")
+    for key in ("weight_decay", "clip", "beta"):
+        if not (math.isfinite(getattr(cfg, key)) and getattr(cfg, key) >= 0):
+            raise ChorusError(f"train key '{key}': expected a finite number >= 0, got {getattr(cfg, key)}")
+    if not math.isfinite(cfg.alpha):
+        raise ChorusError(f"train key 'alpha': expected a finite number, got {cfg.alpha}")
+    if not 0.0 <= cfg.min_lr_ratio <= 1.0:
+        raise ChorusError(f"train key 'min_lr_ratio': expected a number in [0, 1], got {cfg.min_lr_ratio}")
     if not 0.0 <= cfg.kd_weight <= 1.0:
         raise ChorusError(f"train key 'kd_weight': expected a number in [0, 1], got {cfg.kd_weight}")
     if len(set(cfg.teachers)) != len(cfg.teachers):
@@ -304,18 +325,25 @@ def _train(cfg: TrainConfig, dist: _Dist) -> dict:
                             weighting=cfg.weighting, temperature=cfg.temperature, calibrated=cfg.calibrated,
                             alpha=cfg.alpha, beta=cfg.beta, warn=dist.main, softening=cfg.softening,
                             teacher_temperatures=cfg.teacher_temperatures) if cfg.teachers else None
+    evals = cfg.eval_rows > 0 and m.split_rows.get("valid", 0) > 0
+    if cfg.eval_rows > 0 and not evals and dist.main:
+        say(f"warning: store '{cfg.store}' has no held-out rows; training without evaluation (prepare with "
+            "--valid-fraction > 0 for held-out metrics)")
+
+    # ---- setup: seeds, student (before the run directory: a student that cannot be built blocks no rerun)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model = load_student(cfg.student, vocab_size=vocab, seq_len=m.seq_len, seed=cfg.seed,
+                         tokenizer_fingerprint=m.tokenizer.fingerprint).to(dist.device)
+    masks = _student_masks(cfg.student, model)  # a sparse student's pruned weights stay exactly zero
     finished, resume_from = _prepare_run_dir(cfg, dist)
     if finished:
         say(f"'{cfg.out}' already holds this finished run; nothing to do (pass --overwrite to train again)")
         return json.loads((Path(cfg.out) / "model" / "chorus.json").read_text())
     out = Path(cfg.out)
 
-    # ---- setup: seeds, student, optimizer, data
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    model = load_student(cfg.student, vocab_size=vocab, seq_len=m.seq_len, seed=cfg.seed).to(dist.device)
-    masks = _student_masks(cfg.student, model)  # a sparse student's pruned weights stay exactly zero
+    # ---- setup: optimizer, data
     student = Student(model, vocab)
     net = student
     if dist.world > 1:
@@ -333,6 +361,7 @@ def _train(cfg: TrainConfig, dist: _Dist) -> dict:
 
     diag = _EnsembleStats(domains, cfg.teachers) if len(cfg.teachers) >= 2 else None
     acc = _fresh_acc()  # running sums between two logged steps (checkpointed, so a resumed log is identical)
+    final_row: dict = {}  # the last step's log row, written after the final eval
     start, tokens_seen = 0, 0
     if resume_from is not None:
         state = ckpt.load(resume_from)
@@ -345,6 +374,7 @@ def _train(cfg: TrainConfig, dist: _Dist) -> dict:
         ckpt.set_rng_state(rngs[dist.rank] if len(rngs) == dist.world else rngs[0])
         start, tokens_seen = state["step"], state["tokens"]
         acc = state["log"]["acc"]
+        final_row = state["log"].get("final_row") or {}
         if diag:
             diag.load_state_dict(state["log"]["diag"])
         if dist.main:
@@ -429,7 +459,7 @@ def _train(cfg: TrainConfig, dist: _Dist) -> dict:
                 acc = _fresh_acc()
                 t_last = now
             paused = time.perf_counter()
-            if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
+            if evals and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:  # final: after the save
                 if dist.main:
                     res = evaluate_model(student, cfg.store, max_rows=cfg.eval_rows, batch_size=cfg.batch_size,
                                          teachers=[], chunk_size=cfg.chunk_size, storage_options=cfg.storage_options)
@@ -437,27 +467,85 @@ def _train(cfg: TrainConfig, dist: _Dist) -> dict:
                     row.update({"eval/mean": res["mean"], "eval/worst": res["worst"], "eval/ece": res["ece"]})
                     result = res
                 dist.barrier()
-            log.write(step, row)
+            if step < cfg.steps:
+                log.write(step, row)
+            else:
+                final_row = row  # written with the final eval, once the model is saved
             if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
-                log_state = {"acc": acc, "diag": diag.state_dict() if diag else None}
+                log_state = {"acc": acc, "diag": diag.state_dict() if diag else None, "final_row": final_row}
                 _save_checkpoint(out, step, tokens_seen, student, optimizer, scheduler, scaler, loader, log_state, dist)
             t_last += time.perf_counter() - paused  # eval and checkpoints are not training time (tokens/s)
 
-    # ---- cleanup: the final model, its tokenizer info, the config
+    # ---- cleanup: the model first (weights, tokenizer, generation config), then the final eval, then
+    # chorus.json, which marks the run finished: a crash in the eval loses nothing and --resume completes it
+    final = out / "model"
+    if dist.main:
+        _save_model(final, student.model, masks, m)
+    dist.barrier()
+    result = {}
+    if evals:
+        if dist.main:
+            res = evaluate_model(student, cfg.store, max_rows=cfg.eval_rows, batch_size=cfg.batch_size,
+                                 teachers=[], chunk_size=cfg.chunk_size, storage_options=cfg.storage_options)
+            final_row.update({f"eval/{d}": v for d, v in res["per_domain"].items()})
+            final_row.update({"eval/mean": res["mean"], "eval/worst": res["worst"], "eval/ece": res["ece"]})
+            result = res
+        dist.barrier()
+    log.write(cfg.steps, final_row)
     log.close()
     if dist.main:
-        final = out / "model"
-        student.model.save_pretrained(final)
-        if masks:
-            masks.save(final)
-        info = {"created_by": __version__, "steps": cfg.steps, "store": cfg.store, "corpus_fingerprint": m.fingerprint,
-                "tokenizer": m.tokenizer.to_dict(), "teachers": cfg.teachers, "config": to_dict(cfg),
-                "eval": result}
+        info = json.loads((final / "chorus.json.partial").read_text())
+        info.update({"steps": cfg.steps, "store": cfg.store, "teachers": cfg.teachers, "config": to_dict(cfg),
+                     "eval": result})
         (final / "chorus.json").write_text(json.dumps(info, indent=2))
+        (final / "chorus.json.partial").unlink()
         say(f"trained {cfg.steps} steps → {final}" + (f" (held-out mean loss {result['mean']:.4f}, worst "
                                                           f"{result['worst_domain']} {result['worst']:.4f})" if result else ""))
     dist.barrier()
     return {"steps": cfg.steps, "eval": result, "out": str(out)}
+
+
+def _store_tokenizer(m) -> tuple[object | None, str | None]:
+    """The store's tokenizer, loaded from where `chorus prepare` read it (a directory, or a hub id), and
+    only when its fingerprint is the store's: (tokenizer, where it came from), or (None, None)."""
+    from chorus.pipeline._tokenizer import load_tokenizer, tokenizer_info
+
+    recorded = m.source.get("tokenizer")
+    name = m.tokenizer.name
+    candidates = [recorded] if recorded else []
+    if name != recorded and (os.path.isdir(os.path.expanduser(name)) or "/" in name):  # a path or an org/name id
+        candidates.append(name)
+    for spec in candidates:
+        try:
+            tok = load_tokenizer(spec)
+            if tokenizer_info(tok, spec).fingerprint == m.tokenizer.fingerprint:
+                return tok, spec
+        except ChorusError:
+            continue
+    return None, None
+
+
+def _save_model(final: Path, model: torch.nn.Module, masks, m) -> None:
+    """A complete HF model directory: config, weights, generation config (the store's EOS and pad ids),
+    the store's tokenizer when it can be found (else one warning), and ``chorus.json.partial``, which the
+    recipe completes with the eval once it has run."""
+    from transformers import GenerationConfig
+
+    model.config.eos_token_id, model.config.pad_token_id = m.tokenizer.eos_id, m.tokenizer.pad_id
+    model.generation_config = GenerationConfig(eos_token_id=m.tokenizer.eos_id, pad_token_id=m.tokenizer.pad_id)
+    model.save_pretrained(final)
+    model.generation_config.save_pretrained(final)
+    if masks:
+        masks.save(final)
+    tok, source = _store_tokenizer(m)
+    if tok is not None:
+        tok.save_pretrained(final)
+    else:
+        say(f"warning: the store's tokenizer '{m.tokenizer.name}' could not be loaded, so it is not saved with the "
+            f"model; copy its files into {final} (or pass --tokenizer to `chorus cache`)")
+    info = {"created_by": __version__, "corpus_fingerprint": m.fingerprint, "tokenizer": m.tokenizer.to_dict(),
+            "tokenizer_source": source}
+    (final / "chorus.json.partial").write_text(json.dumps(info, indent=2))
 
 
 def _student_masks(spec: str, model: torch.nn.Module):
