@@ -2,7 +2,7 @@
 
     python benchmarks/_report.py      (run at the end of `make bench` and `make bench-quick`)
 
-Each known benchmark (prepare, cache, train, quality) gets its own tables; any other result file gets its
+Each known benchmark (prepare, cache, train, quality, sparsekd, ensemble) gets its own tables; any other result file gets its
 top-level numbers. Every section names the machine and date it ran on. ``quality_quick.json`` (from
 ``quality.py --quick``) is shown as the quality section only when there is no full-run ``quality.json``. The top-level README's
 ``<!-- BENCH-TABLE -->`` section gets the quality table and a link here.
@@ -16,7 +16,7 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
-ORDER = ("quality", "prepare", "cache", "train")
+ORDER = ("quality", "prepare", "cache", "train", "ensemble", "sparsekd")
 BEGIN, END = "<!-- BENCH-TABLE -->", "<!-- /BENCH-TABLE -->"
 
 INTRO = """# Benchmarks
@@ -37,6 +37,8 @@ make bench-quick    # the same with --quick (minutes), then this README
 | `prepare.py` | `chorus prepare` throughput against a bare tokenizer loop |
 | `cache.py` | `chorus cache` throughput, bytes/token and value error of the target encodings |
 | `train.py` | training step cost of CE, cached KD and online KD; pooling cost; loader throughput |
+| `sparsekd.py` | `chorus compress`: one-shot against staged prune → distill at equal student steps (KD, CE-only recovery, KD from scratch); forward wall time of the pruned models |
+| `ensemble.py` | many-teacher ablation: students from every blend operator × weighting × softening, the demo's stored blend, against CE and an oracle router |
 
 Timings are ratios measured in the same run on the same machine; absolute numbers name the machine.
 """
@@ -206,12 +208,96 @@ def train(res: dict) -> str:
     return "\n".join(lines)
 
 
+def _pm(xs: list, fmt: str = ".4f", scale: float = 1.0) -> str:
+    """Mean ± half-range over seeds (just the mean for one seed)."""
+    xs = [scale * x for x in xs]
+    m = sum(xs) / len(xs)
+    return format(m, fmt) + (f" ±{format((max(xs) - min(xs)) / 2, fmt)}" if len(xs) > 1 else "")
+
+
+def sparsekd(res: dict) -> str:
+    s, summary = res["scale"], res["summary"]
+    lines = [f"Original: Llama 128×2 trained with CE for {s['original_steps']} steps, held-out loss "
+             f"{res['original_loss']:.4f}, cached as its own teacher (top-64). Every compressed model: structured "
+             f"pruning to the target, {s['steps']} student steps in all × {s['batch']} rows × {s['seq_len']} tokens, "
+             f"V = {s['vocab']}, seeds {', '.join(map(str, s['seeds']))}.", "",
+             md_table(["target", "method", "params", "held-out loss", "Δ vs one-shot KD"],
+                      [[f"{r['target']:.0%}", r["method"], f"{r['params']:,}", _pm(r["losses"]),
+                        "ref" if r["method"] == "KD, 1 stage" else f"{r['vs_one_shot']:+.4f}"] for r in summary]), "",
+             "Held-out loss: mean ± half-range over seeds (valid split). Δ: mean loss − the one-shot KD row's at the "
+             "same target (negative is better)."]
+    fw = res.get("forward_ms", {})
+    if "original" in fw:
+        base = fw["original"]
+        lines += ["", f"Forward wall time, batch {s['batch']}×{s['seq_len']}, one thread: original {base:.2f} ms; "
+                      + "; ".join(f"{float(t):.0%}: {v:.2f} ms ({base / v:.2f}× faster)"
+                                  for t, v in fw.items() if t != "original") + "."]
+    verdicts = []
+    for target in dict.fromkeys(r["target"] for r in summary):
+        kd = {r["method"]: r for r in summary if r["target"] == target and r["method"].startswith("KD, ")}
+        one = kd.get("KD, 1 stage")
+        multi = [r for m, r in kd.items() if m != "KD, 1 stage"]
+        if one is None or not multi:
+            continue
+        best = min(multi, key=lambda r: r["mean_loss"])
+        noise = max(max(r["losses"]) - min(r["losses"]) for r in (one, best)) / 2
+        d = best["mean_loss"] - one["mean_loss"]
+        how = ("beat it" if d < -noise else "beat it, within the seed noise" if d < 0 else "did not beat it")
+        verdicts.append(f"at {target:.0%} the best multi-stage run ({best['method']}, {best['mean_loss']:.4f}) {how} "
+                        f"({d:+.4f} against one-shot's {one['mean_loss']:.4f}; noise ±{noise:.4f})")
+    if verdicts:
+        beat = sum("did not" not in v for v in verdicts)
+        head = ("Multi-stage KD beat one-shot KD at every target" if beat == len(verdicts)
+                else "Multi-stage KD did not beat one-shot KD at any target" if beat == 0
+                else "Multi-stage KD beat one-shot KD at some targets only")
+        lines += ["", f"{head}: " + "; ".join(verdicts) + "."]
+    return "\n".join(lines)
+
+
+def ensemble(res: dict) -> str:
+    r = res["results"]
+    refs = ["CE only", "oracle router", "demo default (stored blend)"]
+    mean = {n: sum(x["mean"] for x in v["seeds"].values()) / len(v["seeds"]) for n, v in r.items()}
+    cells = sorted((n for n in r if n not in refs), key=lambda n: mean[n])
+    rows = []
+    for n in [n for n in refs if n in r] + cells:
+        by_seed = list(r[n]["seeds"].values())
+        gap = ("ref 0%" if n == "CE only" else "ref 100%" if n == "oracle router"
+               else _pm(r[n]["gap_closed"], ".1f", 100) + "%")
+        rows.append([n, _pm([x["mean"] for x in by_seed]), _pm([x["worst"] for x in by_seed]),
+                     _pm([x["ece"] for x in by_seed], ".2f", 100), gap])
+    sc = res.get("scale", {})
+    st = sc.get("student", {})
+    size = (f"Students of the demo's size (Llama {st['hidden_size']}×{st['num_hidden_layers']}), "
+            f"{sc['student_steps']} steps × {sc['batch_size']} rows × {sc['seq_len']} tokens"
+            + (f" on {sc['student_rows']} rows" if sc.get("student_rows") else "")
+            + f", kd_weight {sc['kd_weight']:g}, " if st and "student_steps" in sc else "Students of the demo's size, ")
+    lines = [size + f"seeds {', '.join(map(str, res['seeds']))}; the demo's store and teachers (a base fine-tuned into "
+             "one specialist per domain). Cells: operator/weighting/softening.", "",
+             md_table(["student", "mean loss", "worst loss", "ECE (pts)", "gap closed"], rows), "",
+             "Mean ± half-range over seeds. Gap closed = (CE − x)/(CE − oracle router) on the mean held-out loss, "
+             "paired by seed. ECE in points (%). Cells sorted by mean loss."]
+    best = res.get("best_cell") or (cells[0] if cells else None)
+    default = "demo default (stored blend)"
+    if best in r and default in r:
+        def half(n: str) -> float:
+            xs = [x["mean"] for x in r[n]["seeds"].values()]
+            return (max(xs) - min(xs)) / 2
+        d, noise = mean[default] - mean[best], max(half(default), half(best))
+        verdict = ("within the noise of it" if abs(d) <= noise
+                   else "worse than it beyond the noise" if d > 0 else "better than it beyond the noise")
+        lines += ["", f"Best cell by mean loss: {best} ({mean[best]:.4f}). The demo default ({mean[default]:.4f}, "
+                      f"{d:+.4f}) is {verdict} (noise: the larger half-range of the two, ±{noise:.4f})."]
+    return "\n".join(lines)
+
+
 def generic(res: dict) -> str:
     rows = [[k, _f(v)] for k, v in res.items() if isinstance(v, (int, float, str)) and k not in ("benchmark", "date")]
     return md_table(["key", "value"], rows) if rows else "(no scalar results)"
 
 
-RENDER = {"quality": quality, "prepare": prepare, "cache": cache, "train": train}
+RENDER = {"quality": quality, "prepare": prepare, "cache": cache, "train": train, "sparsekd": sparsekd,
+          "ensemble": ensemble}
 
 
 def section(name: str, res: dict) -> str:

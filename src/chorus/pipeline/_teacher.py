@@ -1,9 +1,11 @@
 """The teacher: loading it, checking it against a store, and the pure per-batch target math.
 
 ``load_teacher`` resolves device and dtype, refuses a tokenizer whose vocabulary differs from the
-store's, and fingerprints the weights. ``sparse_targets`` turns one batch of logits into top-k
-log-probs (normalized over the full vocabulary, fp32 math), optional sampled ids and the exact
-per-position statistics of format v2 (log tail mass, entropy, gold log-prob, tail log-partitions).
+store's, and fingerprints the weights. ``Teacher.targets`` runs the model to its final hidden states and
+``chunked_targets`` applies the LM head over chunks of positions, turning each chunk into top-k log-probs
+(normalized over the full vocabulary, fp32 math), optional sampled ids and the exact per-position statistics
+of format v2 (log tail mass, entropy, gold log-prob, tail log-partitions), so no (B, L, V) logits exist.
+``sparse_targets`` is the reference: the same numbers from full logits, one row at a time.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from chorus.errors import ChorusError
 from chorus.pipeline._tokenizer import tokenizer_info
@@ -23,6 +26,12 @@ from chorus.storage import TokenizerInfo
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FINGERPRINT_SAMPLES = 4096  # elements hashed per weight tensor (evenly spaced, always including the first and last)
+# default LM-head chunk: one (positions, V) fp32 buffer of this size (the step holds ~4). Small on CPU, where the
+# passes over the chunk are memory-bound and a chunk that stays in cache is faster (measured: 64 positions at
+# V = 8192 run 1.4x faster than 1024); large on a GPU, where big GEMMs and few launches win.
+CHUNK_BYTES = {"cpu": 1 << 21, "cuda": 1 << 28}
+CHUNK_ALIGN = 64  # chunk sizes are rounded up to a multiple: chunks then start where the full head's GEMM tiles do
+HEAD_CHECK_POSITIONS = 32
 OutOfMemory = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), MemoryError)
 
 
@@ -36,14 +45,67 @@ class Teacher:
     revision: str
     weights_fingerprint: str
     tokenizer_match: str  # "tokenizer" (same fingerprint) or "vocabulary" (same id table only)
+    chunk_size: int | None = None  # positions per LM-head chunk (see chunk_positions); None: by CHUNK_BYTES
+    head_checked: bool = False  # the chunked head was compared with the model's own logits once
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, L) token ids → (B, L, V) logits in the model's dtype (a view: padded columns are dropped).
 
         Plain causal attention over the whole packed row, no attention mask: position j sees tokens
-        0..j of its row, which is exactly what the student sees when it trains on the same row."""
+        0..j of its row, which is exactly what the student sees when it trains on the same row.
+        The reference path (and the head check): :meth:`targets` never builds these."""
         out = self.model(input_ids=input_ids, use_cache=False)
         return out.logits[..., : self.vocab_size]
+
+    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) token ids → (B, L, H) final hidden states, the LM head's input.
+
+        The model's own forward runs (so whatever it does before the head — final norm, embedding scale — is
+        kept), with a pre-hook that records the head's input and hands the head zero positions instead."""
+        head = self.model.get_output_embeddings()
+        seen: list[torch.Tensor] = []
+
+        def capture(_module, args):
+            seen.append(args[0])
+            return (args[0][..., :0, :], *args[1:])
+
+        handle = head.register_forward_pre_hook(capture)
+        try:
+            self.model(input_ids=input_ids, use_cache=False)
+        finally:
+            handle.remove()
+        if len(seen) != 1:
+            raise ChorusError(f"teacher '{self.model_id}' called its LM head {len(seen)} times in one forward; "
+                              "chorus computes the head itself and supports models that call it once")
+        return seen[0]
+
+    def targets(self, input_ids: torch.Tensor, *, top_k: int, num_samples: int, seed: int, row_start: int,
+                tail_betas: Sequence[float] = ()) -> dict[str, torch.Tensor]:
+        """(B, L) token ids → :func:`chunked_targets` of the rows ``row_start ..``, never holding (B, L, V) logits."""
+        head = self.model.get_output_embeddings()
+        if not isinstance(head, torch.nn.Linear):
+            raise ChorusError(f"teacher '{self.model_id}' has an LM head of type {type(head).__name__}, not a linear "
+                              "layer; chorus computes the head in chunks and supports plain linear heads only")
+        ops = logit_ops(self.model.config)
+        if not self.head_checked:
+            self._check_head(input_ids[:1, :HEAD_CHECK_POSITIONS], head, ops)
+        bias = head.bias[: self.vocab_size] if head.bias is not None else None
+        return chunked_targets(self.hidden_states(input_ids), head.weight[: self.vocab_size], bias, input_ids,
+                               top_k=top_k, num_samples=num_samples, seed=seed, row_start=row_start,
+                               tail_betas=tail_betas, chunk_size=self.chunk_size, ops=ops)
+
+    def _check_head(self, ids: torch.Tensor, head: torch.nn.Linear, ops: tuple[tuple[str, float], ...]) -> None:
+        """Once per run: the chunked head over the hidden states must give the model's own logits (else the
+        architecture does something between body and head that chorus does not know: refuse, do not guess)."""
+        want = self.logits(ids).float()
+        bias = head.bias[: self.vocab_size] if head.bias is not None else None
+        got = _apply_ops(F.linear(self.hidden_states(ids), head.weight[: self.vocab_size], bias), ops).float()
+        tol = 1e-4 if self.dtype == torch.float32 else 2e-2
+        if not torch.allclose(got, want, rtol=tol, atol=tol * max(1.0, want.abs().max().item())):
+            raise ChorusError(
+                f"teacher '{self.model_id}': its logits are not a linear head over the final hidden states "
+                f"(max difference {(got - want).abs().max().item():.3g}); this architecture is not supported")
+        self.head_checked = True
 
 
 # ---------------------------------------------------------------------------------------------- device
@@ -180,18 +242,28 @@ def row_generator(seed: int, row: int) -> torch.Generator:
     return g
 
 
-def sample_ids(logp: torch.Tensor, num_samples: int, generator: torch.Generator) -> torch.Tensor:
-    """(L, V) fp32 log-probs → (L, M) int64 ids drawn with replacement (random-sampling KD,
-    Anshumann et al., ACL 2025: the counts are an unbiased sparse estimate of the distribution).
+def row_uniforms(seed: int, row_start: int, rows: int, length: int, num_samples: int) -> torch.Tensor:
+    """(rows·L, M) float32 CPU uniforms for rows ``row_start ..``: each row's (L, M) block comes from its own
+    :func:`row_generator`, so a position's uniforms do not depend on the batch, the chunk or the device."""
+    return torch.cat([torch.rand((length, num_samples), generator=row_generator(seed, row_start + r), dtype=torch.float32)
+                      for r in range(rows)])
 
-    Inverse-CDF sampling: uniforms from the row's CPU generator, located in the fp32 cumulative sum
-    of the probabilities on the device (tokens below ~1e-7 probability, under the cumsum's rounding,
-    are the only ones misrepresented)."""
-    length, vocab = logp.shape
-    u = torch.rand((length, num_samples), generator=generator, dtype=torch.float32).to(logp.device)
-    cdf = torch.cumsum(torch.exp(logp), dim=-1)
-    draws = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
-    return draws.clamp_(max=vocab - 1)
+
+def draw_ids(logp: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """(N, V) fp32 log-probs and (N, M) uniforms on the same device → (N, M) int64 ids drawn with replacement
+    (random-sampling KD, Anshumann et al., ACL 2025: the counts are an unbiased sparse estimate of the distribution).
+
+    Inverse-CDF sampling: the uniforms are located in the fp32 cumulative sum of the probabilities (tokens
+    below ~1e-7 probability, under the cumsum's rounding, are the only ones misrepresented)."""
+    cdf = torch.exp(logp).cumsum_(-1)
+    draws = torch.searchsorted(cdf, uniforms * cdf[:, -1:], right=True)
+    return draws.clamp_(max=logp.shape[-1] - 1)
+
+
+def sample_ids(logp: torch.Tensor, num_samples: int, generator: torch.Generator) -> torch.Tensor:
+    """(L, V) fp32 log-probs of one row → (L, M) int64 ids, uniforms from the row's CPU ``generator``."""
+    u = torch.rand((logp.shape[0], num_samples), generator=generator, dtype=torch.float32).to(logp.device)
+    return draw_ids(logp, u)
 
 
 def _tail_sums(y: torch.Tensor, betas: Sequence[float]) -> tuple[dict[float, torch.Tensor], torch.Tensor]:
@@ -231,18 +303,22 @@ def _tail_sums(y: torch.Tensor, betas: Sequence[float]) -> tuple[dict[float, tor
 
 
 def tail_statistics(logp: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, next_ids: torch.Tensor,
-                    tail_betas: Sequence[float]) -> dict[str, torch.Tensor]:
-    """(L, V) fp32 log-probs of one row, its (L, k) top-k ids and log-probs and (L,) next-token ids → exact
-    per-position statistics on the device: ``log_tail``, ``entropy``, ``gold_logprob`` (L,), ``tail_logz`` (L, G).
+                    tail_betas: Sequence[float], last: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """(N, V) fp32 log-probs, their (N, k) top-k ids and log-probs and (N,) next-token ids → exact per-position
+    statistics on the device: ``log_tail``, ``entropy``, ``gold_logprob`` (N,), ``tail_logz`` (N, G).
 
-    ``next_ids[t]`` is the row's token t + 1 (any id at the last position, whose gold log-prob is 0).
+    ``next_ids[t]`` is the row's token t + 1; ``last`` (N,) bool marks the positions that end a row (any next id,
+    gold log-prob 0); None: the N positions are one row, whose last position is the end.
     log τ is a log-sum-exp over the tail ids, not log(1 − Σ_k p): that difference cancels catastrophically
     when the top-k hold nearly all the mass. Sums over the tail are taken relative to its largest log-prob m,
     so no exp under- or overflows: Σ_tail p^β = e^{β·m}·Σ exp(β·y), y = logp − m. The entropy (0·log 0 = 0) is
     the top-k's −Σ p log p plus the tail's −e^m·(m·Σ e^y + Σ e^y·y). Overwrites ``logp``; memory stays at two
-    (L, V) fp32 tensors."""
+    (N, V) fp32 tensors. Every op is row-wise, so a position's statistics do not depend on N."""
     gold = logp.gather(-1, next_ids[:, None])[:, 0]
-    gold[-1] = 0.0
+    if last is None:
+        gold[-1] = 0.0
+    else:
+        gold.masked_fill_(last, 0.0)
     y = logp.scatter_(-1, topk_ids, float("-inf"))
     m = y.amax(-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # an empty tail: every sum is 0, every A is −inf
@@ -256,9 +332,25 @@ def tail_statistics(logp: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: t
     return {"log_tail": m + torch.log(sums[1.0]), "entropy": entropy, "gold_logprob": gold, "tail_logz": a}
 
 
+def position_targets(logp: torch.Tensor, next_ids: torch.Tensor, last: torch.Tensor, uniforms: torch.Tensor | None, *,
+                     top_k: int, tail_betas: Sequence[float]) -> dict[str, torch.Tensor]:
+    """(N, V) fp32 log-probs of N positions (any rows), their (N,) next ids, (N,) row-end mask and (N, M) uniforms →
+    ``topk_ids`` (N, k) int64 by descending log-prob, ``topk_logprobs`` (N, k), ``draws`` (N, M) int64 when
+    ``uniforms`` is given, and the :func:`tail_statistics` when ``tail_betas`` is non-empty. Overwrites ``logp``.
+
+    Every op is row-wise over V, so a position's targets do not depend on which positions share the call."""
+    v, i = torch.topk(logp, top_k, dim=-1, sorted=True)
+    out = {"topk_ids": i, "topk_logprobs": v}
+    if uniforms is not None:
+        out["draws"] = draw_ids(logp, uniforms)
+    if tail_betas:
+        out.update(tail_statistics(logp, i, v, next_ids, tail_betas, last))  # last: it overwrites logp
+    return out
+
+
 def sparse_targets(logits: torch.Tensor, input_ids: torch.Tensor, *, top_k: int, num_samples: int, seed: int,
                    row_start: int, tail_betas: Sequence[float] = ()) -> dict[str, torch.Tensor]:
-    """(B, L, V) logits of rows ``row_start ..`` and their (B, L) ``input_ids`` → on the logits' device:
+    """The reference: (B, L, V) logits of rows ``row_start ..`` and their (B, L) ``input_ids`` → on the logits' device:
 
     - ``topk_ids`` (B, L, k) int64, ordered by descending log-prob,
     - ``topk_logprobs`` (B, L, k) float32, log-softmax over the full vocabulary (so 1 − Σ exp is the tail),
@@ -266,20 +358,95 @@ def sparse_targets(logits: torch.Tensor, input_ids: torch.Tensor, *, top_k: int,
     - when ``tail_betas`` is non-empty (format v2), :func:`tail_statistics` of every row: ``log_tail``,
       ``entropy``, ``gold_logprob`` (B, L) and ``tail_logz`` (B, L, G) float32.
 
-    One row at a time, so one (L, V) fp32 log-softmax (and one temporary) is the largest memory, not (B, L, V)."""
-    out: dict[str, list[torch.Tensor]] = {}
+    One row at a time from full logits; :func:`chunked_targets` gives the same numbers without them."""
+    b, length = input_ids.shape
     next_ids = torch.roll(input_ids, -1, dims=1)  # the last position's wraps around; its gold log-prob is set to 0
-    for r in range(logits.shape[0]):
-        logp = torch.log_softmax(logits[r].float(), dim=-1)
-        v, i = torch.topk(logp, top_k, dim=-1, sorted=True)
-        row = {"topk_ids": i, "topk_logprobs": v}
-        if num_samples:
-            row["draws"] = sample_ids(logp, num_samples, row_generator(seed, row_start + r))
-        if tail_betas:
-            row.update(tail_statistics(logp, i, v, next_ids[r], tail_betas))  # last: it overwrites logp
+    last = torch.arange(length, device=logits.device) == length - 1
+    out: dict[str, list[torch.Tensor]] = {}
+    for r in range(b):
+        u = row_uniforms(seed, row_start + r, 1, length, num_samples).to(logits.device) if num_samples else None
+        row = position_targets(torch.log_softmax(logits[r].float(), dim=-1), next_ids[r], last, u, top_k=top_k,
+                               tail_betas=tail_betas)
         for k, t in row.items():
             out.setdefault(k, []).append(t)
     return {k: torch.stack(v) for k, v in out.items()}
+
+
+# ---------------------------------------------------------------------------------------------- chunked head
+def logit_ops(config) -> tuple[tuple[str, float], ...]:
+    """What a causal LM does to its head's output, read from its config, in the order HF applies it:
+    Cohere's ``logit_scale`` (×), Granite's ``logits_scaling`` (÷), Gemma 2/3's ``final_logit_softcapping``
+    (cap·tanh(z/cap)). Anything else is caught by :meth:`Teacher._check_head`."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    ops = []
+    if getattr(cfg, "logit_scale", None) is not None:
+        ops.append(("mul", float(cfg.logit_scale)))
+    if getattr(cfg, "logits_scaling", None) is not None:
+        ops.append(("div", float(cfg.logits_scaling)))
+    if getattr(cfg, "final_logit_softcapping", None):
+        ops.append(("softcap", float(cfg.final_logit_softcapping)))
+    return tuple(ops)
+
+
+def _apply_ops(logits: torch.Tensor, ops: Sequence[tuple[str, float]]) -> torch.Tensor:
+    for op, c in ops:
+        if op == "mul":
+            logits = logits * c
+        elif op == "div":
+            logits = logits / c
+        else:
+            logits = torch.tanh(logits / c) * c
+    return logits
+
+
+def chunk_positions(vocab_size: int, chunk_size: int | None = None, budget_bytes: int = CHUNK_BYTES["cuda"]) -> int:
+    """Positions per head chunk: ``chunk_size``, or one (positions, V) fp32 buffer within ``budget_bytes``,
+    rounded up to a multiple of CHUNK_ALIGN. Why aligned: BLAS computes a GEMM in row tiles and an edge tile
+    may round differently (seen on CPU: 1 ulp for chunks of 1, 2 or 7 rows); chunks that start on tile
+    boundaries give the same bits as the head over all positions at once."""
+    n = chunk_size or budget_bytes // (4 * vocab_size)
+    return max(CHUNK_ALIGN, -(-n // CHUNK_ALIGN) * CHUNK_ALIGN)
+
+
+def chunked_targets(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, input_ids: torch.Tensor, *,
+                    top_k: int, num_samples: int, seed: int, row_start: int, tail_betas: Sequence[float] = (),
+                    chunk_size: int | None = None, ops: Sequence[tuple[str, float]] = ()) -> dict[str, torch.Tensor]:
+    """(B, L, H) final hidden states, the (V, H) head ``weight`` (padded rows already dropped) and (V,) ``bias`` →
+    the targets of :func:`sparse_targets` without (B, L, V) logits.
+
+    The B·L positions are cut into chunks of ``chunk_size`` (rounded by :func:`chunk_positions`); each chunk's logits
+    (model dtype, then ``ops``, then fp32 — as the model computes them) go through one :func:`position_targets`
+    call batched over whatever rows the chunk spans, so the step's peak memory is a few (chunk, V) fp32 buffers,
+    independent of B·L. Uniforms for sampling come from :func:`row_uniforms` (one host → device copy per batch).
+    Ids and draws are written to int32 buffers on the device (half the bytes to copy to the host)."""
+    b, length, h = hidden.shape
+    n, vocab = b * length, weight.shape[0]
+    device = hidden.device
+    flat = hidden.reshape(n, h)
+    next_ids = torch.roll(input_ids, -1, dims=1).reshape(n)
+    last = (torch.arange(n, device=device) % length) == length - 1
+    uniforms = None
+    if num_samples:
+        uniforms = row_uniforms(seed, row_start, b, length, num_samples)
+        uniforms = (uniforms.pin_memory() if device.type == "cuda" else uniforms).to(device, non_blocking=True)
+    ids_dtype = torch.int32 if vocab < 2**31 else torch.int64
+    out = {"topk_ids": torch.empty((n, top_k), dtype=ids_dtype, device=device),
+           "topk_logprobs": torch.empty((n, top_k), dtype=torch.float32, device=device)}
+    if num_samples:
+        out["draws"] = torch.empty((n, num_samples), dtype=ids_dtype, device=device)
+    if tail_betas:
+        out |= {f: torch.empty(n, dtype=torch.float32, device=device) for f in ("log_tail", "entropy", "gold_logprob")}
+        out["tail_logz"] = torch.empty((n, len(tail_betas)), dtype=torch.float32, device=device)
+    step = chunk_positions(vocab, chunk_size, CHUNK_BYTES.get(device.type, CHUNK_BYTES["cuda"]))
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        logp = torch.log_softmax(_apply_ops(F.linear(flat[s:e], weight, bias), ops).float(), dim=-1)
+        part = position_targets(logp, next_ids[s:e], last[s:e], None if uniforms is None else uniforms[s:e],
+                                top_k=top_k, tail_betas=tail_betas)
+        del logp
+        for k, t in part.items():
+            out[k][s:e] = t
+    return {k: t.reshape(b, length, *t.shape[1:]) for k, t in out.items()}
 
 
 def first_bad_position(topk_logprobs: np.ndarray) -> tuple[int, int] | None:

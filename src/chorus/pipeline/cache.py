@@ -1,8 +1,9 @@
 """`chorus cache`: run a teacher once over a store's corpus and cache its sparse next-token distribution.
 
 setup (store and corpus, this worker's shards, teacher, manifest: create, resume or refuse) → loop
-(for each uncommitted shard: read its input ids, forward in inference mode, top-k log-probs, samples and
-the exact per-position statistics of format v2 on the device, hand them to the background writer,
+(for each uncommitted shard: read its input ids, forward in inference mode to the final hidden states, then
+the LM head over chunks of positions — top-k log-probs, samples and the exact per-position statistics of
+format v2 on the device, never the full (B, L, V) logits — hand them to the background writer,
 which commits whole shards) → cleanup (flip the status to complete once every shard is committed;
 report where the cache is and its bytes per token).
 
@@ -35,7 +36,6 @@ from chorus.pipeline._teacher import (
     load_teacher,
     resolve_device,
     resolve_dtype,
-    sparse_targets,
 )
 from chorus.pipeline._writer import ShardWriter
 from chorus.storage import (
@@ -318,8 +318,8 @@ def _cache_shards(store: Store, unit: str, corpus: CorpusManifest, teacher: Teac
                     x = torch.from_numpy(ids[offset: offset + cfg.batch_size].astype(np.int64)).to(teacher.device)
                     try:
                         with torch.inference_mode():
-                            targets = sparse_targets(teacher.logits(x), x, top_k=cfg.top_k, num_samples=cfg.samples,
-                                                     seed=cfg.seed, row_start=row_start + offset, tail_betas=tail_betas)
+                            targets = teacher.targets(x, top_k=cfg.top_k, num_samples=cfg.samples, seed=cfg.seed,
+                                                      row_start=row_start + offset, tail_betas=tail_betas)
                     except OutOfMemory:
                         raise ChorusError(
                             f"out of memory on {teacher.device} at --batch-size {cfg.batch_size} (shard {shard}); "

@@ -1,0 +1,152 @@
+"""The chunked teacher pass: the LM head over chunks of positions gives the full-logits targets, bit for bit."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from chorus.errors import ChorusError
+from chorus.pipeline._teacher import Teacher, logit_ops, sparse_targets
+
+VOCAB = 1000
+BETAS = (0.25, 0.5, 1.0, 2.0)
+ARGS = {"top_k": 8, "num_samples": 16, "seed": 3, "tail_betas": BETAS}
+
+
+def _teacher(model: torch.nn.Module, dtype=torch.float32, vocab: int = VOCAB) -> Teacher:
+    model = model.to(dtype).eval().requires_grad_(False)
+    return Teacher(model, torch.device("cpu"), dtype, vocab, "tiny", "local", "fp", "tokenizer")
+
+
+def _llama(padded: int = 24, **extra) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB + padded, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256, **extra)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)  # peaked distributions: top-k and tail both matter
+        model.lm_head.weight[VOCAB:, 0] = 50.0  # padded rows would dominate the softmax if they were kept
+    return model
+
+
+def _reference(t: Teacher, x: torch.Tensor, row_start: int = 0) -> dict[str, torch.Tensor]:
+    with torch.inference_mode():
+        return sparse_targets(t.logits(x), x, row_start=row_start, **ARGS)
+
+
+def _chunked(t: Teacher, x: torch.Tensor, chunk: int | None, row_start: int = 0) -> dict[str, torch.Tensor]:
+    t.chunk_size = chunk
+    with torch.inference_mode():
+        return t.targets(x, row_start=row_start, **ARGS)
+
+
+def _assert_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert torch.equal(a[k].long() if k in ("topk_ids", "draws") else a[k],
+                           b[k].long() if k in ("topk_ids", "draws") else b[k]), k
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 100, 192, None])
+def test_chunked_targets_equal_full_logits_targets_bit_for_bit(chunk):
+    t = _teacher(_llama())
+    x = torch.randint(0, VOCAB, (3, 100), generator=torch.Generator().manual_seed(1))
+    got = _chunked(t, x, chunk, row_start=5)
+    assert got["topk_ids"].dtype == torch.int32 and got["draws"].dtype == torch.int32  # downcast on the device
+    assert int(got["topk_ids"].max()) < VOCAB and int(got["draws"].max()) < VOCAB
+    _assert_equal(got, _reference(t, x, row_start=5))
+
+
+def test_chunked_targets_in_bf16_match_the_full_logits_targets():
+    t = _teacher(_llama(), torch.bfloat16)
+    x = torch.randint(0, VOCAB, (2, 96), generator=torch.Generator().manual_seed(2))
+    ref = _reference(t, x)
+    for chunk in (64, None):
+        got = _chunked(t, x, chunk)
+        # bf16 logits carry ~3 significant digits; the chunked head must agree to fp16 rounding of the log-probs
+        torch.testing.assert_close(got["topk_logprobs"], ref["topk_logprobs"], rtol=1e-3, atol=1e-3)
+        assert (got["topk_ids"].long() == ref["topk_ids"]).float().mean() > 0.99
+        for k in ("log_tail", "entropy", "gold_logprob", "tail_logz"):
+            torch.testing.assert_close(got[k], ref[k], rtol=1e-3, atol=1e-3)
+
+
+def test_sampled_ids_do_not_depend_on_batch_or_chunk_size():
+    t = _teacher(_llama())
+    x = torch.randint(0, VOCAB, (4, 128), generator=torch.Generator().manual_seed(3))
+    whole = _chunked(t, x, None, row_start=10)
+    one_by_one = [_chunked(t, x[r: r + 1], 64, row_start=10 + r) for r in range(4)]
+    pairs = [_chunked(t, x[r: r + 2], 192, row_start=10 + r) for r in (0, 2)]
+    for parts in (one_by_one, pairs):
+        for k in ("draws", "topk_ids", "topk_logprobs"):
+            assert torch.equal(whole[k], torch.cat([p[k] for p in parts])), k
+
+
+def test_logit_softcapping_is_applied_like_the_model():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=128,
+                       final_logit_softcapping=5.0)
+    t = _teacher(Gemma2ForCausalLM(cfg))
+    assert logit_ops(t.model.config) == (("softcap", 5.0),)
+    x = torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(4))
+    _assert_equal(_chunked(t, x, 64), _reference(t, x))
+
+
+def test_a_head_chorus_cannot_reproduce_is_refused(monkeypatch):
+    from transformers import LlamaForCausalLM
+
+    forward = LlamaForCausalLM.forward
+
+    def scaled(self, *args, **kwargs):  # an architecture that rescales its logits in a way no config names
+        out = forward(self, *args, **kwargs)
+        out.logits = out.logits * 3.0
+        return out
+
+    monkeypatch.setattr(LlamaForCausalLM, "forward", scaled)
+    t = _teacher(_llama())
+    with pytest.raises(ChorusError, match="not a linear head over the final hidden states"):
+        _chunked(t, torch.randint(0, VOCAB, (1, 16)), None)
+
+
+MEMORY_SCRIPT = """
+import resource, sys, torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from chorus.pipeline._teacher import Teacher
+torch.set_num_threads(1)
+length, vocab, chunk = {length}, {vocab}, {chunk}
+cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=2, max_position_embeddings=length)
+t = Teacher(LlamaForCausalLM(cfg).eval().requires_grad_(False), torch.device("cpu"), torch.float32, vocab, "tiny",
+            "local", "fp", "tokenizer", chunk_size=chunk)
+x = torch.randint(0, vocab, (1, length))
+with torch.inference_mode():
+    t.targets(x[:, :64], top_k=8, num_samples=8, seed=0, row_start=0, tail_betas=(1.0,))  # the head check
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = t.targets(x, top_k=8, num_samples=8, seed=0, row_start=0, tail_betas=(1.0,))
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+assert out["topk_ids"].shape == (1, length, 8)
+print((after - before) * 1024)
+"""
+
+
+def test_a_long_row_with_a_large_vocabulary_caches_in_bounded_memory():
+    """L = 8192, V = 32 000: full fp32 logits alone would be 8192·32000·4 B = 1.05 GB (the per-row reference held
+    ~3 such buffers). Chunks of 512 positions hold a few 512·32000·4 B = 66 MB buffers: the whole pass (body,
+    attention, head, targets: top-k, samples, statistics) must stay under 300 MB of peak RSS growth (measured
+    ~190 MB with the default statistics grid; k, M and the grid are kept small here only to keep the test fast)."""
+    script = textwrap.dedent(MEMORY_SCRIPT.format(length=8192, vocab=32000, chunk=512))
+    src = os.path.join(os.path.dirname(__file__), "..", "..", "src")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.abspath(src)}
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    peak = int(res.stdout.split()[-1])
+    assert peak < 300e6, f"peak RSS grew by {peak / 1e6:.0f} MB"
