@@ -86,12 +86,17 @@ def _check_schema(results: dict) -> None:
 
 
 def _check_students_differ_only_in_teachers(out) -> None:
-    """Honest comparison: one model config, step count, row stream, seed and loss for every student."""
+    """Honest comparison: one model config, step count, row stream, seed and loss for every student; the KD
+    students share one KD weight; only the ensemble's blend (filled in from the store) differs."""
     configs = {p.parent.name: yaml.safe_load(p.read_text()) for p in sorted((out / "students").glob("*/config.yaml"))}
     assert len(configs) == 5
-    rest = [{k: v for k, v in c.items() if k not in ("teachers", "out")} for c in configs.values()]
+    blend = ("domain_weights", "weighting", "beta", "teacher_temperatures")
+    rest = [{k: v for k, v in c.items() if k not in ("teachers", "out", "kd_weight", *blend)} for c in configs.values()]
     assert all(c == rest[0] for c in rest[1:])
-    assert rest[0]["train_domains"] == [] and rest[0]["kd_weight"] == 1.0
+    assert rest[0]["train_domains"] == [] and rest[0]["train_rows"] == demo.QUICK.student_rows
+    assert configs["student-ce"]["kd_weight"] == 0.0
+    assert {c["kd_weight"] for n, c in configs.items() if n != "student-ce"} == {demo.QUICK.kd_weight}
+    assert all(configs[n][k] == configs["student-ce"][k] for n in configs if n != "student-ensemble" for k in blend)
     assert configs["student-ce"]["teachers"] == []
     assert sorted(configs["student-ensemble"]["teachers"]) == sorted(_demo_corpus.DOMAINS)
 

@@ -39,11 +39,8 @@ def check_teachers(store: Store, names: Sequence[str], *, need_samples: bool = F
     """The manifests of ``names``, refusing (one line, naming the teacher) any that cannot be joined, and a store
     with any structural problem a reader would trip on (``chorus verify`` names the same)."""
     corpus = store.manifest
-    for name in names:
-        store.teacher_manifest(name)  # an unknown name: one line listing the teachers there are
-    check_store(store, list(names))
     out = []
-    for name in names:
+    for name in names:  # what a user most likely got wrong first, named plainly; then the store's structure
         m = store.teacher_manifest(name)
         unit = f"teachers/{name}"
         if m.status != "complete" or not store.is_complete(unit, corpus.num_shards):
@@ -60,6 +57,7 @@ def check_teachers(store: Store, names: Sequence[str], *, need_samples: bool = F
             raise ChorusError(f"teacher '{name}' has no sampled targets (cached with --samples 0); "
                               "use target=topk_tail or recache it with --samples M")
         out.append(m)
+    check_store(store, list(names))
     return out
 
 
