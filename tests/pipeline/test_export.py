@@ -79,3 +79,28 @@ def test_export_of_an_incomplete_cache_is_refused(tmp_path, store_copy, teacher_
     rc = cli.main(["export", "--store", store_copy, "--teacher", "half", "--out", str(tmp_path / "x")])
     err = capsys.readouterr().err
     assert rc == 2 and "incomplete" in err
+
+
+def test_tampered_export_is_refused_before_anything_is_committed(tmp_path, cached_store, store_copy, capsys):
+    """One value edited in an exported parquet file: import exits 2 with one line, commits no shard, and a
+    rerun refuses again (it never reports the tampered copy as equal to the exported cache)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = str(tmp_path / "export")
+    files = export.run_export(ExportConfig(store=cached_store, teacher="tiny", out=out, format="parquet"))
+    victim = files[len(files) // 2]
+    table = pq.read_table(victim)
+    ids = table.column("topk_ids").to_pylist()
+    ids[0][0][0] = (ids[0][0][0] + 1) % 300
+    table = table.set_column(table.schema.get_field_index("topk_ids"), "topk_ids",
+                             pa.array(ids, type=table.schema.field("topk_ids").type))
+    pq.write_table(table, victim)
+    capsys.readouterr()
+    for _ in range(2):
+        assert cli.main(["import", "--store", store_copy, "--src", out]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "Traceback" not in err[0]
+        st = Store.open(store_copy, "r")
+        assert "tiny" not in st.teacher_names() or (not st.commits("teachers/tiny")
+                                                    and st.teacher_manifest("tiny").status != "complete")
