@@ -461,11 +461,7 @@ def _train(cfg: TrainConfig, dist: _Dist) -> dict:
             paused = time.perf_counter()
             if evals and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:  # final: after the save
                 if dist.main:
-                    res = evaluate_model(student, cfg.store, max_rows=cfg.eval_rows, batch_size=cfg.batch_size,
-                                         teachers=[], chunk_size=cfg.chunk_size, storage_options=cfg.storage_options)
-                    row.update({f"eval/{d}": v for d, v in res["per_domain"].items()})
-                    row.update({"eval/mean": res["mean"], "eval/worst": res["worst"], "eval/ece": res["ece"]})
-                    result = res
+                    result = _evaluate_into(row, student, cfg)
                 dist.barrier()
             if step < cfg.steps:
                 log.write(step, row)
@@ -485,11 +481,7 @@ def _train(cfg: TrainConfig, dist: _Dist) -> dict:
     result = {}
     if evals:
         if dist.main:
-            res = evaluate_model(student, cfg.store, max_rows=cfg.eval_rows, batch_size=cfg.batch_size,
-                                 teachers=[], chunk_size=cfg.chunk_size, storage_options=cfg.storage_options)
-            final_row.update({f"eval/{d}": v for d, v in res["per_domain"].items()})
-            final_row.update({"eval/mean": res["mean"], "eval/worst": res["worst"], "eval/ece": res["ece"]})
-            result = res
+            result = _evaluate_into(final_row, student, cfg)
         dist.barrier()
     log.write(cfg.steps, final_row)
     log.close()
@@ -555,6 +547,15 @@ def _student_masks(spec: str, model: torch.nn.Module):
 
     masks = Masks.load(spec) if os.path.isdir(os.path.expanduser(spec)) else None
     return masks.bind(model) if masks else None
+
+
+def _evaluate_into(row: dict, student: Student, cfg: TrainConfig) -> dict:
+    """Held-out metrics of ``student``, added to the log ``row`` as eval/* columns."""
+    res = evaluate_model(student, cfg.store, max_rows=cfg.eval_rows, batch_size=cfg.batch_size, teachers=[],
+                         chunk_size=cfg.chunk_size, storage_options=cfg.storage_options)
+    row.update({f"eval/{d}": v for d, v in res["per_domain"].items()})
+    row.update({"eval/mean": res["mean"], "eval/worst": res["worst"], "eval/ece": res["ece"]})
+    return res
 
 
 def _fresh_acc() -> dict:
