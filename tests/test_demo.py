@@ -75,10 +75,11 @@ def _check_schema(results: dict) -> None:
     assert sorted(domains) == sorted(_demo_corpus.DOMAINS)
     names = [r["name"] for r in results["rows"]]
     assert names == [f"teacher-{d}" for d in domains] + ["student-ce"] + [f"student-kd-{d}" for d in domains] + [
-        "student-ensemble"]
+        "student-ensemble", demo.COMPRESSED]
     for r in results["rows"]:
         assert {"name", "kind", "per_domain", "mean", "worst", "ece"} <= set(r)
-        assert r["kind"] == ("teacher" if r["name"].startswith("teacher-") else "student")
+        kind = "pruned" if r["name"] == demo.COMPRESSED else "teacher" if r["name"].startswith("teacher-") else "student"
+        assert r["kind"] == kind
         losses = [r["per_domain"][d] for d in domains]
         assert all(math.isfinite(v) and v > 0 for v in losses)
         assert r["worst"] == pytest.approx(max(losses)) and r["mean"] == pytest.approx(sum(losses) / len(losses))

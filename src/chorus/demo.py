@@ -468,12 +468,37 @@ def _students(r: _Run) -> list[str]:
         jobs.append(_train_job(r, 6, f"training {name}: {how}, {s.student_steps} steps", name, scfg, deps))
     r.runner.run(jobs)
     r.keys.update({name: job.key for name, job in zip(students, jobs)})
+    _compress(r)
     return list(students)
+
+
+COMPRESSED = "teacher-base-half"  # the teachers' base compressed to half its parameters by SparseKD
+
+
+def _compress(r: _Run) -> None:
+    """SparseKD on the teachers' base: pruned to half its parameters in two stages, each distilled from the
+    fitted blend of the three specialists with the students' steps and rows (chorus compress)."""
+    from chorus.config import CompressConfig
+
+    s = r.scale
+    train = {"batch_size": s.batch_size, "lr": s.lr, "warmup_steps": s.warmup_steps, "kd_weight": s.kd_weight,
+             "train_rows": s.student_rows, "device": "cpu"}
+    ccfg = CompressConfig(store=r.store, model=str(r.out / "teachers" / "base" / "model"), out=str(r.out / "compressed"),
+                          teachers=list(r.domains), target_params=0.5, stages=2, steps=s.student_steps,
+                          seed=r.cfg.seed, eval_rows=TRAIN_EVAL_ROWS, train=train)
+    key = r.stages.key("compress", _cfg_key(ccfg), r.keys["blend"], *(r.keys[d] for d in r.domains))
+    job = _Job(6, f"compressing the teachers' base to half its parameters in 2 stages, each distilled from the blend "
+                  f"({s.student_steps} steps in all)", "compress", key, "chorus.compress.stages:run",
+               lambda resume, c=ccfg: dataclasses.replace(c, overwrite=not resume),
+               lambda: (r.out / "compressed" / "results.json").is_file())
+    r.runner.run([job])
+    r.keys[COMPRESSED] = job.key
 
 
 def _evaluate_all(r: _Run, students: list[str]) -> list[dict]:
     runs = [("teacher", f"teacher-{d}", d, r.out / "teachers" / d) for d in r.domains]
     runs += [("student", name, name, r.out / "students" / name) for name in students]
+    runs += [("pruned", COMPRESSED, COMPRESSED, r.out / "compressed" / "stage-02" / "train")]
     (r.out / "eval").mkdir(exist_ok=True)
     jobs = []
     for _kind, label, key, run_dir in runs:
