@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from chorus.storage import TAIL_BETAS
@@ -83,6 +83,8 @@ def test_continuous_in_the_parameter(name, d, t):
 def test_limits_argmax_and_uniform(name, d):
     p = dense(d)
     top = p >= p.max() - 1e-6
+    runner_up = torch.where(top, 0.0, p).max()
+    assume(float(p.max() - runner_up) > 1e-3)  # near-ties (rounding-level) have no well-defined argmax limit
     sharp = dense(SOFTENINGS[name](d, 1e-4))
     assert float(sharp[top].sum()) > 0.99  # all mass on the largest ids
     flat = dense(SOFTENINGS[name](d, 1e5))
