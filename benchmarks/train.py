@@ -29,7 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import table, write  # noqa: E402
 
-from chorus.storage import (  # noqa: E402  # noqa: E402
+from chorus.storage import (  # noqa: E402
     ArraySpec,
     CorpusManifest,
     Store,
