@@ -103,6 +103,8 @@ class TrainConfig:
                             "weighting override it)")
     train_domains: list = opt([], "train only on rows of these domains (default: all)")
     train_rows: Optional[int] = opt(None, "train on at most this many rows, evenly spread over the store (default: all)")
+    exclude_rows: Optional[int] = opt(None, "never train on the rows `train_rows: N` would pick with N = this (e.g. "
+                                            "keep a teacher off the students' distillation set)")
     eval_every: int = opt(200, "evaluate on the held-out split every N steps (0: only at the end)")
     eval_rows: int = opt(256, "held-out rows per evaluation")
     save_every: int = opt(500, "checkpoint every N steps (0: only at the end)")

@@ -143,3 +143,18 @@ def test_missing_teacher_and_missing_samples_are_refused(teacher_store, tmp_path
     write_teacher(url, "nosamples", bigram_teacher(vocab_size, seed=2), top_k=4)
     with pytest.raises(ChorusError, match="teacher 'nosamples' has no sampled targets"):
         CachedRows(url, batch_size=4, teachers=["nosamples"], samples=True)
+
+
+def test_exclude_rows_leaves_out_exactly_the_rows_train_rows_picks(teacher_store):
+    def rows(**kw) -> set[int]:
+        return set(CachedRows(teacher_store, batch_size=4, teachers=[], epochs=1, **kw).rows.tolist())
+
+    every, picked, rest = rows(), rows(max_rows=7), rows(exclude_rows=7)
+    assert len(picked) == 7 and picked | rest == every and not picked & rest  # a teacher never sees a student's rows
+    # with a domain filter, the same global selection is excluded (a specialist keeps off the students' rows too)
+    store = Store.open(teacher_store, "r")
+    domain = store.read_rows("corpus", "domain", 0, store.manifest.num_rows)
+    d0 = rows(domains=[store.manifest.domains[0]], exclude_rows=7)
+    assert d0 == {r for r in every - picked if domain[r] == 0}
+    with pytest.raises(ChorusError, match="exclude_rows"):
+        rows(exclude_rows=0)

@@ -73,6 +73,11 @@ def complete_teachers(store: Store) -> list[str]:
     return ok
 
 
+def _spread(rows: np.ndarray, n: int) -> np.ndarray:
+    """At most ``n`` of ``rows``, evenly spread over them (not the first ones): ``train_rows``' selection."""
+    return rows if n >= len(rows) else rows[np.linspace(0, len(rows) - 1, n).astype(np.int64)]
+
+
 def _dist_rank() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -119,6 +124,7 @@ class CachedRows(IterableDataset):
         seed: int = 0,
         epochs: int | None = None,
         max_rows: int | None = None,
+        exclude_rows: int | None = None,
         rank: int | None = None,
         world_size: int | None = None,
         verify: bool = True,
@@ -162,10 +168,13 @@ class CachedRows(IterableDataset):
                 raise ChorusError(f"unknown domain(s) {', '.join(unknown)}; the store has: {', '.join(m.domains)}")
             keep &= np.isin(domain_of, [m.domains.index(d) for d in domains])
         rows = np.flatnonzero(keep)
-        if max_rows is not None and max_rows < 1:
-            raise ChorusError(f"max_rows: expected a positive number of rows, got {max_rows}")
-        if max_rows is not None and max_rows < len(rows):  # evenly spread over the store, not its first rows
-            rows = rows[np.linspace(0, len(rows) - 1, max(max_rows, 1)).astype(np.int64)]
+        for what, n in (("max_rows", max_rows), ("exclude_rows", exclude_rows)):
+            if n is not None and n < 1:
+                raise ChorusError(f"{what}: expected a positive number of rows, got {n}")
+        if exclude_rows is not None:  # the rows `max_rows=exclude_rows` picks from the whole split, left out
+            rows = np.setdiff1d(rows, _spread(np.flatnonzero(split_of == SPLITS[split]), exclude_rows))
+        if max_rows is not None:
+            rows = _spread(rows, max_rows)
         if len(rows) == 0:
             what = f"split '{split}'" + (f" and domains {', '.join(domains)}" if domains else "")
             raise ChorusError(f"store '{store}' has no rows in {what}")

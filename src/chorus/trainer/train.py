@@ -102,8 +102,9 @@ def _validate(cfg: TrainConfig, domains: tuple[str, ...]) -> None:
     for key in ("eval_every", "eval_rows", "save_every", "warmup_steps", "num_workers"):
         if getattr(cfg, key) < 0:
             raise ChorusError(f"train key '{key}': expected an integer >= 0, got {getattr(cfg, key)}")
-    if cfg.train_rows is not None and cfg.train_rows < 1:
-        raise ChorusError(f"train key 'train_rows': expected a positive integer, got {cfg.train_rows}")
+    for key in ("train_rows", "exclude_rows"):
+        if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
+            raise ChorusError(f"train key '{key}': expected a positive integer, got {getattr(cfg, key)}")
     if not (math.isfinite(cfg.lr) and cfg.lr > 0):
         raise ChorusError(f"train key 'lr': expected a positive finite number, got {cfg.lr}")
     for key in ("weight_decay", "clip", "beta"):
@@ -269,7 +270,7 @@ def _train(cfg: TrainConfig, dist: _Dist) -> dict:
     autocast, amp_dtype = _autocast(cfg, dist.device)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=amp_dtype == torch.float16)
     data = CachedRows(cfg.store, batch_size=cfg.batch_size, teachers=cfg.teachers, split="train",
-                      domains=cfg.train_domains or None, max_rows=cfg.train_rows,
+                      domains=cfg.train_domains or None, max_rows=cfg.train_rows, exclude_rows=cfg.exclude_rows,
                       samples=cfg.target == "samples", topk=cfg.target != "samples",
                       shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, rank=dist.rank, world_size=dist.world,
                       storage_options=cfg.storage_options)
