@@ -342,14 +342,17 @@ def _teachers(r: _Run) -> None:
     into a specialist per domain (like a family's coder / writer variants), each several times the
     student's size."""
     s, stages = r.scale, r.stages
-    bcfg = r.train_config(str(r.out / "models" / "teacher.yaml"), r.out / "teachers" / "base", s.base_steps)
+    # the teachers never see the students' distillation set: in real use a teacher was trained on other text
+    # than the corpus it labels, and a teacher that memorized its rows teaches its students to memorize them
+    apart = {"exclude_rows": s.student_rows}
+    bcfg = r.train_config(str(r.out / "models" / "teacher.yaml"), r.out / "teachers" / "base", s.base_steps, **apart)
     base = _train_job(r, 3, f"training the teachers' base from scratch on every domain (CE, {s.base_steps} steps)",
                       "teacher-base", bcfg, [r.keys["corpus"], s.teacher])
     r.runner.run([base])
     jobs = []
     for d in r.domains:
         tcfg = r.train_config(str(r.out / "teachers" / "base" / "model"), r.out / "teachers" / d, s.finetune_steps,
-                              train_domains=[d], lr=s.lr / 2)
+                              train_domains=[d], lr=s.lr / 2, **apart)
         jobs.append(_train_job(r, 3, f"fine-tuning the base into teacher {d} on {d} rows (CE, {s.finetune_steps} steps)",
                                f"teacher-{d}", tcfg, [base.key]))
     r.runner.run(jobs)

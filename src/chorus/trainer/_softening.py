@@ -75,7 +75,7 @@ def linear(dist: SparseDist, temperature: float) -> SparseDist:
     tail = dist.tail * scale + torch.where(tail_top, share[:, 0] * n_tail, 0.0)
     tail_fn = None
     if dist.tail_fn is not None:  # every tail id is scaled by the same factor: A_q(β) = A_p(β) + β log(scale)
-        tail_fn = Tail(dist.tail_fn.betas, dist.tail_fn.logz + dist.tail_fn.betas[None, :] * scale.log()[:, None])
+        tail_fn = Tail(dist.tail_fn.betas, dist.tail_fn.logz + dist.tail_fn.betas.to(scale)[None, :] * scale.log()[:, None])
     return SparseDist(dist.ids, logp, tail, v, tail_fn, None, None)
 
 

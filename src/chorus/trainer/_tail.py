@@ -22,7 +22,10 @@ NEG_INF = float("-inf")
 
 @dataclass
 class Tail:
-    """A(β) at knots: betas (G,) ascending and > 0, logz (N, G). Rows with an empty tail hold -inf."""
+    """A(β) at knots: betas (G,) ascending and > 0, logz (N, G). Rows with an empty tail hold -inf.
+
+    The grid ``betas`` stays on the host whatever the device of ``logz``: the interpolation reads knots
+    as numbers, and reading them from an accelerator would cost a host sync per batch."""
 
     betas: Tensor
     logz: Tensor
@@ -31,7 +34,7 @@ class Tail:
         return Tail(self.betas, self.logz[index])
 
     def to(self, device) -> Tail:
-        return Tail(self.betas.to(device), self.logz.to(device))
+        return Tail(self.betas, self.logz.to(device))
 
 
 @dataclass
@@ -51,20 +54,21 @@ class Stats:
         """The knots of A: the grid plus β = 1 (log τ, exact)."""
         if self.tail_logz is None or self.tail_betas is None:
             return None
-        betas = torch.cat([self.tail_betas.to(self.log_tail), torch.ones(1, device=self.log_tail.device)])
+        betas = torch.cat([self.tail_betas.detach().to("cpu", torch.float64), torch.ones(1, dtype=torch.float64)])
         logz = torch.cat([self.tail_logz.float(), self.log_tail[:, None].float()], dim=-1)
         order = torch.argsort(betas)
-        return Tail(betas[order], logz[:, order])
+        return Tail(betas[order], logz[:, order.to(logz.device)])
 
 
 def evaluate(tail: Tail, log_n: Tensor, gamma: float) -> tuple[Tensor, Tensor]:
     """(A(γ), A'(γ)), each (N,), from the knots plus A(0) = log_n (N,) (log of the ids outside the support)."""
-    betas = torch.cat([torch.zeros(1, device=tail.betas.device, dtype=tail.betas.dtype), tail.betas]).double()
+    betas = torch.cat([torch.zeros(1, dtype=torch.float64), tail.betas.double().cpu()])  # host: no sync
     values = torch.cat([log_n[:, None].double(), tail.logz.double()], dim=-1)
     empty = ~torch.isfinite(values).all(-1)
     values = torch.where(empty[:, None], torch.zeros_like(values), values)
-    h = betas[1:] - betas[:-1]  # (G,)
-    d = (values[:, 1:] - values[:, :-1]) / h  # secant slopes (N, G)
+    h = betas[1:] - betas[:-1]  # (G,) on the host
+    h_dev = h.to(values.device)
+    d = (values[:, 1:] - values[:, :-1]) / h_dev  # secant slopes (N, G)
     g = float(gamma)
     if g >= float(betas[-1]):  # beyond the grid: the last secant, extended
         a = values[:, -1] + (g - float(betas[-1])) * d[:, -1]
@@ -72,8 +76,8 @@ def evaluate(tail: Tail, log_n: Tensor, gamma: float) -> tuple[Tensor, Tensor]:
     else:
         m = torch.empty_like(values)
         m[:, 0], m[:, -1] = d[:, 0], d[:, -1]
-        m[:, 1:-1] = (h[1:] * d[:, :-1] + h[:-1] * d[:, 1:]) / (h[:-1] + h[1:])
-        i = int(torch.searchsorted(betas, torch.tensor([g], dtype=betas.dtype, device=betas.device), right=True)) - 1
+        m[:, 1:-1] = (h_dev[1:] * d[:, :-1] + h_dev[:-1] * d[:, 1:]) / (h_dev[:-1] + h_dev[1:])
+        i = int(torch.searchsorted(betas, torch.tensor([g], dtype=betas.dtype), right=True)) - 1
         i = min(max(i, 0), len(h) - 1)
         hi = float(h[i])
         t = (g - float(betas[i])) / hi
@@ -88,4 +92,4 @@ def evaluate(tail: Tail, log_n: Tensor, gamma: float) -> tuple[Tensor, Tensor]:
 def rescale(tail: Tail, beta: float, log_z: Tensor) -> Tail:
     """The tail of q = p^β / Z: A_q(γ) = A_p(βγ) − γ log Z, so the knots move to β_g / β."""
     betas = tail.betas / beta
-    return Tail(betas, tail.logz - betas[None, :] * log_z[:, None])
+    return Tail(betas, tail.logz - betas.to(tail.logz)[None, :] * log_z[:, None])

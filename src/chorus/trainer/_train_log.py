@@ -64,8 +64,11 @@ class EnsembleStats:
         self.jsd, self.n = 0.0, 0
 
     def add_weights(self, domain: torch.Tensor, w: torch.Tensor) -> None:
-        self.wsum.index_add_(0, domain.cpu(), w.detach().double().cpu())
-        self.wcount += torch.bincount(domain.cpu(), minlength=len(self.domains)).double()
+        """Sums on the weights' device, without a host sync (bincount would need one to size its output)."""
+        if self.wsum.device != w.device:
+            self.wsum, self.wcount = self.wsum.to(w.device), self.wcount.to(w.device)
+        self.wsum.index_add_(0, domain, w.detach().double())
+        self.wcount.index_add_(0, domain, torch.ones(domain.shape, dtype=torch.float64, device=domain.device))
 
     def add_disagreement(self, pooled, dists: list) -> None:
         top = ensemble.top1(pooled)
@@ -74,7 +77,7 @@ class EnsembleStats:
         self.n += 1
 
     def state_dict(self) -> dict:
-        return {"wsum": self.wsum, "wcount": self.wcount, "differs": self.differs, "jsd": self.jsd, "n": self.n}
+        return {"wsum": self.wsum.cpu(), "wcount": self.wcount.cpu(), "differs": self.differs, "jsd": self.jsd, "n": self.n}
 
     def load_state_dict(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -84,9 +87,10 @@ class EnsembleStats:
                 + [f"top1_differs/{t}" for t in self.teachers] + ["teacher_jsd"])
 
     def row(self) -> dict:
-        mean_w = self.wsum / self.wcount.clamp_min(1)[:, None]
+        wsum, wcount = self.wsum.cpu(), self.wcount.cpu()
+        mean_w = wsum / wcount.clamp_min(1)[:, None]
         out = {f"weight/{d}/{t}": float(mean_w[i, j]) for i, d in enumerate(self.domains)
-               for j, t in enumerate(self.teachers) if self.wcount[i] > 0}
+               for j, t in enumerate(self.teachers) if wcount[i] > 0}
         if self.n:
             out.update({f"top1_differs/{t}": float(self.differs[j] / self.n) for j, t in enumerate(self.teachers)})
             out["teacher_jsd"] = self.jsd / self.n

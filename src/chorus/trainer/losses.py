@@ -220,14 +220,13 @@ def _per_position(
 
 def _combine(
     ce: Tensor, kd: Tensor, gold: Tensor, kd_weight: float, has_targets: bool
-) -> tuple[Tensor, dict[str, float]]:
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The masked mean of (1-w)·CE + w·KD, and the detached means of CE and KD as 0-d tensors (turning
+    them into numbers is the caller's choice: a host sync, which a training step makes only on log steps)."""
     mask = gold != IGNORE_INDEX
     w = kd_weight if has_targets else 0.0
     loss = masked_mean((1.0 - w) * ce + w * kd, mask)
-    metrics = {
-        "ce": float(masked_mean(ce.detach(), mask)),
-        "kd": float(masked_mean(kd.detach(), mask)),
-    }
+    metrics = {"ce": masked_mean(ce.detach(), mask), "kd": masked_mean(kd.detach(), mask)}
     return loss, metrics
 
 
@@ -245,16 +244,77 @@ def distill_loss_from_logits(
     kd_weight: float,
     temperature: float = 1.0,
     divergence_kwargs: dict[str, Any] | None = None,
-) -> tuple[Tensor, dict[str, float]]:
+) -> tuple[Tensor, dict[str, Tensor]]:
     """Unchunked reference: logits (N, V), gold (N,) with -100 = ignore, targets over N
     positions or None (pure CE), already at temperature T (the target builder softens the teachers).
     Per position (1-w)·CE + w·T²·D(p_T, s_T), s_T = softmax(logits / T);
-    returns the masked mean and detached {"ce", "kd"} means."""
+    returns the masked mean and detached {"ce", "kd"} means (0-d tensors)."""
     _check_weight(kd_weight)
     ce, kd = _per_position(
         logits, gold, targets, _resolve(loss_fn), temperature, divergence_kwargs or {}
     )
     return _combine(ce, kd, gold, kd_weight, targets is not None)
+
+
+class _FusedHeadLoss(torch.autograd.Function):
+    """The chunked loss with its backward done in forward, chunk by chunk ("fused linear cross-entropy",
+    as in Liger-Kernel / Cut Cross-Entropy, here in pure torch for every divergence): each chunk's logits
+    are computed once, its loss and its gradients w.r.t. the chunk's hidden states and the head are taken
+    at once, and the chunk's (chunk, V) tensors are freed. Backward only scales the stored gradients.
+    Three matmuls per chunk (logits, dH, dW) against four with activation checkpointing (which recomputes
+    the logits in backward), and peak memory one chunk's (chunk, V) fp32 plus the gradient buffers
+    (the size of the hidden states and of the head).
+
+    Outputs the loss and the detached CE and KD means; inputs as :func:`chunked_distill_loss`."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, gold, targets, fn, temperature, kwargs, kd_weight, chunk_size):  # noqa: D401
+        mask = gold != IGNORE_INDEX
+        denom = mask.sum().clamp_min(1).to(torch.float32)
+        w_kd = kd_weight if targets is not None else 0.0
+        wants = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+        grad_h = torch.zeros_like(hidden) if wants[0] else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if wants[1] else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if wants[2] else None
+        ce_sum = torch.zeros((), device=hidden.device)
+        kd_sum = torch.zeros((), device=hidden.device)
+        w_in = weight.detach().requires_grad_(wants[1])
+        b_in = bias.detach().requires_grad_(wants[2]) if bias is not None else None
+        for start in range(0, hidden.shape[0], chunk_size):
+            sl = slice(start, start + chunk_size)
+            tgt = targets.rows(sl) if targets is not None else None
+            with torch.enable_grad():
+                h = hidden[sl].detach().requires_grad_(wants[0])
+                ce, kd = _per_position(F.linear(h, w_in, b_in), gold[sl], tgt, fn, temperature, kwargs)
+                m = mask[sl]
+                zero = torch.zeros_like(ce)
+                ce, kd = torch.where(m, ce, zero), torch.where(m, kd, zero)  # masked entries never leak
+                chunk = ((1.0 - w_kd) * ce + w_kd * kd).sum() / denom
+                leaves = [x for x, want in zip((h, w_in, b_in), wants) if want]
+                grads = iter(torch.autograd.grad(chunk, leaves)) if leaves else iter(())
+            if wants[0]:
+                grad_h[sl] = next(grads)
+            if wants[1]:
+                grad_w += next(grads)
+            if wants[2]:
+                grad_b += next(grads)
+            ce_sum += ce.detach().sum()
+            kd_sum += kd.detach().sum()
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        loss = ((1.0 - w_kd) * ce_sum + w_kd * kd_sum) / denom
+        ce_mean, kd_mean = ce_sum / denom, kd_sum / denom
+        ctx.mark_non_differentiable(ce_mean, kd_mean)
+        return loss, ce_mean, kd_mean
+
+    @staticmethod
+    def backward(ctx, g_loss, _g_ce, _g_kd):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        w_dtype, b_dtype = ctx.dtypes
+        out_h = grad_h * g_loss.to(grad_h.dtype) if grad_h is not None else None
+        out_w = (grad_w * g_loss).to(w_dtype) if grad_w is not None else None
+        out_b = (grad_b * g_loss).to(b_dtype) if grad_b is not None else None
+        return out_h, out_w, out_b, None, None, None, None, None, None, None
 
 
 def chunked_distill_loss(
@@ -269,18 +329,26 @@ def chunked_distill_loss(
     chunk_size: int = 1024,
     lm_head_bias: Tensor | None = None,
     divergence_kwargs: dict[str, Any] | None = None,
-) -> tuple[Tensor, dict[str, float]]:
+    fused: bool = True,
+) -> tuple[Tensor, dict[str, Tensor]]:
     """Same math as :func:`distill_loss_from_logits`, from hidden states (N, H) and the LM
-    head (V, H) (+ bias (V,)), chunk_size positions at a time.
+    head (V, H) (+ bias (V,)), chunk_size positions at a time: an (N, V) fp32 tensor never exists.
 
-    Each chunk runs under activation checkpointing, so its fp32 (chunk, V) logits and
-    log-probs are recomputed in backward instead of being kept alive for all N positions:
-    peak memory is one chunk's worth, not (N, V)."""
+    With gradients wanted, the default ``fused=True`` takes each chunk's gradients in forward
+    (:class:`_FusedHeadLoss`: the logits are computed once); ``fused=False`` runs each chunk under
+    activation checkpointing instead (the logits are recomputed in backward: the reference path)."""
     _check_weight(kd_weight)
     if chunk_size < 1:
         raise ChorusError(f"chunk_size must be >= 1, got {chunk_size}")
+    if hidden.shape[0] == 0:
+        raise ChorusError("chunked_distill_loss got zero positions")
     fn = _resolve(loss_fn)
     kwargs = divergence_kwargs or {}
+    wants_grad = hidden.requires_grad or lm_head_weight.requires_grad or (lm_head_bias is not None and lm_head_bias.requires_grad)
+    if fused and torch.is_grad_enabled() and wants_grad:
+        loss, ce, kd = _FusedHeadLoss.apply(hidden, lm_head_weight, lm_head_bias, gold, targets, fn, temperature,
+                                            kwargs, kd_weight, chunk_size)
+        return loss, {"ce": ce, "kd": kd}
 
     def chunk_losses(h: Tensor, g: Tensor, tgt: SparseDist | None) -> tuple[Tensor, Tensor]:
         logits = F.linear(h, lm_head_weight, lm_head_bias)

@@ -32,7 +32,7 @@ from chorus.trainer import _checkpoint as ckpt
 from chorus.trainer._student import Student, load_student
 from chorus.trainer._train_log import EnsembleStats, MetricsLog
 from chorus.trainer.blend import stored_blend
-from chorus.trainer.data import CachedRows, StreamLoader, check_teachers, positions
+from chorus.trainer.data import CachedRows, Positions, StreamLoader, check_teachers, positions
 from chorus.trainer.evaluate import evaluate_model
 from chorus.trainer.losses import get_loss
 from chorus.trainer.targets import TargetBuilder, check_combination
@@ -69,10 +69,15 @@ class _Dist:
             torch.distributed.barrier()
 
     def sum(self, values: list[float]) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)  # NCCL reduces device tensors only
+        return self.sum_async(values).cpu().tolist()
+
+    def sum_async(self, values: list[float] | torch.Tensor) -> torch.Tensor:
+        """The sum over ranks as a float64 tensor on this rank's device (NCCL reduces device tensors
+        only); reading it is the caller's host sync, not this call's."""
+        t = torch.as_tensor(values, dtype=torch.float64).to(self.device)
         if self.world > 1:
             torch.distributed.all_reduce(t)
-        return t.cpu().tolist()
+        return t
 
     def gather(self, obj: object) -> list:
         if self.world == 1:
@@ -278,6 +283,7 @@ def _train(cfg: TrainConfig, dist: _Dist) -> dict:
 
     diag = EnsembleStats(domains, cfg.teachers) if len(cfg.teachers) >= 2 else None
     acc = _fresh_acc()  # running sums between two logged steps (checkpointed, so a resumed log is identical)
+    pending = torch.zeros(5, dtype=torch.float64, device=dist.device)  # device-side sums since the last flush
     final_row: dict = {}  # the last step's log row, written after the final eval
     start, tokens_seen = 0, 0
     if resume_from is not None:
@@ -290,7 +296,7 @@ def _train(cfg: TrainConfig, dist: _Dist) -> dict:
         rngs = state["rng"]
         ckpt.set_rng_state(rngs[dist.rank] if len(rngs) == dist.world else rngs[0])
         start, tokens_seen = state["step"], state["tokens"]
-        acc = state["log"]["acc"]
+        acc = state["log"]["acc"] if state["log"]["acc"].get("weighted") else _fresh_acc()  # older runs: per-step means
         final_row = state["log"].get("final_row") or {}
         if diag:
             diag.load_state_dict(state["log"]["diag"])
@@ -326,10 +332,15 @@ def _train(cfg: TrainConfig, dist: _Dist) -> dict:
         bar.update(start)
         for step in range(start + 1, cfg.steps + 1):
             log_now = step % cfg.log_every == 0 or step == cfg.steps
-            step_loss = [0.0, 0.0, 0.0, 0.0]  # loss, ce, kd (position-weighted sums), positions
-            for micro in range(cfg.grad_accum):
-                batch = next(batches)
-                pos = positions(batch, dist.device)
+            # The step's micro-batches first: positions are found on the host (no device sync), and the loss
+            # is normalized by the step's token count over every micro-batch and rank (a micro-batch of few
+            # tokens weighs what its tokens weigh, as in one big batch).
+            micro_batches = [next(batches) for _ in range(cfg.grad_accum)]
+            host = [positions(b) for b in micro_batches]
+            counts = [int((p.gold != -100).sum()) for p in host]
+            step_tokens = dist.sum_async([float(sum(counts))])[0].clamp_min(1.0)
+            for micro, (batch, pos_h, n) in enumerate(zip(micro_batches, host, counts)):
+                pos = _to_device(pos_h, dist.device)
                 targets, w, dists = targets_for(batch, pos)
                 sync = micro == cfg.grad_accum - 1 or dist.world == 1
                 with nullcontext() if sync else net.no_sync():  # DDP all-reduces on the last micro-batch only
@@ -337,9 +348,10 @@ def _train(cfg: TrainConfig, dist: _Dist) -> dict:
                         loss, parts = net(batch["input_ids"].to(dist.device, non_blocking=True), pos.attention_mask,
                                           pos.select, pos.gold, targets, loss_fn=loss_fn, kd_weight=cfg.kd_weight,
                                           temperature=cfg.temperature, chunk_size=cfg.chunk_size)
-                    scaler.scale(loss / cfg.grad_accum).backward()
-                n = int((pos.gold != -100).sum())
-                step_loss = [a + b for a, b in zip(step_loss, [float(loss.detach()) * n, parts["ce"] * n, parts["kd"] * n, n])]
+                    # DDP averages over ranks: × world turns that mean back into the global token mean
+                    scaler.scale(loss * (n * dist.world) / step_tokens).backward()
+                pending[:3] += torch.stack([loss.detach(), parts["ce"], parts["kd"]]).double() * n
+                pending[3] += n
                 if diag:  # weights every micro-batch, disagreement on logged steps only (it costs a union)
                     diag.add_weights(pos.domain, w)
                     if log_now and micro == 0:
@@ -352,29 +364,24 @@ def _train(cfg: TrainConfig, dist: _Dist) -> dict:
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-
-            total = dist.sum(step_loss)
-            positions_all = max(total[3], 1.0)
-            acc["loss"] += total[0] / positions_all
-            acc["ce"] += total[1] / positions_all
-            acc["kd"] += total[2] / positions_all
-            acc["grad_norm"] += float(norm)
+            pending[4] += norm.detach().double() / dist.world  # the same on every rank: the sum over ranks is it
             acc["steps"] += 1
-            acc["tokens"] += int(total[3])
-            tokens_seen += int(total[3])
-            bar.update(1, tokens=int(total[3]), loss=f"{total[0] / positions_all:.3f}")
+            if log_now or (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
+                tokens_seen += _flush(acc, pending, dist)  # the one host sync of a step, on log and save steps
 
             row: dict = {}
             if log_now:
                 now = time.perf_counter()
-                k = acc["steps"]
-                row = {"lr": scheduler.get_last_lr()[0], "loss": acc["loss"] / k, "ce": acc["ce"] / k,
-                       "kd": acc["kd"] / k, "grad_norm": acc["grad_norm"] / k, "tokens": tokens_seen,
+                k, n_all = acc["steps"], max(acc["tokens"], 1)
+                row = {"lr": scheduler.get_last_lr()[0], "loss": acc["loss"] / n_all, "ce": acc["ce"] / n_all,
+                       "kd": acc["kd"] / n_all, "grad_norm": acc["grad_norm"] / k, "tokens": tokens_seen,
                        "tokens_per_s": acc["tokens"] / max(now - t_last, 1e-9)}
                 if diag:
                     row.update(diag.row())
                 acc = _fresh_acc()
                 t_last = now
+            # exact token counts are reduced on log steps; the bar counts this rank's × ranks
+            bar.update(1, tokens=sum(counts) * dist.world, **({"loss": f"{row['loss']:.3f}"} if row else {}))
             paused = time.perf_counter()
             if evals and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:  # final: after the save
                 if dist.main:
@@ -476,7 +483,24 @@ def _evaluate_into(row: dict, student: Student, cfg: TrainConfig) -> dict:
 
 
 def _fresh_acc() -> dict:
-    return {"loss": 0.0, "ce": 0.0, "kd": 0.0, "grad_norm": 0.0, "steps": 0, "tokens": 0}
+    """Sums between two logged steps: loss, ce, kd weighted by tokens; grad_norm per step; steps; tokens."""
+    return {"loss": 0.0, "ce": 0.0, "kd": 0.0, "grad_norm": 0.0, "steps": 0, "tokens": 0, "weighted": True}
+
+
+def _flush(acc: dict, pending: torch.Tensor, dist: _Dist) -> int:
+    """Adds the device-side sums of the steps since the last flush (loss·n, ce·n, kd·n, n, grad norm) over
+    every rank into ``acc`` and zeroes them; returns the tokens they cover."""
+    total = dist.sum_async(pending).cpu().tolist()
+    pending.zero_()
+    for key, value in zip(("loss", "ce", "kd"), total):
+        acc[key] += value
+    acc["grad_norm"] += total[4]
+    acc["tokens"] += int(total[3])
+    return int(total[3])
+
+
+def _to_device(pos: Positions, device: torch.device) -> Positions:
+    return Positions(*(getattr(pos, f.name).to(device, non_blocking=True) for f in dataclasses.fields(pos)))
 
 
 def _save_checkpoint(out: Path, step: int, tokens: int, student: Student, optimizer, scheduler, scaler,
