@@ -110,6 +110,9 @@ class TrainConfig:
     save_every: int = opt(500, "checkpoint every N steps (0: only at the end)")
     log_every: int = opt(10, "log every N steps")
     precision: str = opt("auto", "autocast dtype", choices=("auto", "fp32", "bf16", "fp16"))
+    parallel: str = opt("ddp", "under torchrun: ddp (a replica per rank) or fsdp (FSDP2 fully_shard: parameters, "
+                               "gradients and optimizer state sharded over ranks, for a student larger than one device)",
+                        choices=("ddp", "fsdp"))
     device: str = opt("auto", "training device", choices=("auto", "cpu", "cuda"))
     num_workers: int = opt(0, "DataLoader worker processes (1 overlaps loading with the step; each worker decodes "
                               "the shards of its own batches, so more add no decode throughput)")

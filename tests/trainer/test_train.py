@@ -104,12 +104,13 @@ def test_sigkill_mid_run_then_resume_is_bit_identical(teacher_store, student, tm
 
 
 @pytest.mark.slow
-def test_torchrun_two_ranks_matches_one_process(teacher_store, student, tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_torchrun_two_ranks_matches_one_process(teacher_store, student, tmp_path, parallel):
     common = ["--store", teacher_store, "--student", student, "--teachers", "a", "--steps", "10", "--lr", "0.003",
               "--eval-every", "0", "--save-every", "0", "warmup_steps=2", "log_every=1", "eval_rows=16"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ddp = subprocess.run([str(VENV_BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "chorus", "train",
-                          "--out", str(tmp_path / "ddp"), "--batch-size", "4", *common],
+                          "--out", str(tmp_path / "ddp"), "--batch-size", "4", *common, f"parallel={parallel}"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert cli_main(["train", "--out", str(tmp_path / "one"), "--batch-size", "8", *common]) == 0

@@ -16,7 +16,7 @@ import os
 import random
 import shutil
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -267,10 +267,10 @@ def _train(cfg: TrainConfig, dist: _Dist) -> dict:
 
     # ---- setup: optimizer, data
     student = Student(model, vocab)
-    net = student
-    if dist.world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(student, device_ids=[dist.device] if dist.device.type == "cuda" else None)
-    optimizer = _optimizer(student, cfg)
+    if cfg.parallel == "fsdp" and masks:
+        raise ChorusError("train key 'parallel': fsdp does not keep a sparse student's masks yet; use parallel=ddp")
+    net = _parallel(student, cfg.parallel, dist)
+    optimizer = _optimizer(student, cfg)  # after sharding: FSDP2 replaces the parameters
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
     autocast, amp_dtype = _autocast(cfg, dist.device)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=amp_dtype == torch.float16)
@@ -288,8 +288,7 @@ def _train(cfg: TrainConfig, dist: _Dist) -> dict:
     start, tokens_seen = 0, 0
     if resume_from is not None:
         state = ckpt.load(resume_from)
-        student.model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        _load_full_state(student, optimizer, state["model"], state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         loader.load_state_dict(state["loader"])
@@ -343,7 +342,7 @@ def _train(cfg: TrainConfig, dist: _Dist) -> dict:
                 pos = _to_device(pos_h, dist.device)
                 targets, w, dists = targets_for(batch, pos)
                 sync = micro == cfg.grad_accum - 1 or dist.world == 1
-                with nullcontext() if sync else net.no_sync():  # DDP all-reduces on the last micro-batch only
+                with nullcontext() if sync else _accumulating(net):  # gradients are reduced on the last one only
                     with autocast():
                         loss, parts = net(batch["input_ids"].to(dist.device, non_blocking=True), pos.attention_mask,
                                           pos.select, pos.gold, targets, loss_fn=loss_fn, kd_weight=cfg.kd_weight,
@@ -364,6 +363,7 @@ def _train(cfg: TrainConfig, dist: _Dist) -> dict:
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
             pending[4] += norm.detach().double() / dist.world  # the same on every rank: the sum over ranks is it
             acc["steps"] += 1
             if log_now or (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
@@ -384,8 +384,9 @@ def _train(cfg: TrainConfig, dist: _Dist) -> dict:
             bar.update(1, tokens=sum(counts) * dist.world, **({"loss": f"{row['loss']:.3f}"} if row else {}))
             paused = time.perf_counter()
             if evals and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:  # final: after the save
+                whole = _whole(student, dist)  # every rank takes part in gathering a sharded student
                 if dist.main:
-                    result = _evaluate_into(row, student, cfg)
+                    result = _evaluate_into(row, whole, cfg)
                 dist.barrier()
             if step < cfg.steps:
                 log.write(step, row)
@@ -399,13 +400,14 @@ def _train(cfg: TrainConfig, dist: _Dist) -> dict:
     # ---- cleanup: the model first (weights, tokenizer, generation config), then the final eval, then
     # chorus.json, which marks the run finished: a crash in the eval loses nothing and --resume completes it
     final = out / "model"
+    whole = _whole(student, dist)
     if dist.main:
-        _save_model(final, student.model, masks, m)
+        _save_model(final, whole.model, masks, m)
     dist.barrier()
     result = {}
     if evals:
         if dist.main:
-            result = _evaluate_into(final_row, student, cfg)
+            result = _evaluate_into(final_row, whole, cfg)
         dist.barrier()
     log.write(cfg.steps, final_row)
     log.close()
@@ -482,6 +484,78 @@ def _evaluate_into(row: dict, student: Student, cfg: TrainConfig) -> dict:
     return res
 
 
+# ---------------------------------------------------------------------------------------------- parallel
+def _sharded(student: Student) -> bool:
+    return hasattr(student, "set_requires_gradient_sync")  # what fully_shard adds to a module
+
+
+def _parallel(student: Student, how: str, dist: _Dist) -> torch.nn.Module:
+    """The module the step calls: the student itself in one process; under torchrun a DDP replica, or the
+    student sharded by FSDP2 (each decoder layer one unit, the root holding embeddings, norm and head)."""
+    if dist.world == 1:
+        return student
+    if how == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in getattr(student._body(), "layers", None) or []:
+            fully_shard(layer)
+        fully_shard(student)
+        return student
+    return torch.nn.parallel.DistributedDataParallel(student, device_ids=[dist.device] if dist.device.type == "cuda" else None)
+
+
+@contextmanager
+def _accumulating(net: torch.nn.Module):
+    """Micro-batches before the last: gradients accumulate locally, without a reduction across ranks."""
+    if isinstance(net, torch.nn.parallel.DistributedDataParallel):
+        with net.no_sync():
+            yield
+    elif hasattr(net, "set_requires_gradient_sync"):
+        net.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            net.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def _full_state(student: Student, optimizer) -> tuple[dict, dict]:
+    """Model and optimizer state as whole tensors on the host (a collective call under FSDP: every rank)."""
+    if not _sharded(student):
+        return student.model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(student.model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _load_full_state(student: Student, optimizer, model_state: dict, optim_state: dict) -> None:
+    if not _sharded(student):
+        student.model.load_state_dict(model_state)
+        optimizer.load_state_dict(optim_state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    set_state_dict(student.model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
+                   options=StateDictOptions(full_state_dict=True))
+
+
+def _whole(student: Student, dist: _Dist) -> Student | None:
+    """The student with whole parameters, for evaluation and saving on the main rank: itself unless
+    sharded, else a plain copy gathered from every rank (all ranks call this; others get None)."""
+    if not _sharded(student):
+        return student
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    state = get_model_state_dict(student.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not dist.main:
+        return None
+    copy = AutoModelForCausalLM.from_config(student.model.config)
+    copy.load_state_dict(state)
+    return Student(copy.to(dist.device), student.vocab_size)
+
+
 def _fresh_acc() -> dict:
     """Sums between two logged steps: loss, ce, kd weighted by tokens; grad_norm per step; steps; tokens."""
     return {"loss": 0.0, "ce": 0.0, "kd": 0.0, "grad_norm": 0.0, "steps": 0, "tokens": 0, "weighted": True}
@@ -506,9 +580,10 @@ def _to_device(pos: Positions, device: torch.device) -> Positions:
 def _save_checkpoint(out: Path, step: int, tokens: int, student: Student, optimizer, scheduler, scaler,
                      loader: StreamLoader, log_state: dict, dist: _Dist) -> None:
     rngs = dist.gather(ckpt.rng_state())  # every rank's generators, so dropout resumes exactly
+    model_state, optim_state = _full_state(student, optimizer)
     if dist.main:
-        ckpt.save(out, step, {"step": step, "tokens": tokens, "model": student.model.state_dict(),
-                              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        ckpt.save(out, step, {"step": step, "tokens": tokens, "model": model_state,
+                              "optimizer": optim_state, "scheduler": scheduler.state_dict(),
                               "scaler": scaler.state_dict(), "loader": loader.state_dict(), "rng": rngs, "log": log_state,
                               "created_by": __version__})
     dist.barrier()
