@@ -3,7 +3,8 @@
 For one student and batch: step time and peak memory of (i) CE only, (ii) KD from the cache (sparse
 top-k targets, tail bucket), (iii) online KD with a teacher in memory (its forward + dense KL, the
 thing the cache replaces); loader throughput in target-tokens/s (positions × teachers) with 1 and 3
-teachers at k = 64; and the cost of turning 3 cached teachers into one pooled target per step
+teachers at k = 64 and 0, 1, 2 loader workers (threads decoding shards ahead; the same batches for any
+number); and the cost of turning 3 cached teachers into one pooled target per step
 (building the sparse distributions + `ensemble.aggregate`) relative to the student step.
 
 Modes are interleaved round-robin and each reports its median step, so machine load affects all alike.
@@ -41,7 +42,7 @@ from chorus.storage import (  # noqa: E402
     value_params,
 )
 from chorus.trainer._student import Student  # noqa: E402
-from chorus.trainer.data import CachedRows, positions  # noqa: E402
+from chorus.trainer.data import CachedRows, StreamLoader, positions  # noqa: E402
 from chorus.trainer.targets import pool as pool_teachers  # noqa: E402
 from chorus.trainer.targets import teacher_dist
 
@@ -153,19 +154,29 @@ def main() -> None:
     print(f"load average {load[0]:.1f} on {os.cpu_count()} cores; torch threads {args.threads}")
     print(f"synthetic store: {rows} rows x {seq_len}, vocab {vocab}, 3 teachers at k={K} ({time.perf_counter() - t0:.0f} s)")
 
-    # ---- loader throughput (1 and 3 teachers; whole epochs, shard decode and checksum included)
+    # ---- loader throughput (1 and 3 teachers; whole epochs, shard decode and checksum included). StreamLoader's
+    # workers are threads of this process decoding shards ahead and collating on a background thread; the
+    # configurations are interleaved round-robin and each reports its median, so machine load affects all alike
+    loader_times: dict[tuple[int, int], list[float]] = {}
+    loader_cpu: dict[tuple[int, int], list[float]] = {}  # CPU-seconds of this process (all threads): load-robust
+    positions_per_epoch: dict[int, int] = {}
+    for _ in range(3):
+        for n_teachers in (1, 3):
+            for workers in (0, 1, 2):
+                names = [f"t{i}" for i in range(n_teachers)]
+                ds = CachedRows(url, batch_size=16, teachers=names, epochs=1, shuffle_buffer=2 * rps, rank=0,
+                                world_size=1)
+                t0, c0 = time.perf_counter(), time.process_time()
+                positions_per_epoch[n_teachers] = sum(b["input_ids"].numel() for b in StreamLoader(ds, num_workers=workers))
+                loader_times.setdefault((n_teachers, workers), []).append(time.perf_counter() - t0)
+                loader_cpu.setdefault((n_teachers, workers), []).append(time.process_time() - c0)
     loader_rows = []
-    for n_teachers in (1, 3):
-        for workers in (0, 2):
-            names = [f"t{i}" for i in range(n_teachers)]
-            ds = CachedRows(url, batch_size=16, teachers=names, epochs=1, shuffle_buffer=2 * rps, rank=0, world_size=1)
-            from chorus.trainer.data import StreamLoader
-
-            t0 = time.perf_counter()
-            pos = sum(b["input_ids"].numel() for b in StreamLoader(ds, num_workers=workers))
-            dt = time.perf_counter() - t0
-            loader_rows.append({"teachers": n_teachers, "workers": workers, "positions_per_s": pos / dt,
-                                "target_tokens_per_s": pos * n_teachers / dt})
+    for (n_teachers, workers), ts in loader_times.items():
+        dt = statistics.median(ts)
+        cpu = statistics.median(loader_cpu[(n_teachers, workers)])
+        loader_rows.append({"teachers": n_teachers, "workers": workers, "positions_per_s": positions_per_epoch[n_teachers] / dt,
+                            "target_tokens_per_s": positions_per_epoch[n_teachers] * n_teachers / dt,
+                            "target_tokens_per_cpu_s": positions_per_epoch[n_teachers] * n_teachers / cpu})
 
     # ---- step costs, interleaved
     student = Student(llama(vocab, hidden, layers, seq_len, 0).to(device), vocab)
@@ -245,9 +256,10 @@ def main() -> None:
     print(f"\nstep costs on {device} (student {hidden}x{layers} layers, teacher {2 * hidden}x{2 * layers}, "
           f"batch {batch}x{seq_len}, vocab {vocab}; median of {repeats})")
     print(table(["mode", "ms", "x CE step", "peak MiB"], step_rows))
-    print("\nloader (one epoch, decode + checksum + collate)")
-    print(table(["teachers", "workers", "positions/s", "target-tokens/s"],
-                [[r["teachers"], r["workers"], r["positions_per_s"], r["target_tokens_per_s"]] for r in loader_rows]))
+    print("\nloader (one epoch, decode + checksum + collate; median of 3)")
+    print(table(["teachers", "workers", "positions/s", "target-tokens/s", "per CPU-second"],
+                [[r["teachers"], r["workers"], r["positions_per_s"], r["target_tokens_per_s"], r["target_tokens_per_cpu_s"]]
+                 for r in loader_rows]))
     goals = {
         "kd_cache_step_over_ce": med["kd_cache_1_teacher"] / ce,
         "kd_cache_step_over_ce_goal": 1.05,

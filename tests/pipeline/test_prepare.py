@@ -173,3 +173,30 @@ def test_bad_input_is_one_line_and_nothing_marked_complete(tmp_path, corpus_file
     if case != "exists" and Path(out).exists():
         with pytest.raises(ChorusError):  # half-written: no manifest, so no reader accepts it
             _ = Store.open(str(out), "r").manifest
+
+
+def test_shards_hold_one_split_and_the_row_index_is_written(prepared_store):
+    from chorus.storage._index import read_row_index
+
+    store = Store.open(prepared_store, "r")
+    m = store.manifest
+    a = _arrays(prepared_store)
+    rps = m.rows_per_shard
+    mixed = [s for s in range(m.num_shards) if len(np.unique(a["split"][s * rps:(s + 1) * rps])) > 1]
+    assert set(mixed) <= {m.num_shards - 2, m.num_shards - 1}  # only the splits' leftovers, at the end
+    split, domain = read_row_index(store, m)
+    np.testing.assert_array_equal(split, a["split"])
+    np.testing.assert_array_equal(domain, a["domain"])
+
+
+def test_a_rerun_on_unchanged_files_does_not_tokenize(tmp_path, corpus_file, tokenizer_dir, monkeypatch):
+    out = tmp_path / "s.zarr"
+    first = _prepare(corpus_file, tokenizer_dir, out)
+
+    def no_build(*a, **kw):
+        raise AssertionError("re-tokenized")
+
+    monkeypatch.setattr(prepare, "_build", no_build)
+    assert _prepare(corpus_file, tokenizer_dir, out).fingerprint == first.fingerprint
+    with pytest.raises(AssertionError, match="re-tokenized"):  # other settings: compared the slow way
+        _prepare(corpus_file, tokenizer_dir, out, valid_fraction=0.3)

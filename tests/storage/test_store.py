@@ -122,3 +122,46 @@ def test_unreachable_object_store_is_one_line_error():
     with pytest.raises(ChorusError, match="cannot open store 's3://nobucket/x'") as err:
         Store.open("s3://nobucket/x", "r", opts)
     assert "\n" not in str(err.value)
+
+
+def test_commit_and_committed_read_single_records(store_url):
+    url, opts = store_url
+    store = Store.open(url, "w", opts)
+    _fill(store, _data(10), 10, 4, shards=[0, 2])
+    assert store.committed("corpus") == {0, 2} and not store.is_complete("corpus", 3)
+    assert store.commit("corpus", 1) is None
+    assert store.commit("corpus", 2) == store.commits("corpus")[2]
+
+
+def test_the_row_index_is_checksummed_checked_and_verified(tmp_path, prepared_store):
+    import shutil
+
+    from chorus.storage._check import problems
+    from chorus.storage._index import INDEX_UNIT, read_row_index, write_row_index
+
+    url = str(tmp_path / "s.zarr")
+    shutil.copytree(prepared_store, url)
+    store = Store.open(url, "r")
+    m = store.manifest
+    assert not list(problems(store)) and store.verify("corpus") == []
+    split, domain = read_row_index(store, m)
+    # an index whose content disagrees with the corpus (though well checksummed) is named by verify
+    wrong = domain.copy()
+    wrong[3] = (wrong[3] + 1) % len(m.domains)
+    write_row_index(Store.open(url, "a"), split, wrong, fingerprint=m.fingerprint)
+    assert any("index/domain: row 3 differs" in line for line in Store.open(url, "r").verify("corpus"))
+    # one written for another corpus is refused by readers and by the structural check
+    write_row_index(Store.open(url, "a"), split, domain, fingerprint="0" * 32)
+    store = Store.open(url, "r")
+    with pytest.raises(IntegrityError, match="row index"):
+        read_row_index(store, m)
+    assert any(INDEX_UNIT in p for p in problems(store))
+    # flipped bytes in its chunk fail the checksum
+    write_row_index(Store.open(url, "a"), split, domain, fingerprint=m.fingerprint)
+    path = f"{url}/{INDEX_UNIT}/domain/c/0"
+    raw = bytearray(open(path, "rb").read())
+    raw[-1] ^= 0xFF
+    open(path, "wb").write(bytes(raw))
+    with pytest.raises(IntegrityError, match="checksum mismatch in index/domain"):
+        read_row_index(Store.open(url, "r"), m)
+    assert any("index/domain shard 0" in line for line in Store.open(url, "r").verify("corpus"))

@@ -158,3 +158,161 @@ def test_exclude_rows_leaves_out_exactly_the_rows_train_rows_picks(teacher_store
     assert d0 == {r for r in every - picked if domain[r] == 0}
     with pytest.raises(ChorusError, match="exclude_rows"):
         rows(exclude_rows=0)
+
+
+# ---------------------------------------------------------------------------------------------- scale
+def _synthetic_store(url: str, *, shards: int, rps: int, seq_len: int = 16, vocab: int = 300, domain_of_shard=None,
+                     valid_every: int = 0, index: bool = True, seed: int = 0) -> str:
+    """A corpus written shard by shard (``domain_of_shard(s)``: one domain per shard, as `prepare` writes a
+    directory dataset); ``valid_every``: every n-th row held out (0: none); ``index``: write the row index."""
+    from chorus.storage import ArraySpec, CorpusManifest, TokenizerInfo, fingerprint
+    from chorus.storage._index import write_row_index
+
+    rng = np.random.default_rng(seed)
+    store = Store.open(url, "w")
+    n = shards * rps
+    store.create_arrays("corpus", [ArraySpec("input_ids", (seq_len,), "int32"), ArraySpec("segment_ids", (seq_len,), "uint16"),
+                                   ArraySpec("domain", (), "uint16"), ArraySpec("split", (), "uint8")], n, rps)
+    split = (np.arange(n) % valid_every == valid_every - 1).astype(np.uint8) if valid_every else np.zeros(n, np.uint8)
+    domain = np.repeat([domain_of_shard(s) if domain_of_shard else s % 3 for s in range(shards)], rps).astype(np.uint16)
+    for s in range(shards):
+        lo, hi = s * rps, (s + 1) * rps
+        store.write_shard("corpus", s, lo, {"input_ids": rng.integers(2, vocab, (rps, seq_len), dtype=np.int32),
+                                            "segment_ids": np.ones((rps, seq_len), np.uint16),
+                                            "domain": domain[lo:hi], "split": split[lo:hi]})
+    tok = TokenizerInfo(name="synthetic", vocab_size=vocab, fingerprint=fingerprint("tok", vocab),
+                        vocab_fingerprint=fingerprint("vocab", vocab), eos_id=0, pad_id=1)
+    m = CorpusManifest(fingerprint=fingerprint("synthetic", url, shards, rps, seed), tokenizer=tok, seq_len=seq_len,
+                       num_rows=n, rows_per_shard=rps, domains=("a", "b", "c"), num_tokens=n * seq_len,
+                       split_rows={"train": int((split == 0).sum()), "valid": int((split == 1).sum())},
+                       source={"synthetic": True}, created_by="test")
+    if index:
+        write_row_index(store, split, domain, fingerprint=m.fingerprint)
+    store.write_manifest(m)
+    return url
+
+
+def _same_batches(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys() and x["stop"] == y["stop"]
+        for key in ("input_ids", "segment_ids", "domain", "row"):
+            assert torch.equal(x[key], y[key])
+        for t in x["teachers"]:
+            for name, v in x["teachers"][t].items():
+                w = y["teachers"][t][name]
+                assert v.dtype == w.dtype and torch.equal(v.view(torch.uint8), w.view(torch.uint8)), (t, name)
+
+
+@pytest.mark.parametrize("rank, world", [(0, 1), (1, 2)])
+def test_the_same_batches_in_the_same_order_for_0_1_and_2_workers(teacher_store, rank, world):
+    def batches(workers: int, start: int = 0) -> list[dict]:
+        ds = CachedRows(teacher_store, batch_size=6, teachers=["b", "c"], seed=5, epochs=2,
+                        shuffle_buffer=16, shuffle_shards=3, rank=rank, world_size=world)
+        ds._position = start
+        return list(StreamLoader(ds, num_workers=workers))
+
+    ref = batches(0)
+    assert len({r for b in ref for r in b["row"].tolist()}) > 0
+    _same_batches(batches(1), ref)
+    _same_batches(batches(2), ref)
+    _same_batches(batches(2, start=ref[9]["stop"]), ref[10:])  # a resumed stream with workers: the same remainder
+
+
+def test_a_stream_loader_continues_where_it_stopped_unless_its_state_changed(teacher_store):
+    ds = CachedRows(teacher_store, batch_size=8, teachers=["a"], seed=2, shuffle_buffer=16)
+    ref = [b["row"].tolist() for _, b in zip(range(12), CachedRows(teacher_store, batch_size=8, teachers=["a"], seed=2,
+                                                                   shuffle_buffer=16))]
+    loader = StreamLoader(ds, num_workers=2)
+    first = [b["row"].tolist() for _, b in zip(range(5), loader)]
+    live = loader._live
+    second = [b["row"].tolist() for _, b in zip(range(4), loader)]
+    assert loader._live is live  # the same pipeline (threads), not a restart
+    assert first + second == ref[:9]
+    ds.load_state_dict({**ds.state_dict(), "epoch": 0, "position": 8})
+    assert [b["row"].tolist() for _, b in zip(range(2), loader)] == ref[1:3] and loader._live is not live
+    loader.close()
+
+
+def test_batches_mix_domains_when_every_shard_holds_one(tmp_path):
+    # 24 shards written domain by domain (8 of a, then 8 of b, then 8 of c), as prepare writes a directory
+    url = _synthetic_store(str(tmp_path / "s.zarr"), shards=24, rps=16, domain_of_shard=lambda s: s // 8)
+    ds = CachedRows(url, batch_size=16, epochs=1, seed=1, shuffle_buffer=32)
+    kinds = [len(set(b["domain"].tolist())) for b in ds]
+    assert np.mean([k >= 2 for k in kinds]) >= 0.9 and np.mean([k == 3 for k in kinds]) >= 0.5
+    # each shard is decoded once: read side by side, dropped after its last row
+    loads = []
+    ds2 = CachedRows(url, batch_size=16, epochs=1, seed=1, shuffle_buffer=32)
+    original = ds2._load
+    ds2._load = lambda shard: loads.append(shard) or original(shard)
+    assert sorted(r for b in ds2 for r in b["row"].tolist()) == list(range(24 * 16))
+    assert sorted(loads) == list(range(24))
+
+
+def test_the_row_index_equals_a_scan_and_an_old_store_reads_the_same(tmp_path, prepared_store):
+    from chorus.storage._index import INDEX_UNIT, read_row_index, scan_row_index
+
+    store = Store.open(prepared_store, "r")
+    indexed = read_row_index(store, store.manifest)
+    assert indexed is not None  # prepare wrote it
+    for got, want in zip(indexed, scan_row_index(store, store.manifest)):
+        np.testing.assert_array_equal(got, want)
+    old = copy_store(prepared_store, tmp_path / "old.zarr")
+    Store.open(old, "a").delete_unit(INDEX_UNIT)  # a store from before the index
+    assert read_row_index(Store.open(old, "r"), store.manifest) is None
+    for kw in ({}, {"split": "valid", "max_rows": 5, "stratify": True}, {"max_rows": 30}, {"exclude_rows": 9}):
+        a = [b["row"].tolist() for b in CachedRows(prepared_store, batch_size=4, epochs=1, **kw)]
+        b = [b["row"].tolist() for b in CachedRows(old, batch_size=4, epochs=1, **kw)]
+        assert a == b
+
+
+def test_fp16_delta_values_are_decoded_bit_for_bit(tmp_path, prepared_store):
+    from chorus.trainer.data import _Teacher, _values
+
+    params = value_params("fp16")
+    assert params.get("delta")  # the codec the loader speeds up
+    stored = np.random.default_rng(0).integers(0, 1 << 16, (3, 5, 64), dtype=np.uint16)  # sums wrap around
+    t = _Teacher("x", (), "fp16", params, None)
+    want = decode_values(stored, "fp16", params, dtype=np.float16)
+    assert np.array_equal(_values(stored, t).numpy().view(np.uint16), want.view(np.uint16))
+
+
+def test_stratified_rows_are_even_over_domains_and_few_shards(tmp_path):
+    url = _synthetic_store(str(tmp_path / "s.zarr"), shards=40, rps=16, domain_of_shard=lambda s: [0, 0, 0, 1, 2][s % 5],
+                           valid_every=1)
+    ds = CachedRows(url, batch_size=8, split="valid", max_rows=30, stratify=True, epochs=1)
+    dom = ds.domain_of[ds.rows]
+    assert len(ds.rows) == 30 and np.bincount(dom).tolist() == [10, 10, 10]
+    assert len(np.unique(ds.rows // 16)) <= 6  # whole shards, not one per row
+    assert len(np.unique(ds.rows)) == 30
+
+
+def test_a_corrupt_shard_stops_the_threaded_loader_naming_it(tmp_path, teacher_store):
+    from chorus.errors import IntegrityError
+
+    url = copy_store(teacher_store, tmp_path / "s.zarr")
+    store = Store.open(url, "r")
+    path = store._chunk_path("teachers/a", "topk_ids", 2)
+    raw = bytearray(open(path, "rb").read())
+    raw[len(raw) // 2] ^= 0xFF
+    open(path, "wb").write(bytes(raw))
+    ds = CachedRows(url, batch_size=8, teachers=["a"], epochs=1, seed=4)
+    with pytest.raises(IntegrityError, match="teachers/a/topk_ids shard 2"):
+        list(StreamLoader(ds, num_workers=2))
+
+
+def test_a_torch_dataloader_with_worker_processes_gives_the_same_batches(teacher_store):
+    from torch.utils.data import DataLoader
+
+    def make() -> CachedRows:
+        return CachedRows(teacher_store, batch_size=8, teachers=["a"], epochs=1, seed=6, shuffle_buffer=16)
+
+    ref = list(make())
+    got = list(DataLoader(make(), batch_size=None, num_workers=2))  # micro-batches j ≡ worker (mod 2), in order
+    _same_batches(got, ref)
+
+
+def test_state_for_another_row_order_is_refused(teacher_store):
+    ds = CachedRows(teacher_store, batch_size=4, seed=1)
+    with pytest.raises(ChorusError, match="row order"):
+        ds.load_state_dict({**ds.state_dict(), "lanes": ds.lanes + 1})

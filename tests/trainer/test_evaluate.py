@@ -107,3 +107,60 @@ def test_cli_eval_of_a_run_directory(teacher_store, model_dir, tmp_path, capsys)
     assert "mean" in out and "ensemble" not in out
     assert cli_main(["eval", "--store", teacher_store, "--model", "teacher:zzz"]) == 2
     assert "no teacher 'zzz'" in capsys.readouterr().err
+
+
+def _hundred_shard_store(url: str, *, vocab: int = 32000, seq_len: int = 64, rps: int = 512) -> str:
+    """100 shards laid out by `prepare`'s writer (one split per shard), rows of 3 interleaved domains, ~10% held
+    out by document, with the row index; random tokens (incompressible, like real text after zstd)."""
+    from chorus.pipeline.prepare import _CorpusWriter
+    from chorus.storage import CorpusManifest, TokenizerInfo, fingerprint
+    from chorus.storage._index import write_row_index
+
+    rng = np.random.default_rng(0)
+    store = Store.open(url, "w")
+    writer = _CorpusWriter(store, seq_len, rps, "uint16")
+    n = 100 * rps
+    for i in range(n):
+        writer.add([(rng.integers(2, vocab, seq_len, dtype=np.int32), np.ones(seq_len, np.uint16))], i % 3,
+                   int(rng.random() < 0.1))
+    split, domain = writer.close()
+    tok = TokenizerInfo(name="synthetic", vocab_size=vocab, fingerprint=fingerprint("tok", vocab),
+                        vocab_fingerprint=fingerprint("vocab", vocab), eos_id=0, pad_id=1)
+    m = CorpusManifest(fingerprint=fingerprint("hundred", n), tokenizer=tok, seq_len=seq_len, num_rows=n,
+                       rows_per_shard=rps, domains=("a", "b", "c"), num_tokens=n * seq_len,
+                       split_rows={"train": int((split == 0).sum()), "valid": int((split == 1).sum())},
+                       source={"synthetic": True}, created_by="test")
+    write_row_index(store, split, domain, fingerprint=m.fingerprint)
+    store.write_manifest(m)
+    assert m.num_shards == 100
+    return url
+
+
+def test_eval_of_256_rows_reads_a_few_shards_and_then_nothing(tmp_path, monkeypatch):
+    import fsspec.implementations.local as local
+
+    url = _hundred_shard_store(str(tmp_path / "s.zarr"))
+    store = Store.open(url, "r")
+    shard_bytes = np.mean([sum(store.fs.size(store._chunk_path("corpus", name, s)) for name in
+                               ("input_ids", "segment_ids", "domain", "split")) for s in range(100)])
+    read = []
+    cat_file = local.LocalFileSystem.cat_file  # every read of an object (``cat`` of many goes through it too)
+
+    def counted(self, path, *a, **kw):
+        out = cat_file(self, path, *a, **kw)
+        read.append(len(out))
+        return out
+
+    monkeypatch.setattr(local.LocalFileSystem, "cat_file", counted)
+    model = build_tiny_llama(str(tmp_path / "model"), 32000, seed=1, hidden=16, layers=1)
+    from transformers import AutoModelForCausalLM
+
+    student = AutoModelForCausalLM.from_pretrained(model)
+    first = evaluate.evaluate_model(student, url, max_rows=256, batch_size=64, teachers=[])
+    assert first["rows"] == 256 and set(first["tokens"]) == {"a", "b", "c"}
+    print(f"first evaluation read {sum(read):,} bytes = {sum(read) / shard_bytes:.2f} shards' worth")
+    assert sum(read) <= 4 * shard_bytes, (sum(read), shard_bytes)  # everything: commits, index, chunks
+    read.clear()
+    second = evaluate.evaluate_model(student, url, max_rows=256, batch_size=64, teachers=[])
+    assert sum(read) < shard_bytes / 100  # the next evaluation reads no chunk: its batches were kept
+    assert second == first

@@ -13,6 +13,7 @@ import queue
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -21,12 +22,13 @@ from chorus._progress import Progress, say
 from chorus.config import PrepareConfig
 from chorus.errors import ChorusError
 from chorus.pipeline._packing import Packer
-from chorus.pipeline._sources import iter_documents
+from chorus.pipeline._sources import _files, iter_documents
 from chorus.pipeline._tokenizer import load_tokenizer, tokenizer_info
 from chorus.storage import ArraySpec, CorpusManifest, Store, StreamHasher, fingerprint
+from chorus.storage._index import write_row_index
 
 SPLITS = ("train", "valid")
-PACKING = "eos-separated, per split and domain, padded tail row, v1"
+PACKING = "eos-separated, per split and domain, padded tail row, one split per shard, v2"
 TOKENS_PER_SHARD = 1 << 18
 
 
@@ -84,7 +86,10 @@ class _Rows:
 
 
 class _CorpusWriter:
-    """Streams rows into whole shards of the ``corpus`` unit and hashes every byte it writes."""
+    """Streams rows into whole shards of the ``corpus`` unit, each shard of one split (rows in emit order): the
+    held-out rows fill shards of their own, so an evaluation of a few hundred rows reads a few shards, not a
+    slice of every shard. Only the last one or two shards (the splits' leftovers) mix splits. Also keeps
+    the split and domain of every row written, for the store's row index."""
 
     def __init__(self, store: Store, seq_len: int, rows_per_shard: int, seg_dtype: str) -> None:
         self.store, self.rps = store, rows_per_shard
@@ -95,21 +100,23 @@ class _CorpusWriter:
             ArraySpec("split", (), "uint8"),
         ]
         store.create_arrays("corpus", self.specs, 0, rows_per_shard)
-        self.pending = _Rows([], [], [], [])
+        self.pending = {s: _Rows([], [], [], []) for s in range(len(SPLITS))}
         self.rows = self.shards = self.tokens = 0
+        self.index: list[tuple[np.ndarray, np.ndarray]] = []  # (split, domain) of each shard written
 
     def add(self, rows: list[tuple[np.ndarray, np.ndarray]], domain: int, split: int) -> None:
         for ids, segs in rows:
-            self.pending.ids.append(ids)
-            self.pending.segs.append(segs)
-            self.pending.domain.append(domain)
-            self.pending.split.append(split)
+            p = self.pending[split]
+            p.ids.append(ids)
+            p.segs.append(segs)
+            p.domain.append(domain)
+            p.split.append(split)
             self.tokens += int((segs > 0).sum())
-            if len(self.pending) == self.rps:
-                self._write()
+            if len(p) == self.rps:
+                self._write(p)
+                self.pending[split] = _Rows([], [], [], [])
 
-    def _write(self) -> None:
-        p = self.pending
+    def _write(self, p: _Rows) -> None:
         arrays = {
             "input_ids": np.stack(p.ids).astype(np.int32),
             "segment_ids": np.stack(p.segs).astype(self.specs[1].dtype),
@@ -118,17 +125,25 @@ class _CorpusWriter:
         }
         self.store.resize_rows("corpus", arrays, self.rows + len(p))
         self.store.write_shard("corpus", self.shards, self.rows, arrays)
+        self.index.append((arrays["split"], arrays["domain"]))
         self.rows += len(p)
         self.shards += 1
-        self.pending = _Rows([], [], [], [])
 
-    def close(self) -> None:
-        if len(self.pending):
-            self._write()
+    def close(self) -> tuple[np.ndarray, np.ndarray]:
+        """Write the leftovers (only the last shard may be short) and return the row index (split, domain)."""
+        rest = _Rows([], [], [], [])
+        for p in self.pending.values():
+            for mine, theirs in zip((rest.ids, rest.segs, rest.domain, rest.split), (p.ids, p.segs, p.domain, p.split)):
+                mine.extend(theirs)
+        for lo in range(0, len(rest), self.rps):
+            part = slice(lo, lo + self.rps)
+            self._write(_Rows(rest.ids[part], rest.segs[part], rest.domain[part], rest.split[part]))
+        return np.concatenate([x[0] for x in self.index]), np.concatenate([x[1] for x in self.index])
 
 
 def _build(cfg: PrepareConfig, store: Store | None, tok, tok_info) -> tuple[str, int, int, int, dict, list[str]]:
-    """Read, tokenize and pack everything. With ``store=None`` nothing is written (fingerprint only)."""
+    """Read, tokenize and pack everything, and write the row index last. With ``store=None`` nothing is
+    written (fingerprint only)."""
     rps = cfg.rows_per_shard or max(1, TOKENS_PER_SHARD // cfg.seq_len)
     seg_dtype = "uint16" if cfg.seq_len < 65536 else "uint32"
     writer = _CorpusWriter(store, cfg.seq_len, rps, seg_dtype) if store is not None else None
@@ -163,14 +178,29 @@ def _build(cfg: PrepareConfig, store: Store | None, tok, tok_info) -> tuple[str,
             emit(packer.flush(), d, s)
     if docs == 0:
         raise ChorusError(f"dataset '{cfg.dataset}' has no documents with text in field '{cfg.text_field}'")
-    if writer is not None:
-        writer.close()
+    index = writer.close() if writer is not None else None
     settings = {"seq_len": cfg.seq_len, "valid_fraction": cfg.valid_fraction, "max_docs": cfg.max_docs,
                 "packing": PACKING, "rows_per_shard": rps}
     fp = fingerprint("corpus", tok_info.fingerprint, settings, text_hash.hexdigest(), rows_hash.hexdigest())
     num_rows = sum(split_rows.values())
     tokens = writer.tokens if writer is not None else 0
+    if index is not None:  # after every corpus shard is committed, before the manifest
+        write_row_index(store, *index, fingerprint=fp)
     return fp, num_rows, rps, tokens, split_rows, list(domains)
+
+
+def _inputs_fingerprint(cfg: PrepareConfig, tok_info) -> str | None:
+    """What decides the store, without reading the text: settings, tokenizer and, for local files, each file's
+    path, size and modification time (as `make` does). None for a hub dataset (no cheap identity): a rerun
+    then re-tokenizes to compare the corpus fingerprint. A file edited in place keeping size and mtime is not
+    seen: pass --overwrite."""
+    path = Path(os.path.expanduser(cfg.dataset))
+    if not path.exists():
+        return None
+    files = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in _files(path)]
+    return fingerprint("prepare inputs", PACKING, tok_info.fingerprint, files, cfg.text_field, cfg.domain_field,
+                       cfg.split, cfg.seq_len, cfg.valid_fraction, cfg.max_docs,
+                       cfg.rows_per_shard or max(1, TOKENS_PER_SHARD // cfg.seq_len))
 
 
 def _tokenizer_source(spec: str) -> str:
@@ -194,10 +224,14 @@ def run(cfg: PrepareConfig) -> CorpusManifest:
     tok = load_tokenizer(cfg.tokenizer)
     tok_info = tokenizer_info(tok, cfg.tokenizer)
 
+    inputs = _inputs_fingerprint(cfg, tok_info)
     if Store.exists(cfg.out, cfg.storage_options) and not cfg.overwrite:
         existing = Store.open(cfg.out, "r", cfg.storage_options)
         if existing.group.attrs.get("chorus") is not None:  # a finished store: same inputs → nothing to do
             old = existing.manifest
+            if inputs is not None and old.source.get("inputs") == inputs:  # same files, unchanged: no re-tokenizing
+                say(f"store '{cfg.out}' is already prepared from these inputs ({old.num_rows} rows); nothing to do")
+                return old
             fp, *_ = _build(cfg, None, tok, tok_info)
             if fp != old.fingerprint:
                 raise ChorusError(
@@ -221,7 +255,7 @@ def run(cfg: PrepareConfig) -> CorpusManifest:
         split_rows=split_rows,
         source={"dataset": cfg.dataset, "text_field": cfg.text_field, "domain_field": cfg.domain_field,
                 "split": cfg.split, "valid_fraction": cfg.valid_fraction, "max_docs": cfg.max_docs,
-                "tokenizer": _tokenizer_source(cfg.tokenizer)},
+                "tokenizer": _tokenizer_source(cfg.tokenizer), "inputs": inputs},
         created_by=__version__,
     )
     store.write_manifest(manifest)  # last: only now is the store a store

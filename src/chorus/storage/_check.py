@@ -17,7 +17,7 @@ import numpy as np
 
 from chorus.errors import ChorusError
 from chorus.storage._manifest import NAME_PATTERN, CorpusManifest, TeacherManifest
-from chorus.storage._store import COMMITS, MANIFEST_KEY, ArraySpec, Store
+from chorus.storage._store import COMMITS, INDEX_UNIT, MANIFEST_KEY, ArraySpec, Store
 from chorus.storage._targets import target_specs
 
 CORPUS_ARRAYS = {"input_ids": "int32", "segment_ids": None, "domain": "uint16", "split": "uint8"}
@@ -116,8 +116,45 @@ def corpus_problems(store: Store) -> Iterator[str]:
         if p:
             yield p
             return
-    yield from _check_commits(store, "corpus", list(CORPUS_ARRAYS), corpus, fingerprint=None, complete=True,
-                              fix=REPREPARE)
+    found = list(_check_commits(store, "corpus", list(CORPUS_ARRAYS), corpus, fingerprint=None, complete=True,
+                                fix=REPREPARE))
+    yield from found
+    if not found and store.fs.exists(f"{store.root}/{INDEX_UNIT}/zarr.json"):
+        yield from index_problems(store, corpus)
+
+
+def index_problems(store: Store, corpus: CorpusManifest) -> Iterator[str]:
+    """The row index (optional; see ``_index``): its arrays and a commit record per chunk, for this corpus."""
+    fix = f"remove {store.root}/{INDEX_UNIT} (readers then scan the corpus) or {REPREPARE}"
+    meta, problem = _array_meta(store, INDEX_UNIT, "split")
+    if problem:
+        yield f"{problem}; {fix}"
+        return
+    chunk = (((meta.get("chunk_grid") or {}).get("configuration") or {}).get("chunk_shape") or [0])[0]
+    if not isinstance(chunk, int) or chunk < 1:
+        yield f"{INDEX_UNIT}/split: chunk shape {chunk!r} in its metadata; {fix}"
+        return
+    for name, dtype in (("split", "uint8"), ("domain", "uint16")):
+        p = _check_array(store, INDEX_UNIT, name, rows=corpus.num_rows, rows_per_shard=chunk, row_shape=(),
+                         dtype=dtype, fix=fix)
+        if p:
+            yield p
+            return
+    chunks = -(-corpus.num_rows // chunk)
+    try:
+        commits = store.commits(INDEX_UNIT, fingerprint=corpus.fingerprint)
+    except ChorusError as e:
+        yield f"{e}; {fix}"
+        return
+    for i in range(chunks):
+        c = commits.get(i)
+        want = (i * chunk, min(corpus.num_rows, (i + 1) * chunk))
+        if c is None or (c.row_start, c.row_stop) != want or set(c.checksums) != {"split", "domain"}:
+            yield f"{INDEX_UNIT}: chunk {i} (rows {want[0]}:{want[1]}) has no sound commit record; {fix}"
+            return
+        if c.fingerprint != corpus.fingerprint:
+            yield f"{INDEX_UNIT}: chunk {i} was written for another corpus (fingerprint {c.fingerprint}); {fix}"
+            return
 
 
 def teacher_problems(store: Store, name: str, corpus: CorpusManifest, *, need_complete: bool = False) -> Iterator[str]:
@@ -176,10 +213,33 @@ def problems(store: Store, teachers: list[str] | None = None) -> Iterator[str]:
         yield from teacher_problems(store, name, corpus, need_complete=teachers is not None)
 
 
+_PASSED: set[tuple] = set()  # (url, unit, what identifies its content) that passed in this process
+
+
 def check_store(store: Store, teachers: list[str]) -> None:
-    """Refuse (one line: the first problem and its fix) a store a run cannot read soundly."""
-    for problem in problems(store, teachers):
-        raise ChorusError(f"store '{store.url}' is damaged: {problem}")
+    """Refuse (one line: the first problem and its fix) a store a run cannot read soundly.
+
+    A unit that passed once in this process is not checked again while its manifest is unchanged (committed
+    shards never change): the check lists every chunk, which each evaluation would otherwise repeat."""
+    corpus_key = (store.url, "corpus", json.dumps(store.group.attrs.get(MANIFEST_KEY), sort_keys=True, default=str))
+    keys = {}
+    for name in teachers:
+        try:
+            keys[name] = (store.url, name, json.dumps(store.teacher_manifest(name).to_dict(), sort_keys=True, default=str))
+        except ChorusError:
+            keys[name] = None
+    todo = [n for n in teachers if keys[n] is None or keys[n] not in _PASSED]
+    if corpus_key in _PASSED and not todo:
+        return
+    found = [] if corpus_key in _PASSED else list(corpus_problems(store))
+    for name in todo if not found else ():
+        found += list(teacher_problems(store, name, store.manifest, need_complete=True))[:1]
+        if found:
+            break
+    if found:
+        raise ChorusError(f"store '{store.url}' is damaged: {found[0]}")
+    _PASSED.add(corpus_key)
+    _PASSED.update(keys[n] for n in todo if keys[n] is not None)
 
 
 __all__ = ["COMMITS", "check_store", "problems"]

@@ -33,6 +33,7 @@ from chorus.storage._manifest import CorpusManifest, ShardCommit, TeacherManifes
 MANIFEST_KEY = "chorus"
 CREATING_KEY = "chorus_creating"  # set on a store's root group at creation, before its manifest exists
 COMMITS = "_commits"
+INDEX_UNIT = "index"  # the corpus's row index (split and domain of every row): see _index.py
 
 
 @dataclass(frozen=True)
@@ -391,8 +392,33 @@ class Store:
             out[c.shard] = c
         return out
 
+    def committed(self, unit: str) -> set[int]:
+        """The shards of ``unit`` that have a commit record, from one listing (no record is read)."""
+        try:
+            paths = self.fs.ls(f"{self.root}/{unit}/{COMMITS}", detail=False)
+        except FileNotFoundError:
+            return set()
+        out = set()
+        for p in paths:
+            name = p.rstrip("/").rsplit("/", 1)[-1]
+            if name.endswith(".json") and name[:-5].isdigit():
+                out.add(int(name[:-5]))
+        return out
+
+    def commit(self, unit: str, shard: int) -> ShardCommit | None:
+        """The commit record of one shard (one small read), or None when the shard is not committed."""
+        path = self._commit_path(unit, shard)
+        try:
+            raw = self.fs.cat_file(path)
+        except FileNotFoundError:
+            return None
+        try:
+            return ShardCommit.from_dict(json.loads(raw))
+        except (ValueError, ChorusError) as e:
+            raise IntegrityError(f"commit record {path} is unreadable ({e}); run `chorus verify {self.url}`") from None
+
     def is_complete(self, unit: str, num_shards: int) -> bool:
-        return len(self.commits(unit)) == num_shards
+        return len(self.committed(unit)) == num_shards
 
     def read_shard(
         self, unit: str, shard: int, names: Iterable[str], *, commit: ShardCommit | None = None, verify: bool = True
@@ -465,7 +491,16 @@ class Store:
         return np.concatenate(parts) if parts else np.zeros((0,), dtype=np.int32)
 
     def verify(self, unit: str) -> list[str]:
-        """Recompute every committed shard's checksums; one message per bad shard."""
+        """Recompute every committed shard's checksums; one message per bad shard. The corpus's row index
+        (``index``, see ``_index``) is verified with the corpus, its content against the corpus's own arrays."""
+        bad = self._verify(unit)
+        if unit == "corpus" and not bad and self.fs.exists(f"{self.root}/{INDEX_UNIT}"):
+            from chorus.storage._index import index_mismatch
+
+            bad = self._verify(INDEX_UNIT) or index_mismatch(self)
+        return bad
+
+    def _verify(self, unit: str) -> list[str]:
         bad = []
         for shard, commit in sorted(self.commits(unit).items()):
             for name, expected in sorted(commit.checksums.items()):

@@ -1,6 +1,7 @@
 """`chorus calibrate`: fit one temperature per teacher on held-out rows and record it in its manifest.
 
-setup (store, teacher check) → loop (stream held-out rows, gather the cached top-k at every position
+setup (store, teacher check) → loop (stream held-out rows — ``--max-rows``, by default ~1 M positions, stratified
+by domain — gather the cached top-k at every position
 that predicts a real token) → fit (T minimizing the mean gold-token NLL of the softened sparse
 distribution, Guo et al. 2017) → report (NLL and ECE before/after) → write (manifest temperature).
 Training then softens this teacher by T before pooling, so an overconfident teacher no longer drowns
@@ -22,6 +23,8 @@ from chorus.trainer.data import CachedRows, check_teachers, positions
 from chorus.trainer.sparse import SparseDist, cat, gold_log_prob, soften
 from chorus.trainer.targets import TargetBuilder
 
+DEFAULT_POSITIONS = 1 << 20  # positions fitted on without --max-rows (~0.8 GB of top-64 targets in memory)
+
 
 def _nll(dist: SparseDist, gold: torch.Tensor) -> float:
     return float(-gold_log_prob(dist, gold).clamp_min(math.log(PROB_FLOOR)).mean())
@@ -35,8 +38,13 @@ def run(cfg: CalibrateConfig) -> dict:
     store = Store.open(cfg.store, "a", cfg.storage_options)
     (teacher,) = check_teachers(store, [cfg.teacher])
     vocab = store.manifest.tokenizer.vocab_size
+    if cfg.max_rows is not None and cfg.max_rows < 1:
+        raise ChorusError(f"--max-rows must be a positive number of rows, got {cfg.max_rows}")
+    # every held-out position would not fit in memory at scale (~190 GB at 10 B tokens); one temperature is
+    # pinned down by far fewer: by default ~1 M positions, stratified by domain, from a few whole shards
+    rows = cfg.max_rows or -(-DEFAULT_POSITIONS // store.manifest.seq_len)
     data = CachedRows(cfg.store, batch_size=64, teachers=[cfg.teacher], split=cfg.split, shuffle=False, epochs=1,
-                      max_rows=cfg.max_rows, rank=0, world_size=1, storage_options=cfg.storage_options)
+                      max_rows=rows, stratify=True, rank=0, world_size=1, storage_options=cfg.storage_options)
 
     builder = TargetBuilder([teacher], vocab, calibrated=False)  # the fit starts from the cached T = 1 values
     dists, gold = [], []

@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
+from collections.abc import Iterable, Iterator
 
 import torch
 
@@ -31,6 +32,48 @@ from chorus.trainer.sparse import gold_log_prob
 from chorus.trainer.targets import TargetBuilder, pool
 
 KL_LABEL = "KL(t||s) over top-k + tail bucket (a lower bound of the full KL)"
+EVAL_CACHE_BYTES = 1 << 30  # held-out batches kept in memory between evaluations (training evaluates every N steps)
+_CACHE: OrderedDict[tuple, list[dict]] = OrderedDict()
+
+
+def _nbytes(x) -> int:
+    if isinstance(x, torch.Tensor):
+        return x.numel() * x.element_size()
+    return sum(_nbytes(v) for v in x.values()) if isinstance(x, dict) else 0
+
+
+def held_out(store: str, *, teachers: list[str], split: str, batch_size: int, max_rows: int | None,
+             storage_options: dict | None) -> tuple[list, Iterable[dict]]:
+    """(teacher manifests, batches) of an evaluation. ``max_rows`` are stratified by domain and read from a few
+    whole shards; the batches are kept (up to ``EVAL_CACHE_BYTES``) for the next evaluation of the same rows, so
+    a training run reads them from the store once. The key holds the corpus and teacher fingerprints: a rebuilt
+    store or cache is read afresh."""
+    st = Store.open(store, "r", storage_options)
+    manifests = check_teachers(st, teachers)
+    key = (store, json.dumps(storage_options or {}, sort_keys=True, default=str), split, batch_size, max_rows,
+           st.manifest.fingerprint, tuple((t.name, t.fingerprint) for t in manifests))
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return manifests, _CACHE[key]
+    data = CachedRows(store, batch_size=batch_size, teachers=teachers, split=split, shuffle=False, epochs=1,
+                      max_rows=max_rows, stratify=True, rank=0, world_size=1, storage_options=storage_options)
+
+    def batches() -> Iterator[dict]:
+        kept: list[dict] | None = []
+        size = 0
+        for batch in data:
+            size += _nbytes(batch)
+            if kept is not None and size <= EVAL_CACHE_BYTES:
+                kept.append(batch)
+            else:
+                kept = None
+            yield batch
+        if kept is not None:
+            _CACHE[key] = kept
+            while sum(_nbytes(b) for v in _CACHE.values() for b in v) > EVAL_CACHE_BYTES:
+                _CACHE.popitem(last=False)
+
+    return data.teacher_manifests, batches()
 
 
 class _Sums:
@@ -102,10 +145,10 @@ def evaluate_model(model, store: str, *, split: str = "valid", batch_size: int =
     device = student.device
     was_training = student.training
     student.eval()
-    data = CachedRows(store, batch_size=batch_size, teachers=teachers, split=split, shuffle=False, epochs=1,
-                      max_rows=max_rows, rank=0, world_size=1, storage_options=storage_options)
+    manifests, data = held_out(store, teachers=teachers, split=split, batch_size=batch_size, max_rows=max_rows,
+                               storage_options=storage_options)
     v, nd = m.tokenizer.vocab_size, len(names)
-    builder = TargetBuilder(data.teacher_manifests, v, calibrated=False, warn=False) if teachers else None
+    builder = TargetBuilder(manifests, v, calibrated=False, warn=False) if teachers else None
     loss, conf, correct = _Sums(), [], []
     kl = {t: _Sums() for t in teachers}
     agree = {t: _Sums() for t in teachers}
@@ -162,9 +205,8 @@ def evaluate_teacher_cache(store: str, name: str, *, split: str = "valid", batch
     st = Store.open(store, "r", storage_options)
     m = st.manifest
     names = list(m.domains)
-    (tm,) = check_teachers(st, [name])
-    data = CachedRows(store, batch_size=batch_size, teachers=[name], split=split, shuffle=False, epochs=1,
-                      max_rows=max_rows, rank=0, world_size=1, storage_options=storage_options)
+    (tm,), data = held_out(store, teachers=[name], split=split, batch_size=batch_size, max_rows=max_rows,
+                           storage_options=storage_options)
     builder = TargetBuilder([tm], m.tokenizer.vocab_size, calibrated=False, warn=False)
     loss, conf, correct, in_topk, rows = _Sums(), [], [], _Sums(), 0
     for batch in data:
