@@ -54,10 +54,14 @@ def _fake_rows(ensemble_worst: float) -> list[dict]:
             row("student-kd-prose", "student", (5.5, 2.5, 6.0)), row("student-ensemble", "student", (2.8, 2.9, ensemble_worst))]
 
 
-def test_claim_compares_worst_domains():
+def test_claim_puts_every_part_to_the_test():
     assert demo.claim(_fake_rows(3.0))[0]
-    holds, text = demo.claim(_fake_rows(6.2))  # beats kd-code (6.5) but not kd-prose (6.0)
-    assert not holds and "does NOT" in text
+    holds, text = demo.claim(_fake_rows(6.2))  # beats kd-code (6.5) but not kd-prose (6.0) nor the teacher (6.0)
+    assert not holds and "worst 6.200 NOT < every other student's" in text and "NOT < every teacher's worst" in text
+    rows = _fake_rows(3.0) + [{"name": "student-ce", "kind": "student", "per_domain": {}, "mean": 3.0, "worst": 3.5,
+                               "ece": 0.004}]
+    holds, text = demo.claim(rows)  # the ensemble's mean 2.9 beats CE's 3.0, but its ECE 1.0 pts > 0.4 + 0.5
+    assert not holds and "mean 2.900 < every other student's" in text and "ECE 1.00 pts NOT <= CE-only's 0.40 + 0.5" in text
 
 
 def test_table_and_plot(tmp_path):

@@ -114,9 +114,12 @@ class TrainConfig:
                                "gradients and optimizer state sharded over ranks, for a student larger than one device)",
                         choices=("ddp", "fsdp"))
     device: str = opt("auto", "training device", choices=("auto", "cpu", "cuda"))
-    num_workers: int = opt(0, "DataLoader worker processes (1 overlaps loading with the step; each worker decodes "
-                              "the shards of its own batches, so more add no decode throughput)")
-    shuffle_buffer: int = opt(1024, "rows shuffled together (after the shard order is shuffled)")
+    num_workers: int = opt(0, "loader threads decoding shards ahead of the step (0: in the training loop); the same "
+                              "batches for any number")
+    shuffle_buffer: int = opt(1024, "rows shuffled together after the shards are interleaved")
+    shuffle_shards: Optional[int] = opt(None, "shards read side by side: each batch mixes rows of that many shards "
+                                              "(memory: that many decoded shards; default max(8, shuffle_buffer / rows "
+                                              "per shard))")
     chunk_size: int = opt(1024, "positions per chunk of the loss (bounds fp32 logits memory)")
     resume: bool = opt(False, "continue from the last checkpoint in --out")
     overwrite: bool = opt(False, "replace a run directory that holds another run")
@@ -147,7 +150,7 @@ class CalibrateConfig:
     store: str = opt(REQUIRED, "store with the cached teacher")
     teacher: str = opt(REQUIRED, "name of the cached teacher")
     split: str = opt("valid", "split to fit on (held-out rows)")
-    max_rows: Optional[int] = opt(None, "fit on at most this many rows")
+    max_rows: Optional[int] = opt(None, "fit on at most this many rows, stratified by domain (default: ~1 M positions)")
     storage_options: dict = opt({}, "fsspec options for the store URL")
 
 
@@ -156,7 +159,7 @@ class BlendConfig:
     store: str = opt(REQUIRED, "store with the cached teachers")
     teachers: list = opt([], "teachers to blend (default: every complete one)")
     split: str = opt("valid", "split to fit on (held-out rows)")
-    max_rows: Optional[int] = opt(None, "fit on at most this many rows")
+    max_rows: Optional[int] = opt(None, "fit on at most this many rows, stratified by domain (default: ~1 M positions)")
     storage_options: dict = opt({}, "fsspec options for the store URL")
 
 

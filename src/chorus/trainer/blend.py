@@ -26,6 +26,7 @@ from chorus._progress import Progress, say
 from chorus.config import BlendConfig
 from chorus.errors import ChorusError
 from chorus.storage import Store
+from chorus.trainer.calibrate import DEFAULT_POSITIONS
 from chorus.trainer.data import CachedRows, check_teachers, complete_teachers, positions
 from chorus.trainer.sparse import cat, entropy, gold_log_prob, soften
 from chorus.trainer.targets import TargetBuilder, context_loglik
@@ -115,7 +116,7 @@ def run(cfg: BlendConfig) -> dict:
     m = store.manifest
     builder = TargetBuilder(manifests, m.tokenizer.vocab_size, calibrated=False)  # raw: the blend picks T
     data = CachedRows(cfg.store, batch_size=64, teachers=names, split=cfg.split, shuffle=False, epochs=1,
-                      max_rows=cfg.max_rows, rank=0, world_size=1, storage_options=cfg.storage_options)
+                      max_rows=cfg.max_rows or -(-DEFAULT_POSITIONS // m.seq_len), stratify=True, rank=0, world_size=1, storage_options=cfg.storage_options)
     dists, golds, ctxs, doms = [[] for _ in names], [], [], []
     with Progress("blend", total=data.rows_per_epoch, unit="rows") as bar:
         for batch in data:

@@ -277,7 +277,7 @@ def _train(cfg: TrainConfig, dist: _Dist) -> dict:
     data = CachedRows(cfg.store, batch_size=cfg.batch_size, teachers=cfg.teachers, split="train",
                       domains=cfg.train_domains or None, max_rows=cfg.train_rows, exclude_rows=cfg.exclude_rows,
                       samples=cfg.target == "samples", topk=cfg.target != "samples",
-                      shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, rank=dist.rank, world_size=dist.world,
+                      shuffle_buffer=cfg.shuffle_buffer, shuffle_shards=cfg.shuffle_shards, seed=cfg.seed, rank=dist.rank, world_size=dist.world,
                       storage_options=cfg.storage_options)
     loader = StreamLoader(data, num_workers=cfg.num_workers, pin_memory=dist.device.type == "cuda")
 
