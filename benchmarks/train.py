@@ -200,10 +200,10 @@ def main() -> None:
                  for t in ("t0", "t1", "t2")]
         return pool_teachers(dists, prior, operator=operator, weighting=weighting, gold=pos.gold)[0]
 
-    def step(targets_fn):
+    def step(targets_fn, fused=True):
         targets = targets_fn() if targets_fn else None
         loss, _ = student(ids, pos.attention_mask, pos.select, pos.gold, targets, loss_fn="forward_kl",
-                          kd_weight=0.5 if targets is not None else 0.0, chunk_size=1024)
+                          kd_weight=0.5 if targets is not None else 0.0, chunk_size=1024, fused=fused)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -228,6 +228,7 @@ def main() -> None:
 
     modes = {
         "ce": lambda: step(None),
+        "ce_checkpointed_chunks": lambda: step(None, fused=False),  # the head's logits recomputed in backward
         "ce_hf_full_logits": ce_hf,
         "kd_cache_1_teacher": lambda: step(one_target),
         "kd_cache_3_teachers_mixture": lambda: step(pooled_target),
@@ -261,6 +262,12 @@ def main() -> None:
                 [[r["teachers"], r["workers"], r["positions_per_s"], r["target_tokens_per_s"], r["target_tokens_per_cpu_s"]]
                  for r in loader_rows]))
     goals = {
+        "ce_step_over_hf_full_logits": ce / med["ce_hf_full_logits"],
+        "ce_step_over_hf_full_logits_goal": 1.0,
+        "kd_cache_step_over_hf_full_logits": med["kd_cache_1_teacher"] / med["ce_hf_full_logits"],
+        "kd_cache_step_over_hf_full_logits_goal": 1.0,
+        "ce_peak_over_hf_full_logits": peaks["ce"] / max(peaks["ce_hf_full_logits"], 1),
+        "ce_peak_over_hf_full_logits_goal": 0.5,
         "kd_cache_step_over_ce": med["kd_cache_1_teacher"] / ce,
         "kd_cache_step_over_ce_goal": 1.05,
         "pool_3_teachers_over_student_step": med["pool_3_teachers_mixture"] / ce,

@@ -179,7 +179,7 @@ class Student(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, select: Tensor, gold: Tensor,
                 targets: SparseDist | None, *, loss_fn: Any, kd_weight: float, temperature: float = 1.0,
-                chunk_size: int = 1024, divergence_kwargs: dict | None = None) -> tuple[Tensor, dict]:
+                chunk_size: int = 1024, divergence_kwargs: dict | None = None, fused: bool = True) -> tuple[Tensor, dict]:
         """Loss over the N selected next-token positions. ``select`` (N,) indexes the flattened
         (B·(L-1)) positions that predict a real token, ``gold`` (N,) their tokens, ``targets`` a
         SparseDist over the same N positions (None: hard-label CE only)."""
@@ -188,7 +188,7 @@ class Student(nn.Module):
             h = self.hidden(input_ids, attention_mask)
             h = h[:, :-1].reshape(-1, h.shape[-1])[select]
             w, b = self.head_params()
-            return chunked_distill_loss(h, w, gold, targets, chunk_size=chunk_size, lm_head_bias=b, **kw)
+            return chunked_distill_loss(h, w, gold, targets, chunk_size=chunk_size, lm_head_bias=b, fused=fused, **kw)
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
         logits = logits[:, :-1, : self.vocab_size].reshape(-1, self.vocab_size)[select]
         return distill_loss_from_logits(logits, gold, targets, **kw)
