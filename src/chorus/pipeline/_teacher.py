@@ -1,7 +1,8 @@
 """The teacher: loading it, checking it against a store, and the pure per-batch target math.
 
-``load_teacher`` resolves device and dtype, refuses a tokenizer whose vocabulary differs from the
-store's, and fingerprints the weights. ``Teacher.targets`` runs the model to its final hidden states and
+``load_teacher`` resolves device and dtype and fingerprints the weights; ``check_tokenizer`` tells whether the
+teacher shares the store's tokenizer, its vocabulary, or neither (then ``_cross.py`` maps it).
+``Teacher.targets`` runs the model to its final hidden states and
 ``chunked_targets`` applies the LM head over chunks of positions, turning each chunk into top-k log-probs
 (normalized over the full vocabulary, fp32 math), optional sampled ids and the exact per-position statistics
 of format v2 (log tail mass, entropy, gold log-prob, tail log-partitions), so no (B, L, V) logits exist.
@@ -44,7 +45,7 @@ class Teacher:
     model_id: str  # hub id, or a local directory's basename (the path itself is not identity; the weights are)
     revision: str
     weights_fingerprint: str
-    tokenizer_match: str  # "tokenizer" (same fingerprint) or "vocabulary" (same id table only)
+    tokenizer_match: str  # "tokenizer" (same fingerprint), "vocabulary" (same id table only) or "cross" (its own)
     chunk_size: int | None = None  # positions per LM-head chunk (see chunk_positions); None: by CHUNK_BYTES
     head_checked: bool = False  # the chunked head was compared with the model's own logits once
 
@@ -150,11 +151,12 @@ def _check_local(spec: str, what: str) -> None:
 
 
 def check_tokenizer(model: str, expected: TokenizerInfo, *, tokenizer: str | None, revision: str | None,
-                    trust_remote_code: bool) -> str:
+                    trust_remote_code: bool) -> tuple[str, object, TokenizerInfo]:
     """Load the teacher's tokenizer (``tokenizer`` or the model's own) and compare it with the store's.
 
-    Same fingerprint → "tokenizer"; a different tokenizer with the identical id ↔ token table (e.g. another
-    normalizer or chat template) → "vocabulary"; anything else is refused: the ids would mean other tokens."""
+    Returns (match, tokenizer, its info). Same fingerprint → "tokenizer"; a different tokenizer with the identical
+    id ↔ token table (e.g. another normalizer or chat template) → "vocabulary"; anything else → "cross": the teacher
+    reads the text in its own tokens and its distributions are mapped onto the store's (pipeline/_cross.py)."""
     from transformers import AutoTokenizer
 
     _check_local(model, "teacher")
@@ -172,14 +174,10 @@ def check_tokenizer(model: str, expected: TokenizerInfo, *, tokenizer: str | Non
         ) from None
     info = tokenizer_info(tok, spec)
     if info.fingerprint == expected.fingerprint:
-        return "tokenizer"
+        return "tokenizer", tok, info
     if info.vocab_fingerprint == expected.vocab_fingerprint:
-        return "vocabulary"
-    raise ChorusError(
-        f"teacher '{model}' uses another vocabulary than the store (tokenizer '{info.name}', {info.vocab_size} tokens, "
-        f"vs the store's '{expected.name}', {expected.vocab_size} tokens); chorus needs teachers that share the "
-        "store's token ids: prepare a store with the teacher's tokenizer"
-    )
+        return "vocabulary", tok, info
+    return "cross", tok, info
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
@@ -223,9 +221,11 @@ def load_teacher(model: str, *, vocab_size: int, device: torch.device, dtype: to
         raise ChorusError(f"teacher '{model}' could not be loaded ({_first_line(e)}){hint}") from None
     rows = net.get_output_embeddings().weight.shape[0] if net.get_output_embeddings() is not None else net.config.vocab_size
     if rows < vocab_size:
+        whose = ("its own tokenizer (another vocabulary than the store's)" if tokenizer_match == "cross"
+                 else "the store's tokenizer")
         raise ChorusError(
-            f"teacher '{model}' scores {rows} tokens but the store's tokenizer has {vocab_size}; "
-            "it cannot give a distribution over the store's vocabulary"
+            f"teacher '{model}' scores {rows} tokens but {whose} has {vocab_size}; "
+            "it cannot give a distribution over that vocabulary: pass --tokenizer with the teacher's own tokenizer"
         )
     net.to(device).eval().requires_grad_(False)
     rev = getattr(net.config, "_commit_hash", None) or revision or ("local" if os.path.isdir(path) else "main")

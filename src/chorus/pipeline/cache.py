@@ -27,6 +27,8 @@ from chorus import __version__
 from chorus._progress import Progress, say
 from chorus.config import CacheConfig
 from chorus.errors import ChorusError
+from chorus.pipeline._cross import METHOD, METHOD_VERSION, CrossMap, TokenText
+from chorus.pipeline._cross_targets import cross_targets
 from chorus.pipeline._teacher import (
     OutOfMemory,
     Teacher,
@@ -37,6 +39,7 @@ from chorus.pipeline._teacher import (
     resolve_device,
     resolve_dtype,
 )
+from chorus.pipeline._tokenizer import load_tokenizer, tokenizer_info
 from chorus.pipeline._writer import ShardWriter
 from chorus.storage import (
     STATS_FIELDS,
@@ -52,7 +55,7 @@ from chorus.storage import (
     target_specs,
     value_params,
 )
-from chorus.storage._manifest import NAME_PATTERN
+from chorus.storage._manifest import NAME_PATTERN, TokenizerInfo, no_target
 
 TARGETS = ("topk log_softmax fp32 + inverse-cdf samples seeded by (seed, row) + exact tail statistics "
            "(masked logsumexp, entropy, gold log-prob), v2")  # in the fingerprint: change it with the math
@@ -121,7 +124,7 @@ def _existing(store: Store, name: str) -> TeacherManifest | None:
 
 def _differences(old: TeacherManifest, new: TeacherManifest) -> str:
     keys = ("model", "revision", "weights_fingerprint", "top_k", "num_samples", "seed", "value_codec", "dtype",
-            "corpus_fingerprint", "tokenizer_fingerprint", "format_version", "tail_betas")
+            "corpus_fingerprint", "tokenizer_fingerprint", "format_version", "tail_betas", "tokenizer_mapping")
     diffs = [f"{k} {getattr(old, k)!r} → {getattr(new, k)!r}" for k in keys if getattr(old, k) != getattr(new, k)]
     return "; ".join(diffs) or "target settings"
 
@@ -213,15 +216,17 @@ def run(cfg: CacheConfig) -> TeacherManifest:
     unit = f"teachers/{name}"
     device = resolve_device(cfg.device, int(os.environ["LOCAL_RANK"]) if "LOCAL_RANK" in os.environ else None)
     dtype = resolve_dtype(cfg.dtype, device)
-    match = check_tokenizer(cfg.teacher, corpus.tokenizer, tokenizer=cfg.tokenizer, revision=cfg.revision,
-                            trust_remote_code=cfg.trust_remote_code)
-    teacher = load_teacher(cfg.teacher, vocab_size=corpus.tokenizer.vocab_size, device=device, dtype=dtype,
-                           revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, tokenizer_match=match)
+    match, teacher_tok, teacher_info = check_tokenizer(cfg.teacher, corpus.tokenizer, tokenizer=cfg.tokenizer,
+                                                       revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    cmap = _cross_map(corpus, teacher_tok, teacher_info) if match == "cross" else None
+    teacher = load_teacher(cfg.teacher, vocab_size=len(teacher_tok) if cmap else corpus.tokenizer.vocab_size,
+                           device=device, dtype=dtype, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
+                           tokenizer_match=match)
     max_pos = getattr(teacher.model.config, "max_position_embeddings", None)
-    if max_pos is not None and corpus.seq_len > max_pos:
+    if max_pos is not None and corpus.seq_len > max_pos and cmap is None:
         raise ChorusError(f"store rows are {corpus.seq_len} tokens but teacher '{cfg.teacher}' handles at most {max_pos}")
     params = value_params(cfg.value_codec)
-    manifest = _manifest(cfg, name, corpus, teacher, params)
+    manifest = _manifest(cfg, name, corpus, teacher, params, cross=_mapping_record(teacher_info, cmap))
     specs = target_specs(corpus.seq_len, cfg.top_k, cfg.samples, corpus.tokenizer.vocab_size, cfg.value_codec, params,
                          tail_betas=manifest.tail_betas)
     _claim_unit(store, manifest, specs, corpus, worker=worker, overwrite=cfg.overwrite)
@@ -233,7 +238,9 @@ def run(cfg: CacheConfig) -> TeacherManifest:
     rows_todo = sum(corpus.shard_rows(s)[1] - corpus.shard_rows(s)[0] for s in todo)
     say(f"cache '{name}': {teacher.model_id} on {device} ({dtype_name(dtype)}), k={cfg.top_k} samples={cfg.samples} "
         f"values={cfg.value_codec}; worker {worker}/{workers}: {len(todo)} of {len(mine)} shards to do"
-        + ("" if match == "tokenizer" else " (tokenizer differs from the store's but its vocabulary is identical)"))
+        + {"tokenizer": "", "vocabulary": " (tokenizer differs from the store's but its vocabulary is identical)",
+           "cross": f" (its own tokenizer '{teacher_info.name}', {teacher_info.vocab_size} tokens: mapped onto the "
+                    f"store's by {METHOD} v{METHOD_VERSION})"}[match])
 
     def encode(shard: int, row_start: int, host: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         bad = first_bad_position(host["topk_logprobs"])
@@ -243,8 +250,9 @@ def run(cfg: CacheConfig) -> TeacherManifest:
                 f"{shard}); nothing was written for that shard: check the weights, or try --dtype fp32")
         stats = ({f: host[f] for f in (*STATS_FIELDS, "tail_logz")} | {"tail_betas": manifest.tail_betas}
                  if manifest.has_stats else None)
-        return encode_targets(host["topk_ids"], host["topk_logprobs"], vocab_size=corpus.tokenizer.vocab_size,
-                              codec=cfg.value_codec, params=params, draws=host.get("draws"), stats=stats)
+        with np.errstate(invalid="ignore"):  # a cross-tokenizer "no target" position: both tail bounds are -inf
+            return encode_targets(host["topk_ids"], host["topk_logprobs"], vocab_size=corpus.tokenizer.vocab_size,
+                                  codec=cfg.value_codec, params=params, draws=host.get("draws"), stats=stats)
 
     # ------------------------------------------------------------------ loop
     def still_ours(shard: int | None) -> None:  # before claiming, writing, committing: fenced out by a lost lease or a replaced cache
@@ -260,7 +268,7 @@ def run(cfg: CacheConfig) -> TeacherManifest:
         with ShardLeases(store, unit) as leases:
             skipped = _cache_shards(store, unit, corpus, teacher, todo, rows_todo, encode, cfg,
                                     tail_betas=manifest.tail_betas, leases=leases, fingerprint=manifest.fingerprint,
-                                    before_commit=still_ours)
+                                    before_commit=still_ours, cmap=cmap)
 
     # ------------------------------------------------------------------ cleanup
     current = _existing(store, name)
@@ -270,17 +278,67 @@ def run(cfg: CacheConfig) -> TeacherManifest:
     committed = {s: c for s, c in store.commits(unit).items() if c.fingerprint in ("", manifest.fingerprint)}
     status = "complete" if len(committed) == corpus.num_shards else "incomplete"
     if status == "complete" and current.status != "complete":
-        store.write_teacher_manifest(current.replace(status="complete"))  # two workers both flipping is fine
+        done_manifest = current.replace(status="complete")
+        if cmap is not None:  # the share of real positions with a sound target, over the whole cache
+            extra = {"coverage": coverage(store, name, committed)}
+            if workers == 1 and len(todo) == corpus.num_shards and not skipped:  # this run did every shard
+                extra["measured"] = {k: float(v) for k, v in cmap.measurements().items()}
+            done_manifest = done_manifest.replace(tokenizer_mapping={**current.tokenizer_mapping, **extra})
+        store.write_teacher_manifest(done_manifest)  # two workers both flipping is fine
     bpt = _bytes_per_token(store, unit, corpus)
+    final = _existing(store, name) or manifest
+    covered = (f", {100 * final.tokenizer_mapping['coverage']:.1f}% of positions covered"
+               if "coverage" in final.tokenizer_mapping else "")
+    if cmap is not None and cmap.measured["covered"]:
+        got = cmap.measurements()
+        covered += (f" ({100 * got['inside_share']:.1f}% inside a teacher token; teacher's gold-text "
+                    f"{got['gold_text_bits_per_byte']:.3f} bits/byte, unplaced mass {got['unplaced_mass']:.3f})")
     say(f"cache '{name}' → {store.url} ({unit}): {status}, {len(committed)}/{corpus.num_shards} shards, "
-        f"{bpt:.1f} B/token" + (f"; {len(skipped)} shard(s) left to the writers that hold them" if skipped else ""))
+        f"{bpt:.1f} B/token{covered}" + (f"; {len(skipped)} shard(s) left to the writers that hold them" if skipped else ""))
     return _existing(store, name) or manifest
 
 
-def _manifest(cfg: CacheConfig, name: str, corpus: CorpusManifest, teacher: Teacher, params: dict) -> TeacherManifest:
+def _cross_map(corpus: CorpusManifest, teacher_tok, teacher_info: TokenizerInfo) -> CrossMap:
+    """The store's tokenizer (from where `chorus prepare` read it, checked by fingerprint) and the teacher's, mapped."""
+    spec = corpus.source.get("tokenizer")
+    if not spec:
+        raise ChorusError("the store does not record where its tokenizer came from (prepared by an older chorus); "
+                          "a teacher with another tokenizer needs it: re-run `chorus prepare`")
+    store_tok = load_tokenizer(spec)
+    if tokenizer_info(store_tok, spec).fingerprint != corpus.tokenizer.fingerprint:
+        raise ChorusError(f"the store's tokenizer '{spec}' has changed since `chorus prepare` (fingerprint differs); "
+                          "restore it, or prepare the store again")
+    store_text = TokenText.of(store_tok, corpus.tokenizer.name)
+    teacher_text = TokenText.of(teacher_tok, teacher_info.name)
+    return CrossMap(teacher_text, store_text, corpus.tokenizer.vocab_size)
+
+
+def _mapping_record(info: TokenizerInfo, cmap: CrossMap | None) -> dict:
+    if cmap is None:
+        return {}
+    return {"tokenizer": info.to_dict(), "method": METHOD, "version": METHOD_VERSION, "vocab": cmap.summary()}
+
+
+def coverage(store: Store, name: str, commits: dict) -> float:
+    """Covered / real positions (a real one predicts a token of its document: segment ids > 0 at t and t + 1)."""
+    covered = real = 0
+    for shard, commit in sorted(commits.items()):
+        entropy = store.read_shard(f"teachers/{name}", shard, ["stats"], commit=commit)["stats"][..., 1]
+        seg = store.read_shard("corpus", shard, ["segment_ids"])["segment_ids"]
+        mask = np.zeros(seg.shape, dtype=bool)
+        mask[:, :-1] = (seg[:, :-1] > 0) & (seg[:, 1:] > 0)
+        real += int(mask.sum())
+        covered += int((mask & ~no_target(entropy)).sum())
+    return covered / max(real, 1)
+
+
+def _manifest(cfg: CacheConfig, name: str, corpus: CorpusManifest, teacher: Teacher, params: dict, *,
+              cross: dict) -> TeacherManifest:
     settings = {"top_k": cfg.top_k, "samples": cfg.samples, "seed": cfg.seed if cfg.samples else None,
                 "value_codec": cfg.value_codec, "value_params": params, "dtype": dtype_name(teacher.dtype), "targets": TARGETS,
                 "tail_betas": list(TAIL_BETAS)}
+    if cross:  # the teacher's own tokenizer and the mapping (method, version) are part of what the targets are
+        settings["cross_tokenizer"] = {k: cross[k] for k in ("tokenizer", "method", "version")}
     fp = fingerprint("teacher-cache", corpus.fingerprint, corpus.tokenizer.fingerprint, teacher.weights_fingerprint,
                      teacher.model_id, teacher.revision, settings)
     return TeacherManifest(
@@ -288,17 +346,18 @@ def _manifest(cfg: CacheConfig, name: str, corpus: CorpusManifest, teacher: Teac
         dtype=dtype_name(teacher.dtype), device=teacher.device.type, top_k=cfg.top_k, num_samples=cfg.samples,
         seed=cfg.seed, value_codec=cfg.value_codec, value_params=params, corpus_fingerprint=corpus.fingerprint,
         tokenizer_fingerprint=corpus.tokenizer.fingerprint, vocab_size=corpus.tokenizer.vocab_size, fingerprint=fp,
-        created_by=__version__, tail_betas=TAIL_BETAS,
+        created_by=__version__, tail_betas=TAIL_BETAS, tokenizer_mapping=cross,
     )
 
 
 def _cache_shards(store: Store, unit: str, corpus: CorpusManifest, teacher: Teacher, todo: list[int], rows_todo: int,
                   encode, cfg: CacheConfig, *, tail_betas: tuple[float, ...], leases: ShardLeases, fingerprint: str,
-                  before_commit) -> list[int]:
+                  before_commit, cmap: CrossMap | None = None) -> list[int]:
     """The loop: the main thread only reads ahead (one shard), claims each shard, runs the teacher and queues
     tensors; returns the shards skipped because a live writer holds them."""
     reader = ThreadPoolExecutor(1, thread_name_prefix="chorus-read")
-    read = lambda s: store.read_shard("corpus", s, ["input_ids"])["input_ids"]  # noqa: E731
+    names = ["input_ids", "segment_ids"] if cmap is not None else ["input_ids"]
+    read = lambda s: store.read_shard("corpus", s, names)  # noqa: E731
     pending = reader.submit(read, todo[0])
     skipped: list[int] = []
     try:
@@ -306,7 +365,8 @@ def _cache_shards(store: Store, unit: str, corpus: CorpusManifest, teacher: Teac
                          on_commit=lambda shard, _a: leases.release(shard)) as writer, \
                 Progress(f"cache {unit}", total=rows_todo) as bar:
             for n, shard in enumerate(todo):
-                ids = pending.result()
+                rows = pending.result()
+                ids = rows["input_ids"]
                 if n + 1 < len(todo):
                     pending = reader.submit(read, todo[n + 1])
                 before_commit(None)
@@ -318,8 +378,14 @@ def _cache_shards(store: Store, unit: str, corpus: CorpusManifest, teacher: Teac
                     x = torch.from_numpy(ids[offset: offset + cfg.batch_size].astype(np.int64)).to(teacher.device)
                     try:
                         with torch.inference_mode():
-                            targets = teacher.targets(x, top_k=cfg.top_k, num_samples=cfg.samples, seed=cfg.seed,
-                                                      row_start=row_start + offset, tail_betas=tail_betas)
+                            if cmap is None:
+                                targets = teacher.targets(x, top_k=cfg.top_k, num_samples=cfg.samples, seed=cfg.seed,
+                                                          row_start=row_start + offset, tail_betas=tail_betas)
+                            else:
+                                segs = rows["segment_ids"][offset: offset + cfg.batch_size]
+                                targets = cross_targets(teacher, cmap, ids[offset: offset + cfg.batch_size], segs, top_k=cfg.top_k,
+                                                        num_samples=cfg.samples, seed=cfg.seed,
+                                                        row_start=row_start + offset, tail_betas=tail_betas)
                     except OutOfMemory:
                         raise ChorusError(
                             f"out of memory on {teacher.device} at --batch-size {cfg.batch_size} (shard {shard}); "

@@ -20,6 +20,10 @@ from chorus.errors import ChorusError
 FORMAT_VERSION = 1  # corpus manifest and commit records
 TEACHER_FORMAT_VERSION = 2  # teacher manifests: v2 adds per-position statistics (``tail_betas``); v1 caches still read
 
+# A position of a cross-tokenizer teacher with no sound target (the store's token starts inside a teacher token)
+# is stored as the hard label (the next token with probability 1) with this entropy, which no distribution has:
+# readers recognize the mask by it (trainer/targets.py falls back to the hard label or the other teachers).
+NO_TARGET_ENTROPY = -1.0
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # a cache name is one folder: no '/', no '..'
 _SCALARS = {int: "an integer", float: "a number", str: "a string", bool: "true/false"}
 
@@ -165,6 +169,9 @@ class TeacherManifest(_Record):
     temperature: float = 1.0  # fitted by `chorus calibrate` (1.0: uncalibrated)
     calibration: dict[str, Any] = field(default_factory=dict)
     tail_betas: tuple[float, ...] = ()  # grid of the cached tail_logz statistics; () = no statistics (a v1 cache)
+    # a teacher with its own tokenizer (pipeline/_cross.py): {"tokenizer": its TokenizerInfo, "method", "version",
+    # "vocab": map summary, "coverage": covered / real positions once complete}; {} = the store's tokenizer
+    tokenizer_mapping: dict[str, Any] = field(default_factory=dict)
     format_version: int = TEACHER_FORMAT_VERSION
 
     FORMAT_VERSIONS: ClassVar[tuple[int, ...]] = (1, TEACHER_FORMAT_VERSION)
@@ -180,6 +187,16 @@ class TeacherManifest(_Record):
     def has_stats(self) -> bool:
         """Whether the cache holds per-position statistics (``stats``, ``tail_logz``: format v2)."""
         return bool(self.tail_betas)
+
+    @property
+    def cross_tokenizer(self) -> bool:
+        """Whether the teacher read the text with its own tokenizer (targets mapped onto the store's vocabulary)."""
+        return bool(self.tokenizer_mapping)
+
+
+def no_target(entropy: Any) -> Any:
+    """Where the cached ``entropy`` marks "no target" (numpy or torch, any shape): see ``NO_TARGET_ENTROPY``."""
+    return entropy < NO_TARGET_ENTROPY / 2
 
 
 @dataclass(frozen=True)

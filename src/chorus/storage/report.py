@@ -2,7 +2,9 @@
 
 For a teacher cached with statistics (format v2), inspect also reports per domain the teacher's mean entropy,
 mean tail mass (outside its top-k) and mean NLL of the gold next token, over the positions that predict a
-real token (the position and the next one both inside a document: segment id > 0).
+real token (the position and the next one both inside a document: segment id > 0). For a teacher with its own
+tokenizer (a cross-tokenizer cache) it reports the share of those positions that have a target (coverage): the
+statistics are means over the covered ones.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import numpy as np
 
 from chorus.errors import ChorusError
 from chorus.storage._check import problems
-from chorus.storage._manifest import CorpusManifest, TeacherManifest
+from chorus.storage._manifest import CorpusManifest, TeacherManifest, no_target
 from chorus.storage._store import Store
 from chorus.storage._targets import STATS_FIELDS
 
@@ -34,22 +36,26 @@ def teacher_statistics(store: Store, teacher: TeacherManifest, corpus: CorpusMan
         shards = [shards[i] for i in np.unique(np.linspace(0, len(shards) - 1, max_shards).round().astype(int))]
     sums = np.zeros((len(corpus.domains), 3))
     counts = np.zeros(len(corpus.domains), dtype=np.int64)
+    reals = np.zeros(len(corpus.domains), dtype=np.int64)
     for shard in shards:
         st = store.read_shard(unit, shard, ["stats"], commit=commits[shard])["stats"][:, :-1].astype(np.float64)
         rows = store.read_shard("corpus", shard, ["segment_ids", "domain"])
         seg, domain = rows["segment_ids"], rows["domain"].astype(np.int64)
         real = (seg[:, :-1] > 0) & (seg[:, 1:] > 0)  # position t predicts token t + 1 of a document
+        covered = real & ~no_target(st[..., _ENTROPY])  # a cross-tokenizer teacher's masked positions: no target
         values = np.stack([st[..., _ENTROPY], np.exp(st[..., _LOG_TAIL]), -st[..., _GOLD]], -1)
-        np.add.at(sums, domain, np.where(real[..., None], values, 0.0).sum(1))
-        np.add.at(counts, domain, real.sum(1))
+        np.add.at(sums, domain, np.where(covered[..., None], values, 0.0).sum(1))
+        np.add.at(counts, domain, covered.sum(1))
+        np.add.at(reals, domain, real.sum(1))
 
-    def means(s: np.ndarray, n: int) -> dict:
+    def means(s: np.ndarray, n: int, r: int) -> dict:
         m = s / max(n, 1)
-        return {"positions": int(n), "mean_entropy": float(m[0]), "mean_tail_mass": float(m[1]), "mean_nll": float(m[2])}
+        return {"positions": int(n), "mean_entropy": float(m[0]), "mean_tail_mass": float(m[1]), "mean_nll": float(m[2]),
+                "coverage": float(n / max(r, 1))}
 
     return {"shards_read": len(shards), "shards_committed": len(commits),
-            "domains": {d: means(sums[i], counts[i]) for i, d in enumerate(corpus.domains)},
-            "all": means(sums.sum(0), int(counts.sum()))}
+            "domains": {d: means(sums[i], counts[i], reals[i]) for i, d in enumerate(corpus.domains)},
+            "all": means(sums.sum(0), int(counts.sum()), int(reals.sum()))}
 
 
 def describe(store: Store) -> dict:
@@ -82,6 +88,7 @@ def describe(store: Store) -> dict:
             "bytes_per_token": per_array,
             "total_bytes_per_token": sum(per_array.values()),
             "statistics": None,
+            "tokenizer_mapping": t.tokenizer_mapping or None,
         }
         if t.has_stats:
             out["teachers"][name]["statistics"] = {
@@ -112,8 +119,19 @@ def inspect_command(url: str, *, as_json: bool = False, storage_options: dict | 
         print(f"teacher      {name}: {t['model']}  {t['status']}  k={t['top_k']} samples={t['samples']} "
               f"values={t['value_codec']} T={t['temperature']:.3f}  shards {t['shards_committed']}/{info['shards']['total']}  "
               f"{t['total_bytes_per_token']:.1f} B/token")
+        _print_mapping(t)
         _print_statistics(t)
     return 0
+
+
+def _print_mapping(t: dict) -> None:
+    mp = t["tokenizer_mapping"]
+    if not mp:
+        return
+    tok, cov = mp["tokenizer"], mp.get("coverage")
+    where = f"{100 * cov:.1f}% of positions have a target" if cov is not None else "coverage known once complete"
+    print(f"  own tokenizer {tok['name']} (vocab {tok['vocab_size']}), mapped by {mp['method']} v{mp['version']}: "
+          f"{where}; elsewhere the hard label")
 
 
 def _print_statistics(t: dict) -> None:
@@ -123,9 +141,12 @@ def _print_statistics(t: dict) -> None:
         return
     print(f"  statistics (format v{t['format_version']}, {st['bytes_per_token']:.1f} B/token), over positions that "
           f"predict a real token ({st['shards_read']} of {st['shards_committed']} committed shards):")
-    print(f"    {'domain':<16} {'positions':>10} {'entropy':>9} {'tail mass':>10} {'teacher NLL':>12}")
+    cross = bool(t.get("tokenizer_mapping"))
+    print(f"    {'domain':<16} {'positions':>10} {'entropy':>9} {'tail mass':>10} {'teacher NLL':>12}"
+          + (f" {'coverage':>9}" if cross else ""))
     for d, r in [*st["domains"].items(), ("(all)", st["all"])]:
-        print(f"    {d:<16} {r['positions']:>10,} {r['mean_entropy']:>9.4f} {r['mean_tail_mass']:>10.4f} {r['mean_nll']:>12.4f}")
+        print(f"    {d:<16} {r['positions']:>10,} {r['mean_entropy']:>9.4f} {r['mean_tail_mass']:>10.4f} {r['mean_nll']:>12.4f}"
+              + (f" {100 * r['coverage']:>8.1f}%" if cross else ""))
 
 
 def verify_command(url: str, *, storage_options: dict | None = None) -> int:

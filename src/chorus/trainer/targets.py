@@ -17,6 +17,12 @@ estimate of the teacher only for forward KL at T = 1, pooled linearly with weigh
 on the samples; every other combination with samples is refused, naming the sound alternatives.
 A top-k cache without statistics (format v1) still works, with a one-line warning: its softening,
 entropy, gold likelihood and imputation use the even-tail guess.
+
+A cross-tokenizer teacher (pipeline/_cross.py) has positions with no sound target, cached as the hard label
+with entropy ``NO_TARGET_ENTROPY``: :func:`teacher_dist` turns them into the exact one-hot distribution of the
+gold token (so a single teacher's KD term there is the hard-label cross-entropy, for forward KL exactly), and
+:meth:`TargetBuilder.build` gives such a teacher weight 0 at those positions whenever another teacher has a
+target there (the pool then falls back to the other teachers).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from torch import Tensor
 
 from chorus._progress import say
 from chorus.errors import ChorusError
+from chorus.storage._manifest import no_target
 from chorus.trainer import ensemble
 from chorus.trainer._softening import SOFTENINGS, get_softening
 from chorus.trainer._tail import Stats
@@ -81,33 +88,58 @@ def check_combination(*, target: str, loss: str, operator: str, weighting: str, 
                           "weighting none")
 
 
-def _stats(arrays: dict, take, *, tail_betas: Tensor | None) -> Stats | None:
+def _stats(arrays: dict, take, *, tail_betas: Tensor | None, masked: Tensor | None) -> Stats | None:
     if "log_tail" not in arrays:
         return None
+    log_tail, entropy, gold = take("log_tail"), take("entropy"), take("gold_logprob")
     tail = take("tail_logz") if "tail_logz" in arrays and tail_betas is not None else None
-    return Stats(take("log_tail"), take("entropy"), take("gold_logprob"), tail, tail_betas)
+    if masked is not None:  # the one-hot gold: no tail, no entropy, log-prob 0
+        log_tail = log_tail.masked_fill(masked, float("-inf"))
+        entropy = entropy.masked_fill(masked, 0.0)
+        gold = gold.masked_fill(masked, 0.0)
+        tail = None if tail is None else tail.masked_fill(masked[:, None], float("-inf"))
+    return Stats(log_tail, entropy, gold, tail, tail_betas)
+
+
+def _take(arrays: dict, select: Tensor, device: torch.device | str):
+    def take(name: str) -> Tensor:
+        a = arrays[name].to(device, non_blocking=True)
+        if a.dtype in (torch.uint16, torch.uint32):  # few kernels take them: widen before indexing
+            a = a.long()
+        return a[:, :-1].reshape(-1, *a.shape[2:])[select]
+    return take
+
+
+def no_target_mask(arrays: dict, select: Tensor, device: torch.device | str = "cpu") -> Tensor | None:
+    """(N,) bool: the selected positions where this teacher has no target (a cross-tokenizer teacher's masked
+    positions); None without statistics (a v1 cache, which has a target everywhere). No device sync."""
+    if "entropy" not in arrays:
+        return None
+    return no_target(_take(arrays, select, device)("entropy"))
 
 
 def teacher_dist(arrays: dict, select: Tensor, *, target: str, vocab_size: int, device: torch.device | str = "cpu",
                  tail_betas: Sequence[float] = ()) -> SparseDist:
     """One teacher's SparseDist at T = 1 over the selected positions (``select`` indexes the flattened
     (B·(L−1)) positions). ``arrays`` is a batch's decoded arrays of that teacher (data.CachedRows);
-    with statistics in them the distribution is exact (from_topk/from_samples with ``stats``)."""
-    def take(name: str) -> Tensor:
-        a = arrays[name].to(device, non_blocking=True)
-        if a.dtype in (torch.uint16, torch.uint32):  # few kernels take them: widen before indexing
-            a = a.long()
-        return a[:, :-1].reshape(-1, *a.shape[2:])[select]
-
+    with statistics in them the distribution is exact (from_topk/from_samples with ``stats``). Positions with
+    no target (see the module doc) are the one-hot distribution of the gold token, cached in the top-1 slot."""
+    take = _take(arrays, select, device)
+    masked = no_target_mask(arrays, select, device)
     betas = torch.tensor(tuple(tail_betas), dtype=torch.float32, device=device) if len(tail_betas) else None
-    stats = _stats(arrays, take, tail_betas=betas)
-    if target == "samples":
+    stats = _stats(arrays, take, tail_betas=betas, masked=masked)
+    if target == "samples":  # a masked position's draws are all the gold token already
         return from_samples(take("sample_ids"), take("sample_counts"), vocab_size, stats=stats)
+    if target not in ("topk_renorm", "topk_tail"):
+        raise ChorusError(f"unknown target '{target}'; expected one of: {', '.join(TARGETS)}")
+    ids, logp = take("topk_ids"), take("topk_logprobs")
+    if masked is not None:  # exactly [0, -inf, ...] whatever the value codec rounded -inf to
+        one_hot = torch.full_like(logp, float("-inf"))
+        one_hot[:, 0] = 0.0
+        logp = torch.where(masked[:, None], one_hot, logp)
     if target == "topk_renorm":
-        return from_topk_renormalized(take("topk_ids"), take("topk_logprobs"), vocab_size)
-    if target == "topk_tail":
-        return from_topk(take("topk_ids"), take("topk_logprobs"), vocab_size, stats=stats)
-    raise ChorusError(f"unknown target '{target}'; expected one of: {', '.join(TARGETS)}")
+        return from_topk_renormalized(ids, logp, vocab_size)
+    return from_topk(ids, logp, vocab_size, stats=stats)
 
 
 def context_loglik(batch: dict, names: Sequence[str], select: Tensor, device: torch.device | str = "cpu") -> Tensor:
@@ -122,10 +154,18 @@ def context_loglik(batch: dict, names: Sequence[str], select: Tensor, device: to
     start = torch.ones_like(seg, dtype=torch.bool)
     start[:, 1:] = seg[:, 1:] != seg[:, :-1]
     first = torch.where(start, torch.arange(n, device=seg.device).expand(b, n), 0).cummax(1).values
-    out = []
+    lps, masks = [], []
     for name in names:
-        lp = batch["teachers"][name]["gold_logprob"].to(device)[:, :-1].double()
-        lp = torch.where(seg > 0, lp, 0.0)
+        arrays = batch["teachers"][name]
+        lps.append(arrays["gold_logprob"].to(device)[:, :-1].double())
+        masks.append(no_target(arrays["entropy"].to(device)[:, :-1]) if "entropy" in arrays else torch.zeros_like(seg, dtype=torch.bool))
+    lp_all, masked = torch.stack(lps, -1), torch.stack(masks, -1)
+    covered = (~masked).double()  # a teacher without a target there is scored like the mean of those with one
+    fill = (lp_all * covered).sum(-1, keepdim=True) / covered.sum(-1, keepdim=True).clamp_min(1.0)
+    lp_all = torch.where(masked, fill, lp_all)
+    out = []
+    for t in range(len(names)):
+        lp = torch.where(seg > 0, lp_all[..., t], 0.0)
         before = lp.cumsum(1) - lp  # Σ over i < j in the row
         out.append((before - before.gather(1, first)).reshape(-1)[select])  # ... from the segment's start
     return torch.stack(out, -1).float()
@@ -219,7 +259,21 @@ class TargetBuilder:
               device: torch.device | str = "cpu") -> Targets:
         """The pooled target of a batch's positions ``select`` (N,), gold (N,), prior (N, T)."""
         dists = [self.teacher(i, batch["teachers"][t.name], select, device) for i, t in enumerate(self.teachers)]
+        if len(dists) > 1:
+            prior = self._without_missing(batch, select, prior, device)
         ctx = context_loglik(batch, self.names, select, device) if self.weighting == "context" else None
         pooled, w = pool(dists, prior, operator=self.operator, weighting=self.weighting, gold=gold,
                          alpha=self.alpha, beta=self.beta, context=ctx)
         return Targets(pooled, w, dists)
+
+    def _without_missing(self, batch: dict, select: Tensor, prior: Tensor, device: torch.device | str) -> Tensor:
+        """(N, T) prior with weight 0 for a teacher at the positions where it has no target and another has one
+        (where none has, every teacher's target is the same hard label and the prior stays)."""
+        masks = [no_target_mask(batch["teachers"][t.name], select, device) if getattr(t, "tokenizer_mapping", None)
+                 else None for t in self.teachers]  # only a cross-tokenizer teacher has positions without a target
+        if all(m is None for m in masks):
+            return prior
+        masked = torch.stack([torch.zeros(prior.shape[0], dtype=torch.bool, device=prior.device) if m is None
+                              else m.to(prior.device) for m in masks], -1)
+        drop = masked & ~masked.all(-1, keepdim=True)
+        return prior.masked_fill(drop, 0.0)

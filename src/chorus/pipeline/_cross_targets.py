@@ -1,0 +1,202 @@
+"""A cross-tokenizer teacher's forward pass: its rows in its own tokens, its distributions mapped onto the store's.
+
+``cross_targets`` returns what ``Teacher.targets`` returns (top-k over the store's vocabulary normalized over all of
+it, samples, the exact statistics of the mapped distribution), computed by ``position_targets`` from the mapped
+full log-probs, so every reader treats the cache like any other. The mapping itself is described in ``_cross.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from chorus.errors import ChorusError
+from chorus.pipeline._cross import CrossMap, align
+from chorus.pipeline._teacher import (
+    CHUNK_BYTES,
+    HEAD_CHECK_POSITIONS,
+    Teacher,
+    _apply_ops,
+    chunk_positions,
+    logit_ops,
+    position_targets,
+    row_uniforms,
+)
+from chorus.storage._manifest import NO_TARGET_ENTROPY
+
+
+def project(logits: torch.Tensor, *, matrix: torch.Tensor, vocab: int, chain: torch.Tensor, gold: torch.Tensor,
+            moves: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+            extensions: tuple[torch.Tensor, ...] | None = None, inside: torch.Tensor | None = None) -> torch.Tensor:
+    """(C, Vt) fp32 teacher logits → (C, Vs) log-probs over the store's vocabulary.
+
+    Boundary rows: q = p · matrixᵀ, every teacher token's probability placed on the store token its text begins
+    with (CrossMap.spread_id). Rows ``inside`` a teacher token: the teacher's distribution conditioned on the bytes
+    before the position — only the teacher tokens that extend them (``extensions``: (row, teacher id, store id,
+    weight) of the placed ones, then (row, teacher id) of all, for the normalizer), each placed by the rest of its
+    text. Then ``exp(chain)`` — the teacher's probability of the gold store token's whole text along its own tokens
+    (conditioned likewise) — leaves the place of the actual next teacher token (``moves``: (row, store id, weight))
+    for ``gold``. Mass the map could not place (a teacher token shorter than the store's word, a token no store
+    token spells) goes to ``gold`` too: the hard label stands in for what the teacher did not say."""
+    p = torch.softmax(logits, dim=-1)
+    q = torch.sparse.mm(matrix, p.t()).t().contiguous()
+    scale = torch.ones(len(q), device=q.device)
+    if inside is not None and bool(inside.any()):
+        rows, tids, sids, w, all_rows, all_tids = extensions
+        q[inside] = 0.0
+        q.view(-1).index_add_(0, rows * vocab + sids, p[rows, tids] * w)
+        z = torch.zeros(len(q), device=q.device).index_add_(0, all_rows, p[all_rows, all_tids])
+        scale = torch.where(inside, 1.0 / z.clamp_min(torch.finfo(torch.float32).tiny), scale)
+        q *= scale[:, None]
+    gold_text = torch.exp(chain).float() * scale
+    rows, sids, w = moves
+    flat = rows * vocab + sids
+    removed = torch.minimum(gold_text[rows] * w, q.view(-1)[flat])
+    q.view(-1).index_add_(0, flat, -removed)
+    r = torch.arange(len(q), device=q.device)
+    q[r, gold] += gold_text
+    unplaced = (1.0 - q.sum(-1)).clamp_min(0.0)
+    q[r, gold] += unplaced  # the hard label
+    return torch.log(q) - torch.log(q.sum(-1, keepdim=True)), chain + torch.log(scale).double(), unplaced
+
+
+def _spread_rows(cmap: CrossMap, ids: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    rows, sids, w = cmap.triples(ids)
+    return (torch.from_numpy(rows).to(device), torch.from_numpy(sids).to(device),
+            torch.from_numpy(w).float().to(device))
+
+
+def _sets(cmap: CrossMap, ids: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(entry, teacher id) pairs of the ``cmap.starting`` sets ``ids``."""
+    parts = [cmap.starting[i] for i in ids]
+    rows = np.repeat(np.arange(len(parts)), [len(p) for p in parts])
+    return torch.from_numpy(rows).to(device), torch.from_numpy(np.concatenate(parts)).to(device)
+
+
+def _extensions(cmap: CrossMap, prefix: np.ndarray, device) -> tuple[torch.Tensor, ...]:
+    """(rows, teacher ids, store ids, weights) of the placed extensions of the rows with a prefix id > 0, then
+    (rows, teacher ids) of all their extensions."""
+    rows, tids, spreads = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for r in np.flatnonzero(prefix > 0):
+        t, sp = cmap.extensions[prefix[r]]
+        rows.append(np.full(len(t), r, np.int64))
+        tids.append(t)
+        spreads.append(sp)
+    rows, tids, spreads = (np.concatenate(x) for x in (rows, tids, spreads))
+    entry, sids, w = cmap.triples(spreads)
+    return tuple(torch.from_numpy(x).to(device) for x in (rows[entry], tids[entry], sids, w.astype(np.float32), rows, tids))
+
+
+def cross_targets(teacher: Teacher, cmap: CrossMap, ids: np.ndarray, segs: np.ndarray, *, top_k: int, num_samples: int,
+                  seed: int, row_start: int, tail_betas: Sequence[float]) -> dict[str, torch.Tensor]:
+    """Store rows (B, L) and their segment ids → the targets of ``chunked_targets`` over the store's vocabulary,
+    from a teacher with its own tokenizer; positions with no target hold the hard label (``NO_TARGET_ENTROPY``)."""
+    al = align(ids, segs, cmap, row_start=row_start)
+    max_pos = getattr(teacher.model.config, "max_position_embeddings", None)
+    if max_pos is not None and al.teacher_ids.shape[1] > max_pos:
+        raise ChorusError(f"rows {row_start}..{row_start + len(ids) - 1} are {al.teacher_ids.shape[1]} teacher tokens "
+                          f"but teacher '{teacher.model_id}' handles at most {max_pos}; prepare a store with a shorter "
+                          "seq_len")
+    device = teacher.device
+    b, length = ids.shape
+    lt = al.teacher_ids.shape[1]
+    x = torch.from_numpy(al.teacher_ids).to(device)
+    head = teacher.model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        raise ChorusError(f"teacher '{teacher.model_id}' has an LM head of type {type(head).__name__}, not a linear "
+                          "layer; chorus computes the head in chunks and supports plain linear heads only")
+    ops = logit_ops(teacher.model.config)
+    if not teacher.head_checked:
+        teacher._check_head(x[:1, :HEAD_CHECK_POSITIONS], head, ops)
+    weight = head.weight[: teacher.vocab_size]
+    bias = head.bias[: teacher.vocab_size] if head.bias is not None else None
+    flat = teacher.hidden_states(x).reshape(b * lt, -1)
+    step = chunk_positions(teacher.vocab_size, teacher.chunk_size, CHUNK_BYTES.get(device.type, CHUNK_BYTES["cuda"]))
+
+    def logits(s: int, e: int) -> torch.Tensor:  # the same-tokenizer path's chunks (same bits for one token table)
+        return _apply_ops(F.linear(flat[s:e], weight, bias), ops).float()
+
+    sel = np.flatnonzero((al.tpos >= 0).reshape(-1) & al.real.reshape(-1))  # store positions with a target
+    src = sel // length * lt + al.tpos.reshape(-1)[sel]  # ... and the flat teacher positions they read
+    end = sel // length * lt + al.tend.reshape(-1)[sel]
+    gold = torch.from_numpy(np.roll(ids, -1, axis=1).reshape(-1).astype(np.int64)[sel]).to(device)
+    move = al.move.reshape(-1)[sel]
+    prefix = al.prefix.reshape(-1)[sel]
+    chain = torch.zeros(len(sel), dtype=torch.float64, device=device)
+    perm = None if cmap.permutation is None else torch.from_numpy(cmap.permutation).to(device)
+    if perm is None and len(sel):  # pass 1: the teacher's log-prob of its own next tokens, summed along each chain
+        nxt = torch.roll(x, -1, dims=1).reshape(-1, 1)
+        ends = al.ends.reshape(-1)[sel]
+        inner = np.flatnonzero(ends > 0)  # chains whose gold token ends inside their last teacher token
+        last = torch.from_numpy(end[inner] - 1).to(device)
+        starts = torch.zeros(len(inner), dtype=torch.float64, device=device)
+        own = []
+        for s in range(0, b * lt, step):
+            logp_t = torch.log_softmax(logits(s, min(b * lt, s + step)), -1)
+            own.append(logp_t.gather(-1, nxt[s: s + step])[:, 0])
+            here = torch.nonzero((last >= s) & (last < s + step))[:, 0]
+            if len(here):  # log Σ p(v) over the teacher tokens whose text starts with the gold's bytes in that token
+                rows, tids = _sets(cmap, ends[inner[here.cpu().numpy()]], device)
+                mass = torch.zeros(len(here), dtype=torch.float64, device=device)
+                mass.index_add_(0, rows, logp_t[last[here][rows] - s, tids].double().exp())
+                starts[here] = mass.log()
+        own = torch.cat(own).double()
+        cum = torch.cat([torch.zeros(1, dtype=torch.float64, device=device), own.cumsum(0)])
+        chain = cum[torch.from_numpy(end).to(device)] - cum[torch.from_numpy(src).to(device)]
+        inner_t = torch.from_numpy(inner).to(device)
+        chain[inner_t] += starts - own[last]  # the last token's own log-prob → P(its text starts with the gold's)
+    uniforms = row_uniforms(seed, row_start, b, length, num_samples).to(device) if num_samples else None
+    matrix = cmap.matrix(device) if perm is None else None
+
+    out = _masked(ids, top_k, num_samples, tail_betas, device)
+    measured = cmap.measured
+    src_t, sel_t = torch.from_numpy(src).to(device), torch.from_numpy(sel).to(device)
+    no_last = torch.zeros(len(sel), dtype=torch.bool, device=device)
+    for s in range(0, b * lt, step):  # pass 2: each chunk's logits, then the store positions that read them
+        pick = torch.nonzero((src_t >= s) & (src_t < s + step))[:, 0]
+        if not len(pick):
+            continue
+        z = logits(s, min(b * lt, s + step))[src_t[pick] - s]
+        if perm is not None:  # one token table: the same-tokenizer teacher's log-softmax, op for op
+            logp = torch.log_softmax(z[:, perm], dim=-1)
+            gold_text, unplaced = logp.gather(-1, gold[pick, None])[:, 0].double(), torch.zeros(len(pick), device=device)
+        else:
+            rows = pick.cpu().numpy()
+            logp, gold_text, unplaced = project(z, matrix=matrix, vocab=cmap.store_vocab, chain=chain[pick], gold=gold[pick],
+                               moves=_spread_rows(cmap, move[rows], device),
+                               extensions=_extensions(cmap, prefix[rows], device),
+                               inside=torch.from_numpy(prefix[rows] > 0).to(device))
+        part = position_targets(logp, gold[pick], no_last[pick], None if uniforms is None else uniforms[sel_t[pick]],
+                                top_k=top_k, tail_betas=tail_betas)
+        for k, t in part.items():
+            out[k][sel_t[pick]] = t.to(out[k].dtype)
+        measured["gold_text_nats"] -= float(gold_text.sum())
+        measured["gold_bytes"] += int(cmap.store_bytes[gold[pick].cpu().numpy()].sum())
+        measured["unplaced_mass"] += float(unplaced.double().sum())
+    measured["positions"] += int(al.real.sum())
+    measured["covered"] += len(sel)
+    measured["inside"] += int((prefix > 0).sum())
+    return {k: t.reshape(b, length, *t.shape[1:]) for k, t in out.items()}
+
+
+def _masked(ids: np.ndarray, top_k: int, num_samples: int, tail_betas, device) -> dict[str, torch.Tensor]:
+    """Targets that say "no target: the hard label" at every position: the row's next token with probability 1,
+    entropy NO_TARGET_ENTROPY (no distribution has a negative entropy), empty tail."""
+    n = ids.size
+    nxt = torch.from_numpy(np.roll(ids, -1, axis=1).reshape(-1).astype(np.int64)).to(device)
+    topk_ids = torch.zeros((n, top_k), dtype=torch.int32, device=device)
+    topk_ids[:, 0] = nxt.to(torch.int32)
+    logp = torch.full((n, top_k), float("-inf"), dtype=torch.float32, device=device)
+    logp[:, 0] = 0.0
+    out = {"topk_ids": topk_ids, "topk_logprobs": logp}
+    if num_samples:
+        out["draws"] = nxt[:, None].expand(n, num_samples).to(torch.int32).contiguous()
+    if tail_betas:
+        out["log_tail"] = torch.full((n,), float("-inf"), device=device)
+        out["entropy"] = torch.full((n,), NO_TARGET_ENTROPY, device=device)
+        out["gold_logprob"] = torch.zeros(n, device=device)
+        out["tail_logz"] = torch.full((n, len(tail_betas)), float("-inf"), device=device)
+    return out
