@@ -56,6 +56,9 @@ class CacheConfig:
     batch_size: int = opt(8, "rows per forward pass")
     dtype: str = opt("auto", "teacher compute dtype (auto: bf16 on GPU, fp32 on CPU)", choices=("auto", "bf16", "fp16", "fp32"))
     device: str = opt("auto", "device for the teacher", choices=("auto", "cpu", "cuda"))
+    device_map: Optional[str] = opt(None, "place a teacher larger than one device across every visible one: auto "
+                                          "(accelerate's big-model placement; pip install accelerate); one process "
+                                          "per node")
     value_codec: str = opt("fp16", "how top-k log-probs are stored: fp16 (lossless delta-coded) or q8 (8-bit, lossy)",
                            choices=("fp16", "q8"))
     shard: Optional[str] = opt(None, "i/n: this worker fills shards i, i+n, ... (torchrun sets it from RANK/WORLD_SIZE)")

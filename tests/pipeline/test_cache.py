@@ -465,3 +465,17 @@ def test_cache_into_s3_equals_local(s3_endpoint, tmp_path, corpus_file, tokenize
         caches.append(read_cache(url, "tiny", so))
     assert len(caches[0][1]) > 1  # several shards
     assert_same_cache(*caches)
+
+
+def test_device_map_placement_gives_the_same_cache(store_copy, cached_store, teacher_model):
+    """--device-map auto (accelerate's big-model placement; here every layer lands on the CPU) runs the same
+    chunked head on the head's device: the cache is bit-identical to the single-device one."""
+    pytest.importorskip("accelerate")
+    cache.run(CacheConfig(store=store_copy, teacher=teacher_model, device="cpu", device_map="auto", **CACHE_ARGS))
+    assert_same_cache(read_cache(store_copy, "tiny"), read_cache(cached_store, "tiny"))
+
+
+def test_device_map_without_accelerate_is_one_line(store_copy, teacher_model, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "accelerate", None)  # import fails as if it were not installed
+    rc, err = _cli([*cli_args(store_copy, teacher_model), "--device-map", "auto"], capsys)
+    _assert_one_line_error(rc, err, "accelerate")

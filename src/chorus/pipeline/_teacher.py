@@ -91,7 +91,9 @@ class Teacher:
         if not self.head_checked:
             self._check_head(input_ids[:1, :HEAD_CHECK_POSITIONS], head, ops)
         bias = head.bias[: self.vocab_size] if head.bias is not None else None
-        return chunked_targets(self.hidden_states(input_ids), head.weight[: self.vocab_size], bias, input_ids,
+        # a teacher placed across devices (device_map) hands its hidden states over on the head's device
+        hidden = self.hidden_states(input_ids).to(head.weight.device)
+        return chunked_targets(hidden, head.weight[: self.vocab_size], bias, input_ids.to(head.weight.device),
                                top_k=top_k, num_samples=num_samples, seed=seed, row_start=row_start,
                                tail_betas=tail_betas, chunk_size=self.chunk_size, ops=ops)
 
@@ -100,7 +102,8 @@ class Teacher:
         architecture does something between body and head that chorus does not know: refuse, do not guess)."""
         want = self.logits(ids).float()
         bias = head.bias[: self.vocab_size] if head.bias is not None else None
-        got = _apply_ops(F.linear(self.hidden_states(ids), head.weight[: self.vocab_size], bias), ops).float()
+        hidden = self.hidden_states(ids).to(head.weight.device)
+        got = _apply_ops(F.linear(hidden, head.weight[: self.vocab_size], bias), ops).float()
         tol = 1e-4 if self.dtype == torch.float32 else 2e-2
         if not torch.allclose(got, want, rtol=tol, atol=tol * max(1.0, want.abs().max().item())):
             raise ChorusError(
@@ -207,13 +210,22 @@ def _model_id(model: str) -> str:
 
 
 def load_teacher(model: str, *, vocab_size: int, device: torch.device, dtype: torch.dtype, revision: str | None,
-                 trust_remote_code: bool, tokenizer_match: str) -> Teacher:
-    """An ``AutoModelForCausalLM`` in eval mode on ``device``, checked to score every token of the vocabulary."""
+                 trust_remote_code: bool, tokenizer_match: str, device_map: str | None = None) -> Teacher:
+    """An ``AutoModelForCausalLM`` in eval mode on ``device``, checked to score every token of the vocabulary.
+
+    ``device_map`` (e.g. "auto") places a teacher larger than one device across every visible one with
+    accelerate's big-model placement; the targets are then computed on the device of its LM head."""
     from transformers import AutoModelForCausalLM
 
     path = os.path.expanduser(model)
     _check_local(model, "teacher")
-    kwargs = {"revision": revision} if revision else {}
+    kwargs: dict = {"revision": revision} if revision else {}
+    if device_map is not None:
+        try:
+            import accelerate  # noqa: F401  (transformers places the layers with it)
+        except ImportError:
+            raise ChorusError("--device-map needs the accelerate package: pip install accelerate") from None
+        kwargs["device_map"] = device_map
     try:
         net = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
     except Exception as e:
@@ -227,7 +239,11 @@ def load_teacher(model: str, *, vocab_size: int, device: torch.device, dtype: to
             f"teacher '{model}' scores {rows} tokens but {whose} has {vocab_size}; "
             "it cannot give a distribution over that vocabulary: pass --tokenizer with the teacher's own tokenizer"
         )
-    net.to(device).eval().requires_grad_(False)
+    if device_map is None:
+        net.to(device)
+    else:  # inputs go to the embedding's device by accelerate's hooks; targets are made where the head lives
+        device = net.get_output_embeddings().weight.device
+    net.eval().requires_grad_(False)
     rev = getattr(net.config, "_commit_hash", None) or revision or ("local" if os.path.isdir(path) else "main")
     return Teacher(net, device, dtype, vocab_size, _model_id(model), str(rev), weights_fingerprint(net), tokenizer_match)
 
