@@ -131,8 +131,9 @@ def test_quick_demo_puts_the_claim_to_the_test(tmp_path, capfd):
     e = rows["student-ensemble"]
     assert e["worst"] < ce["worst"] and e["mean"] < ce["mean"], (e, ce)
     assert all(e["mean"] < r["mean"] for n, r in rows.items() if n.startswith("student-kd-")), rows
-    # The goal is ECE within 0.5 points of CE's; measured on seed 0: −0.2 points run standalone, +0.8 inside
-    # this suite (the same seed; the environment moves the last digits). Asserted at the 1.5-point level.
+    # The goal is ECE within 0.5 points of CE's: measured on seed 0 standalone +0.13 points (1.79 vs 1.66);
+    # an earlier version measured −0.2 standalone and +0.8 inside this suite (the environment moves the last digits),
+    # so the suite asserts it at the 1.5-point level.
     assert e["ece"] <= ce["ece"] + 0.015, (e["ece"], ce["ece"])
     assert all(e["worst"] < rows[f"teacher-{d}"]["worst"] for d in domains)
     # The fitted blend beats the uniform mixture on held-out pooled gold NLL in every domain.
