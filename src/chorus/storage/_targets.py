@@ -261,8 +261,9 @@ def tail_bounds(log_tail: np.ndarray, kth_logp: np.ndarray, n_tail: int, betas) 
     b = np.asarray(betas, dtype=np.float64)
     lt = np.asarray(log_tail, dtype=np.float64)[..., None]
     lk = np.asarray(kth_logp, dtype=np.float64)[..., None]
-    l0 = (1.0 - b) * math.log(max(n_tail, 1)) + b * lt
-    l1 = lt + (b - 1.0) * lk
+    with np.errstate(invalid="ignore"):  # an empty tail with a -inf k-th value (masked positions): NaN, handled
+        l0 = (1.0 - b) * math.log(max(n_tail, 1)) + b * lt
+        l1 = lt + (b - 1.0) * lk
     return l0, l1
 
 
