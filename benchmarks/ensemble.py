@@ -11,16 +11,19 @@ students of the demo's size, steps and rows, one per cell of
                on a uniform prior, β = 1, or the blend's fitted β for its own weighting, context β = 0.1)
   × softening (none / fitted: each teacher's calibrated temperature),
 
-plus the demo's default (the blend `chorus blend` fitted and stored: per-domain weights and per-token
-confidence sharpness, calibrated) and two references: the CE-only student (0 %) and an "oracle router"
+plus the demo's default (the log pool on the blend `chorus blend` fitted and stored: per-domain weights and
+temperatures) and two references: the CE-only student (0 %) and an "oracle router"
 student whose every row is distilled only from its own domain's specialist (100 %). Gap closed =
 (CE − x) / (CE − oracle) on the mean held-out loss, per seed, reported as mean ± half-range.
+Seeds can run side by side: `--seeds 0` and `--seeds 1` with one `--work` in two processes, then
+`--seeds 0,1` gathers their finished cells into the table.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import statistics
 import sys
@@ -57,7 +60,7 @@ def _cells(domains: list[str], blend: dict) -> dict[str, dict]:
                 if w == "fitted":
                     kw["domain_weights"] = blend["domain_weights"]
                 cells[f"{op}/{w}/{soft}"] = kw
-    cells["demo default (stored blend)"] = {"blend": True, "calibrated": True}
+    cells["demo default (stored blend, log pool)"] = {"blend": True, "calibrated": True, "aggregate": demo.FULL.aggregate}
     cells["oracle router"] = {"blend": False, "calibrated": False,
                               "domain_weights": {d: {t: float(t == d) for t in domains} for d in domains}}
     return cells
@@ -99,12 +102,18 @@ def main() -> None:
         blend = stored_blend(Store.open(store, "r"), domains)
         student_yaml = str(out / "models" / "student.yaml")
         runs = {"CE only": {}, **_cells(domains, blend)}
+        # a seed's finished cells are kept in its folder: seeds can run in separate processes side by side
+        # (--seeds 0 and --seeds 1 with one --work), and a last run over every seed only gathers them
+        done_path = out / "ensemble-cells.json"
+        done = json.loads(done_path.read_text()) if done_path.is_file() else {}
         for name, kw in runs.items():
             teachers = [] if name == "CE only" else domains
             slug = name.replace("/", "-").replace(" ", "_").replace("(", "").replace(")", "")
-            print(f"[seed {seed}] {name} …", flush=True)
-            results.setdefault(name, {})[seed] = _student(scale, store, student_yaml, work / "runs" / f"{slug}-{seed}",
-                                                          seed, teachers, **kw)
+            if name not in done:
+                print(f"[seed {seed}] {name} …", flush=True)
+                done[name] = _student(scale, store, student_yaml, work / "runs" / f"{slug}-{seed}", seed, teachers, **kw)
+                done_path.write_text(json.dumps(done))
+            results.setdefault(name, {})[seed] = done[name]
     rows, payload = [], {}
     for name, by_seed in results.items():
         gaps = [(results["CE only"][s]["mean"] - r["mean"]) / (results["CE only"][s]["mean"] - results["oracle router"][s]["mean"])
