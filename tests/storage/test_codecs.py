@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import zarr
-from zarr.codecs import BytesCodec, ZstdCodec
+from zarr.codecs import ZstdCodec
 
 from chorus.storage import Store, decode_topk, decode_values, encode_targets, encode_values, target_specs, value_params
 from chorus.storage._codecs import (
@@ -20,7 +20,6 @@ from chorus.storage._codecs import (
     encode_fp16,
     encode_ids,
 )
-from chorus.storage._targets import ZARR_CODECS
 
 
 def topk_case(kind: str, *, rows: int = 6, length: int = 64, vocab: int = 4096, k: int = 32, seed: int = 0):
@@ -192,7 +191,6 @@ def test_a_v1_cache_still_decodes():
     np.testing.assert_array_equal(got_vals, vals.astype(np.float16).astype(np.float32))
 
 
-@pytest.mark.skipif(not ZARR_CODECS, reason="the store cannot declare serializers yet (ArraySpec.serializer hook)")
 def test_new_caches_use_the_codecs_and_decode_exactly():
     params = value_params("fp16")
     assert params["zarr_codecs"] == {"topk_ids": IDS_CODEC, "topk_logprobs": FP16_CODEC} and not params["delta"]
@@ -203,9 +201,3 @@ def test_new_caches_use_the_codecs_and_decode_exactly():
     assert Store.open("memory://codecs-v2", "r").array("teachers/t", "topk_ids").metadata.codecs[0].to_dict() == \
         {"name": IDS_CODEC}
 
-
-def test_without_the_store_hook_new_caches_keep_the_v1_layout():
-    if ZARR_CODECS:
-        pytest.skip("the store declares serializers: new caches use the codecs")
-    assert value_params("fp16") == {"delta": True}
-    assert [type(c) for c in target_specs(8, 4, 0, 4096, "fp16")] and BytesCodec  # specs build as before
