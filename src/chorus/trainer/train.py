@@ -526,7 +526,9 @@ def _full_state(student: Student, optimizer) -> tuple[dict, dict]:
         return student.model.state_dict(), optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-    return get_state_dict(student.model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # asked of the sharded root (the Student): asked of the inner model, its root-level parameters stay DTensors
+    model, optim = get_state_dict(student, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k.removeprefix("model."): v for k, v in model.items()}, optim
 
 
 def _load_full_state(student: Student, optimizer, model_state: dict, optim_state: dict) -> None:
@@ -536,8 +538,8 @@ def _load_full_state(student: Student, optimizer, model_state: dict, optim_state
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-    set_state_dict(student.model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
-                   options=StateDictOptions(full_state_dict=True))
+    set_state_dict(student, optimizer, model_state_dict={f"model.{k}": v for k, v in model_state.items()},
+                   optim_state_dict=optim_state, options=StateDictOptions(full_state_dict=True))
 
 
 def _whole(student: Student, dist: _Dist) -> Student | None:
@@ -548,7 +550,8 @@ def _whole(student: Student, dist: _Dist) -> Student | None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from transformers import AutoModelForCausalLM
 
-    state = get_model_state_dict(student.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = {k.removeprefix("model."): v for k, v in state.items()}
     if not dist.main:
         return None
     copy = AutoModelForCausalLM.from_config(student.model.config)
