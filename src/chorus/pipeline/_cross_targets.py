@@ -17,11 +17,9 @@ from chorus.errors import ChorusError
 from chorus.pipeline._cross import CrossMap, align
 from chorus.pipeline._teacher import (
     CHUNK_BYTES,
-    HEAD_CHECK_POSITIONS,
     Teacher,
     _apply_ops,
     chunk_positions,
-    logit_ops,
     position_targets,
     row_uniforms,
 )
@@ -104,16 +102,8 @@ def cross_targets(teacher: Teacher, cmap: CrossMap, ids: np.ndarray, segs: np.nd
     b, length = ids.shape
     lt = al.teacher_ids.shape[1]
     x = torch.from_numpy(al.teacher_ids).to(device)
-    head = teacher.model.get_output_embeddings()
-    if not isinstance(head, torch.nn.Linear):
-        raise ChorusError(f"teacher '{teacher.model_id}' has an LM head of type {type(head).__name__}, not a linear "
-                          "layer; chorus computes the head in chunks and supports plain linear heads only")
-    ops = logit_ops(teacher.model.config)
-    if not teacher.head_checked:
-        teacher._check_head(x[:1, :HEAD_CHECK_POSITIONS], head, ops)
-    weight = head.weight[: teacher.vocab_size]
-    bias = head.bias[: teacher.vocab_size] if head.bias is not None else None
-    flat = teacher.hidden_states(x).reshape(b * lt, -1)
+    weight, bias, ops = teacher.head(x)
+    flat = teacher.hidden_states(x).reshape(b * lt, -1).to(weight.device)
     step = chunk_positions(teacher.vocab_size, teacher.chunk_size, CHUNK_BYTES.get(device.type, CHUNK_BYTES["cuda"]))
 
     def logits(s: int, e: int) -> torch.Tensor:  # the same-tokenizer path's chunks (same bits for one token table)

@@ -83,19 +83,25 @@ class Teacher:
     def targets(self, input_ids: torch.Tensor, *, top_k: int, num_samples: int, seed: int, row_start: int,
                 tail_betas: Sequence[float] = ()) -> dict[str, torch.Tensor]:
         """(B, L) token ids → :func:`chunked_targets` of the rows ``row_start ..``, never holding (B, L, V) logits."""
+        weight, bias, ops = self.head(input_ids)
+        # a teacher placed across devices (device_map) hands its hidden states over on the head's device
+        hidden = self.hidden_states(input_ids).to(weight.device)
+        return chunked_targets(hidden, weight, bias, input_ids.to(weight.device),
+                               top_k=top_k, num_samples=num_samples, seed=seed, row_start=row_start,
+                               tail_betas=tail_betas, chunk_size=self.chunk_size, ops=ops)
+
+    def head(self, probe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, tuple[tuple[str, float], ...]]:
+        """The LM head's weight (V, H) and bias over the vocabulary, and the logit ops after it; checked once
+        against the model's own logits on the first row of ``probe`` (token ids)."""
         head = self.model.get_output_embeddings()
         if not isinstance(head, torch.nn.Linear):
             raise ChorusError(f"teacher '{self.model_id}' has an LM head of type {type(head).__name__}, not a linear "
                               "layer; chorus computes the head in chunks and supports plain linear heads only")
         ops = logit_ops(self.model.config)
         if not self.head_checked:
-            self._check_head(input_ids[:1, :HEAD_CHECK_POSITIONS], head, ops)
+            self._check_head(probe[:1, :HEAD_CHECK_POSITIONS], head, ops)
         bias = head.bias[: self.vocab_size] if head.bias is not None else None
-        # a teacher placed across devices (device_map) hands its hidden states over on the head's device
-        hidden = self.hidden_states(input_ids).to(head.weight.device)
-        return chunked_targets(hidden, head.weight[: self.vocab_size], bias, input_ids.to(head.weight.device),
-                               top_k=top_k, num_samples=num_samples, seed=seed, row_start=row_start,
-                               tail_betas=tail_betas, chunk_size=self.chunk_size, ops=ops)
+        return head.weight[: self.vocab_size], bias, ops
 
     def _check_head(self, ids: torch.Tensor, head: torch.nn.Linear, ops: tuple[tuple[str, float], ...]) -> None:
         """Once per run: the chunked head over the hidden states must give the model's own logits (else the
