@@ -18,7 +18,7 @@ from chorus.cli import main
 from chorus.config import TrainConfig
 from chorus.errors import ChorusError
 from chorus.trainer import _checkpoint as ckpt
-from chorus.trainer import evaluate, train
+from chorus.trainer import _parallel, evaluate, train
 from tests.trainer.conftest import student_yaml
 
 
@@ -202,7 +202,7 @@ def test_distributed_sum_reduces_a_tensor_on_the_training_device(monkeypatch):
         raise Stop
 
     monkeypatch.setattr(torch.distributed, "all_reduce", fake_all_reduce)
-    d = train._Dist("cpu")
+    d = _parallel.Dist("cpu")
     d.world, d.device = 2, torch.device("meta")  # where NCCL would need it: the training device, not the CPU
     with pytest.raises(Stop):
         d.sum([1.0, 2.0])
@@ -214,9 +214,9 @@ def test_process_group_backend_follows_the_device(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
     monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, **k: calls.append((a, k)))
-    train._Dist("cpu")
+    _parallel.Dist("cpu")
     assert calls == [(("gloo",), {})]
-    assert "cuda:nccl" in train._backend(cuda=True) and "cpu:gloo" in train._backend(cuda=True)
+    assert "cuda:nccl" in _parallel.backend(cuda=True) and "cpu:gloo" in _parallel.backend(cuda=True)
 
 
 def test_eval_survives_a_batch_with_no_predictable_position(prepared_store, trained, monkeypatch):

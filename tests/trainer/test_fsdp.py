@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from chorus.trainer import train
+from chorus.trainer import _parallel
 from chorus.trainer._student import Student
 
 
@@ -26,7 +26,7 @@ def _model(seed: int) -> Student:
     return Student(LlamaForCausalLM(cfg), 64)
 
 
-class _OneProcess:  # what train._parallel needs of its _Dist: world size and device
+class _OneProcess:  # what _parallel.wrap needs of its Dist: world size and device
     world, device = 2, torch.device("cpu")
 
 
@@ -47,23 +47,23 @@ def _worker(rank: int, init: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     try:
-        a = train._parallel(_model(0), "fsdp", _OneProcess())
+        a = _parallel.wrap(_model(0), "fsdp", _OneProcess())
         opt_a = torch.optim.AdamW(a.parameters(), lr=1e-2)
         _step(a, opt_a, rank, 1)
-        model_state, optim_state = train._full_state(a, opt_a)  # whole tensors on rank 0 (empty elsewhere)
+        model_state, optim_state = _parallel.full_state(a, opt_a)  # whole tensors on rank 0 (empty elsewhere)
         ckpt = out + ".ckpt"
         if rank == 0:  # saved by rank 0 and read back by every rank, as `chorus train --resume` does
             torch.save({"model": model_state, "optimizer": optim_state}, ckpt)
         dist.barrier()
         saved = torch.load(ckpt, weights_only=True)
         _step(a, opt_a, rank, 2)
-        want = train._full_state(a, opt_a)[0]
+        want = _parallel.full_state(a, opt_a)[0]
 
-        b = train._parallel(_model(1), "fsdp", _OneProcess())  # other weights: the load must replace them all
+        b = _parallel.wrap(_model(1), "fsdp", _OneProcess())  # other weights: the load must replace them all
         opt_b = torch.optim.AdamW(b.parameters(), lr=1e-2)
-        train._load_full_state(b, opt_b, saved["model"], saved["optimizer"])
+        _parallel.load_full_state(b, opt_b, saved["model"], saved["optimizer"])
         _step(b, opt_b, rank, 2)
-        got = train._full_state(b, opt_b)[0]
+        got = _parallel.full_state(b, opt_b)[0]
         if rank == 0:
             assert set(got) == set(want) and all(v.shape == want[k].shape for k, v in got.items())
             torch.save({"got": got, "want": want, "first": saved["model"]}, out)

@@ -222,14 +222,14 @@ class _ChunkCodec(ArrayBytesCodec):
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name}
 
+    # Subclasses define encode_array(chunk) -> bytes and decode_array(data, shape, dtype) -> array.
+
     def compute_encoded_size(self, input_byte_length: int, _chunk_spec: "ZarrArraySpec") -> int:
-        raise NotImplementedError  # variable size, like any compressor
+        raise NotImplementedError  # zarr's protocol for variable-size output (its compressors answer the same)
 
-    def encode_array(self, chunk: np.ndarray) -> bytes:
-        raise NotImplementedError
-
-    def decode_array(self, data: Any, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-        raise NotImplementedError
+    @staticmethod
+    def _native(dtype: Any) -> np.dtype:
+        return np.dtype(dtype.to_native_dtype() if hasattr(dtype, "to_native_dtype") else dtype)
 
     def _encode_sync(self, chunk_array: NDBuffer, chunk_spec: "ZarrArraySpec") -> Buffer | None:
         blob = self.encode_array(np.asarray(chunk_array.as_numpy_array()))
@@ -254,8 +254,8 @@ class TopkIdsCodec(_ChunkCodec):
     name = IDS_CODEC
 
     def validate(self, *, shape: Any, dtype: Any, chunk_grid: Any) -> None:
-        native = dtype.to_native_dtype() if hasattr(dtype, "to_native_dtype") else np.dtype(dtype)
-        if np.dtype(native).kind not in "ui":
+        native = self._native(dtype)
+        if native.kind not in "ui":
             raise ValueError(f"{IDS_CODEC} codes integer arrays, got {native}")
 
     def encode_array(self, chunk: np.ndarray) -> bytes:
@@ -272,8 +272,8 @@ class TopkFp16Codec(_ChunkCodec):
     name = FP16_CODEC
 
     def validate(self, *, shape: Any, dtype: Any, chunk_grid: Any) -> None:
-        native = dtype.to_native_dtype() if hasattr(dtype, "to_native_dtype") else np.dtype(dtype)
-        if np.dtype(native) != np.float16:
+        native = self._native(dtype)
+        if native != np.float16:
             raise ValueError(f"{FP16_CODEC} codes float16 arrays, got {native}")
 
     def encode_array(self, chunk: np.ndarray) -> bytes:

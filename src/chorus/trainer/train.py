@@ -16,7 +16,7 @@ import os
 import random
 import shutil
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +29,7 @@ from chorus.config import TrainConfig, to_dict
 from chorus.errors import ChorusError
 from chorus.storage import Store
 from chorus.trainer import _checkpoint as ckpt
+from chorus.trainer._parallel import Dist, accumulating, full_state, load_full_state, whole, wrap
 from chorus.trainer._student import Student, load_student
 from chorus.trainer._train_log import EnsembleStats, MetricsLog
 from chorus.trainer.blend import stored_blend
@@ -42,61 +43,6 @@ VOLATILE_KEYS = ("resume", "overwrite", "num_workers", "storage_options")
 
 
 # ---------------------------------------------------------------------------------------------- setup
-class _Dist:
-    """torchrun plumbing: rank, world size, device; a single process when not launched by torchrun."""
-
-    def __init__(self, device: str) -> None:
-        self.world = int(os.environ.get("WORLD_SIZE", 1))
-        self.rank = int(os.environ.get("RANK", 0))
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-        if device == "cuda" and not torch.cuda.is_available():
-            raise ChorusError("--device cuda was asked for but no CUDA device is available")
-        self.device = torch.device(f"cuda:{local}" if cuda else "cpu")
-        if cuda:
-            torch.cuda.set_device(self.device)
-        self.owns_group = False
-        if self.world > 1 and not torch.distributed.is_initialized():
-            torch.distributed.init_process_group(_backend(cuda))
-            self.owns_group = True
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
-
-    def sum(self, values: list[float]) -> list[float]:
-        return self.sum_async(values).cpu().tolist()
-
-    def sum_async(self, values: list[float] | torch.Tensor) -> torch.Tensor:
-        """The sum over ranks as a float64 tensor on this rank's device (NCCL reduces device tensors
-        only); reading it is the caller's host sync, not this call's."""
-        t = torch.as_tensor(values, dtype=torch.float64).to(self.device)
-        if self.world > 1:
-            torch.distributed.all_reduce(t)
-        return t
-
-    def gather(self, obj: object) -> list:
-        if self.world == 1:
-            return [obj]
-        out: list = [None] * self.world
-        torch.distributed.all_gather_object(out, obj)
-        return out
-
-    def close(self) -> None:
-        if self.owns_group:
-            torch.distributed.destroy_process_group()
-
-
-def _backend(cuda: bool) -> str:
-    """gloo for CPU tensors and NCCL for CUDA ones, so objects gathered on the CPU and losses reduced on
-    the GPU both have a backend."""
-    return "cpu:gloo,cuda:nccl" if cuda else "gloo"
-
-
 def _validate(cfg: TrainConfig, domains: tuple[str, ...]) -> None:
     """Every setting a run needs, checked before the run directory is made (a refused run blocks no rerun)."""
     check_combination(target=cfg.target, loss=cfg.loss, operator=cfg.aggregate, weighting=cfg.weighting,
@@ -133,7 +79,7 @@ def _validate(cfg: TrainConfig, domains: tuple[str, ...]) -> None:
             raise ChorusError(f"domain_weights['{dom}']: expected {{teacher: weight}} over --teachers, got {ws!r}")
 
 
-def _with_blend(cfg: TrainConfig, store: Store, dist: _Dist) -> TrainConfig:
+def _with_blend(cfg: TrainConfig, store: Store, dist: Dist) -> TrainConfig:
     """The config with the store's fitted blend for these teachers (`chorus blend`) filled in where the
     user left the defaults: per-domain weights unless domain_weights is set, and the per-token weighting
     unless one is chosen. The run's config.yaml records the result."""
@@ -165,7 +111,7 @@ def _prior_table(cfg: TrainConfig, domains: tuple[str, ...]) -> torch.Tensor:
     return table
 
 
-def _prepare_run_dir(cfg: TrainConfig, dist: _Dist) -> tuple[bool, Path | None]:
+def _prepare_run_dir(cfg: TrainConfig, dist: Dist) -> tuple[bool, Path | None]:
     """Refuse a directory holding another run. Returns (finished: this very run is already done,
     the checkpoint to resume from or None)."""
     out = Path(cfg.out)
@@ -227,14 +173,14 @@ def _autocast(cfg: TrainConfig, device: torch.device):
 
 # ---------------------------------------------------------------------------------------------- recipe
 def run(cfg: TrainConfig) -> dict:
-    dist = _Dist(cfg.device)
+    dist = Dist(cfg.device)
     try:
         return _train(cfg, dist)
     finally:
         dist.close()
 
 
-def _train(cfg: TrainConfig, dist: _Dist) -> dict:
+def _train(cfg: TrainConfig, dist: Dist) -> dict:
     # ---- setup: store, teachers, run directory
     store = Store.open(cfg.store, "r", cfg.storage_options)
     m = store.manifest
@@ -269,7 +215,7 @@ def _train(cfg: TrainConfig, dist: _Dist) -> dict:
     student = Student(model, vocab)
     if cfg.parallel == "fsdp" and masks:
         raise ChorusError("train key 'parallel': fsdp does not keep a sparse student's masks yet; use parallel=ddp")
-    net = _parallel(student, cfg.parallel, dist)
+    net = wrap(student, cfg.parallel, dist)
     optimizer = _optimizer(student, cfg)  # after sharding: FSDP2 replaces the parameters
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
     autocast, amp_dtype = _autocast(cfg, dist.device)
@@ -288,7 +234,7 @@ def _train(cfg: TrainConfig, dist: _Dist) -> dict:
     start, tokens_seen = 0, 0
     if resume_from is not None:
         state = ckpt.load(resume_from)
-        _load_full_state(student, optimizer, state["model"], state["optimizer"])
+        load_full_state(student, optimizer, state["model"], state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         loader.load_state_dict(state["loader"])
@@ -342,7 +288,7 @@ def _train(cfg: TrainConfig, dist: _Dist) -> dict:
                 pos = _to_device(pos_h, dist.device)
                 targets, w, dists = targets_for(batch, pos)
                 sync = micro == cfg.grad_accum - 1 or dist.world == 1
-                with nullcontext() if sync else _accumulating(net):  # gradients are reduced on the last one only
+                with nullcontext() if sync else accumulating(net):  # gradients are reduced on the last one only
                     with autocast():
                         loss, parts = net(batch["input_ids"].to(dist.device, non_blocking=True), pos.attention_mask,
                                           pos.select, pos.gold, targets, loss_fn=loss_fn, kd_weight=cfg.kd_weight,
@@ -384,9 +330,9 @@ def _train(cfg: TrainConfig, dist: _Dist) -> dict:
             bar.update(1, tokens=sum(counts) * dist.world, **({"loss": f"{row['loss']:.3f}"} if row else {}))
             paused = time.perf_counter()
             if evals and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:  # final: after the save
-                whole = _whole(student, dist)  # every rank takes part in gathering a sharded student
+                plain = whole(student, dist)  # every rank takes part in gathering a sharded student
                 if dist.main:
-                    result = _evaluate_into(row, whole, cfg)
+                    result = _evaluate_into(row, plain, cfg)
                 dist.barrier()
             if step < cfg.steps:
                 log.write(step, row)
@@ -400,14 +346,14 @@ def _train(cfg: TrainConfig, dist: _Dist) -> dict:
     # ---- cleanup: the model first (weights, tokenizer, generation config), then the final eval, then
     # chorus.json, which marks the run finished: a crash in the eval loses nothing and --resume completes it
     final = out / "model"
-    whole = _whole(student, dist)
+    plain = whole(student, dist)
     if dist.main:
-        _save_model(final, whole.model, masks, m)
+        _save_model(final, plain.model, masks, m)
     dist.barrier()
     result = {}
     if evals:
         if dist.main:
-            result = _evaluate_into(final_row, whole, cfg)
+            result = _evaluate_into(final_row, plain, cfg)
         dist.barrier()
     log.write(cfg.steps, final_row)
     log.close()
@@ -484,87 +430,12 @@ def _evaluate_into(row: dict, student: Student, cfg: TrainConfig) -> dict:
     return res
 
 
-# ---------------------------------------------------------------------------------------------- parallel
-def _sharded(student: Student) -> bool:
-    return hasattr(student, "set_requires_gradient_sync")  # what fully_shard adds to a module
-
-
-def _parallel(student: Student, how: str, dist: _Dist) -> torch.nn.Module:
-    """The module the step calls: the student itself in one process; under torchrun a DDP replica, or the
-    student sharded by FSDP2 (each decoder layer one unit, the root holding embeddings, norm and head)."""
-    if dist.world == 1:
-        return student
-    if how == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
-        for layer in getattr(student._body(), "layers", None) or []:
-            fully_shard(layer)
-        fully_shard(student)
-        return student
-    return torch.nn.parallel.DistributedDataParallel(student, device_ids=[dist.device] if dist.device.type == "cuda" else None)
-
-
-@contextmanager
-def _accumulating(net: torch.nn.Module):
-    """Micro-batches before the last: gradients accumulate locally, without a reduction across ranks."""
-    if isinstance(net, torch.nn.parallel.DistributedDataParallel):
-        with net.no_sync():
-            yield
-    elif hasattr(net, "set_requires_gradient_sync"):
-        net.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            net.set_requires_gradient_sync(True)
-    else:
-        yield
-
-
-def _full_state(student: Student, optimizer) -> tuple[dict, dict]:
-    """Model and optimizer state as whole tensors on the host (a collective call under FSDP: every rank)."""
-    if not _sharded(student):
-        return student.model.state_dict(), optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-    # asked of the sharded root (the Student): asked of the inner model, its root-level parameters stay DTensors
-    model, optim = get_state_dict(student, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k.removeprefix("model."): v for k, v in model.items()}, optim
-
-
-def _load_full_state(student: Student, optimizer, model_state: dict, optim_state: dict) -> None:
-    if not _sharded(student):
-        student.model.load_state_dict(model_state)
-        optimizer.load_state_dict(optim_state)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-    set_state_dict(student, optimizer, model_state_dict={f"model.{k}": v for k, v in model_state.items()},
-                   optim_state_dict=optim_state, options=StateDictOptions(full_state_dict=True))
-
-
-def _whole(student: Student, dist: _Dist) -> Student | None:
-    """The student with whole parameters, for evaluation and saving on the main rank: itself unless
-    sharded, else a plain copy gathered from every rank (all ranks call this; others get None)."""
-    if not _sharded(student):
-        return student
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    from transformers import AutoModelForCausalLM
-
-    state = get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    state = {k.removeprefix("model."): v for k, v in state.items()}
-    if not dist.main:
-        return None
-    copy = AutoModelForCausalLM.from_config(student.model.config)
-    copy.load_state_dict(state)
-    return Student(copy.to(dist.device), student.vocab_size)
-
-
 def _fresh_acc() -> dict:
     """Sums between two logged steps: loss, ce, kd weighted by tokens; grad_norm per step; steps; tokens."""
     return {"loss": 0.0, "ce": 0.0, "kd": 0.0, "grad_norm": 0.0, "steps": 0, "tokens": 0, "weighted": True}
 
 
-def _flush(acc: dict, pending: torch.Tensor, dist: _Dist) -> int:
+def _flush(acc: dict, pending: torch.Tensor, dist: Dist) -> int:
     """Adds the device-side sums of the steps since the last flush (loss·n, ce·n, kd·n, n, grad norm) over
     every rank into ``acc`` and zeroes them; returns the tokens they cover."""
     total = dist.sum_async(pending).cpu().tolist()
@@ -581,9 +452,9 @@ def _to_device(pos: Positions, device: torch.device) -> Positions:
 
 
 def _save_checkpoint(out: Path, step: int, tokens: int, student: Student, optimizer, scheduler, scaler,
-                     loader: StreamLoader, log_state: dict, dist: _Dist) -> None:
+                     loader: StreamLoader, log_state: dict, dist: Dist) -> None:
     rngs = dist.gather(ckpt.rng_state())  # every rank's generators, so dropout resumes exactly
-    model_state, optim_state = _full_state(student, optimizer)
+    model_state, optim_state = full_state(student, optimizer)
     if dist.main:
         ckpt.save(out, step, {"step": step, "tokens": tokens, "model": model_state,
                               "optimizer": optim_state, "scheduler": scheduler.state_dict(),
