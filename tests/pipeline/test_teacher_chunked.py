@@ -7,11 +7,20 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
 from chorus.errors import ChorusError
-from chorus.pipeline._teacher import Teacher, logit_ops, sparse_targets
+from chorus.pipeline._teacher import (
+    Teacher,
+    _mix32,
+    check_sampler,
+    logit_ops,
+    row_keys,
+    row_uniforms,
+    sparse_targets,
+)
 
 VOCAB = 1000
 BETAS = (0.25, 0.5, 1.0, 2.0)
@@ -150,3 +159,58 @@ def test_a_long_row_with_a_large_vocabulary_caches_in_bounded_memory():
     assert res.returncode == 0, res.stderr
     peak = int(res.stdout.split()[-1])
     assert peak < 300e6, f"peak RSS grew by {peak / 1e6:.0f} MB"
+
+
+# ---------------------------------------------------------------------------------------------- device-side sampler
+def _lowbias32(x: np.ndarray) -> np.ndarray:
+    """The reference hash in native uint32 arithmetic (numpy wraps uint32 products), not the code's 16-bit limbs."""
+    x = x.astype(np.uint32)
+    with np.errstate(over="ignore"):
+        x ^= x >> np.uint32(16)
+        x *= np.uint32(0x7FEB352D)
+        x ^= x >> np.uint32(15)
+        x *= np.uint32(0x846CA68B)
+        x ^= x >> np.uint32(16)
+    return x
+
+
+def _reference_uniforms(seed: int, row: int, length: int, m: int) -> np.ndarray:
+    k0, k1 = (np.uint32(int(v)) for v in row_keys(seed, row, 1)[0])
+    counter = (np.arange(length, dtype=np.uint64)[:, None] * m + np.arange(m, dtype=np.uint64)).astype(np.uint32)
+    with np.errstate(over="ignore"):
+        x = _lowbias32(counter ^ k0)
+        x = _lowbias32(x + k1)
+        x = _lowbias32(x ^ k0)
+    return (x >> np.uint32(8)).astype(np.float64) / 2**24
+
+
+def test_device_uniforms_are_the_uint32_hash_bit_for_bit():
+    """The int64 limb arithmetic (which any torch device runs exactly) equals native uint32 wrap-around arithmetic,
+    including at counters and keys near 2^32."""
+    for seed, row, length, m in ((0, 0, 64, 16), (7, 123_456_789, 33, 5), (2**40, 2**31 + 5, 512, 64)):
+        got = row_uniforms(seed, row, 1, length, m).double().numpy()
+        np.testing.assert_array_equal(got, _reference_uniforms(seed, row, length, m))
+    x = torch.tensor([0, 1, 0xFFFF, 0x10000, 0xFFFFFFFF, 0x80000000, 0xDEADBEEF], dtype=torch.int64)
+    np.testing.assert_array_equal(_mix32(x).numpy().astype(np.uint32), _lowbias32(x.numpy()))
+
+
+def test_device_uniforms_are_uniform_and_independent():
+    """2^20 draws over 64 rows: a chi-square over 1024 bins, neighbouring draws (same position, next position,
+    next row) uncorrelated, and no two rows alike."""
+    u = row_uniforms(1, 1000, 64, 256, 64).double().numpy()  # (64·256, 64)
+    counts = np.bincount((u.reshape(-1) * 1024).astype(int), minlength=1024)
+    expected = u.size / 1024
+    chi2 = ((counts - expected) ** 2 / expected).sum()
+    assert chi2 < 1023 + 6 * (2 * 1023) ** 0.5, chi2  # 6 sigma of a chi-square with 1023 degrees of freedom
+    assert abs(u.mean() - 0.5) < 6 * (1 / 12 / u.size) ** 0.5
+    rows = u.reshape(64, 256, 64)
+    for a, b in ((rows[..., :-1], rows[..., 1:]), (rows[:, :-1], rows[:, 1:]), (rows[:-1], rows[1:])):
+        r = np.corrcoef(a.reshape(-1), b.reshape(-1))[0, 1]
+        assert abs(r) < 6 / a.size**0.5, r
+    assert len({r.tobytes() for r in rows}) == 64
+
+
+def test_too_many_samples_for_the_counter_are_refused():
+    with pytest.raises(ChorusError, match="samples"):
+        check_sampler(131_072, 32_768)
+    check_sampler(131_072, 32_767)

@@ -138,7 +138,7 @@ def cross_targets(teacher: Teacher, cmap: CrossMap, ids: np.ndarray, segs: np.nd
         chain = cum[torch.from_numpy(end).to(device)] - cum[torch.from_numpy(src).to(device)]
         inner_t = torch.from_numpy(inner).to(device)
         chain[inner_t] += starts - own[last]  # the last token's own log-prob → P(its text starts with the gold's)
-    uniforms = row_uniforms(seed, row_start, b, length, num_samples).to(device) if num_samples else None
+    uniforms = row_uniforms(seed, row_start, b, length, num_samples, device) if num_samples else None
     matrix = cmap.matrix(device) if perm is None else None
 
     out = _masked(ids, top_k, num_samples, tail_betas, device)

@@ -31,6 +31,7 @@ FINGERPRINT_SAMPLES = 4096  # elements hashed per weight tensor (evenly spaced, 
 # passes over the chunk are memory-bound and a chunk that stays in cache is faster (measured: 64 positions at
 # V = 8192 run 1.4x faster than 1024); large on a GPU, where big GEMMs and few launches win.
 CHUNK_BYTES = {"cpu": 1 << 21, "cuda": 1 << 28}
+SLAB_BYTES = {"cpu": 3 << 19, "cuda": 1 << 30}  # the per-position math's working set (see slab_positions)
 CHUNK_ALIGN = 64  # chunk sizes are rounded up to a multiple: chunks then start where the full head's GEMM tiles do
 HEAD_CHECK_POSITIONS = 32
 OutOfMemory = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), MemoryError)
@@ -255,20 +256,61 @@ def load_teacher(model: str, *, vocab_size: int, device: torch.device, dtype: to
 
 
 # ---------------------------------------------------------------------------------------------- targets
-def row_generator(seed: int, row: int) -> torch.Generator:
-    """A CPU generator for one corpus row, seeded from (seed, global row index): a rerun, another batch size
-    or another shard split draws the same uniforms for that row, on any device."""
-    digest = hashlib.blake2b(f"chorus-samples|{seed}|{row}".encode(), digest_size=8).digest()
-    g = torch.Generator(device="cpu")
-    g.manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
-    return g
+def row_keys(seed: int, row_start: int, rows: int) -> torch.Tensor:
+    """(rows, 2) int64 keys, each in [0, 2^32), of corpus rows ``row_start ..``, from (seed, global row index):
+    a rerun, another batch size or another shard split gives a row the same keys."""
+    keys = []
+    for r in range(row_start, row_start + rows):
+        digest = hashlib.blake2b(f"chorus-samples|{seed}|{r}".encode(), digest_size=8).digest()
+        keys.append((int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:], "little")))
+    return torch.tensor(keys, dtype=torch.int64).reshape(rows, 2)
 
 
-def row_uniforms(seed: int, row_start: int, rows: int, length: int, num_samples: int) -> torch.Tensor:
-    """(rows·L, M) float32 CPU uniforms for rows ``row_start ..``: each row's (L, M) block comes from its own
-    :func:`row_generator`, so a position's uniforms do not depend on the batch, the chunk or the device."""
-    return torch.cat([torch.rand((length, num_samples), generator=row_generator(seed, row_start + r), dtype=torch.float32)
-                      for r in range(rows)])
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """x · c mod 2^32 for int64 ``x`` in [0, 2^32) and a constant c < 2^32, exact on any device: x is split into
+    16-bit halves so no product reaches 2^63 (int64 overflow is not defined behaviour to rely on)."""
+    return ((x & 0xFFFF) * c + ((((x >> 16) * (c & 0xFFFF)) & 0xFFFF) << 16)) & 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A bijection of [0, 2^32) with full avalanche ("lowbias32", C. Wellons' hash-prospector)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def position_uniforms(keys: torch.Tensor, positions: torch.Tensor, num_samples: int) -> torch.Tensor:
+    """(N, 2) int64 row keys and (N,) int64 positions in the row → (N, M) float32 uniforms in [0, 1), computed
+    where the keys are (generated on the device: no host random numbers, no copy).
+
+    Counter-based: draw m of position t is a keyed hash of the counter t·M + m (three rounds of :func:`_mix32`
+    keyed by the row's two keys), 24 bits → float32 exactly. Integer ops only, so the uniforms are the same bits on
+    any device and do not depend on the batch, the chunk or which positions share the call. Positions · M must stay
+    below 2^32 (:func:`check_sampler`)."""
+    counter = positions[:, None] * num_samples + torch.arange(num_samples, device=positions.device)
+    k0, k1 = keys[:, :1], keys[:, 1:]
+    x = _mix32(counter ^ k0)
+    x = _mix32((x + k1) & 0xFFFFFFFF)
+    x = _mix32(x ^ k0)
+    return (x >> 8).to(torch.float32) * 2.0**-24
+
+
+def check_sampler(length: int, num_samples: int) -> None:
+    """Refuse rows too long for the sampler's 32-bit counter (L · M < 2^32: e.g. L = 131 072 allows M ≤ 32 767)."""
+    if length * num_samples >= 1 << 32:
+        raise ChorusError(f"--samples {num_samples} with rows of {length} tokens exceeds the sampler's 2^32 draws per "
+                          f"row; use at most {((1 << 32) - 1) // length} samples")
+
+
+def row_uniforms(seed: int, row_start: int, rows: int, length: int, num_samples: int,
+                 device: torch.device | str = "cpu") -> torch.Tensor:
+    """(rows·L, M) float32 uniforms of rows ``row_start ..`` on ``device`` (:func:`position_uniforms`)."""
+    check_sampler(length, num_samples)
+    keys = row_keys(seed, row_start, rows).to(device).repeat_interleave(length, 0)
+    pos = torch.arange(length, device=device).repeat(rows)
+    return position_uniforms(keys, pos, num_samples)
 
 
 def draw_ids(logp: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
@@ -280,12 +322,6 @@ def draw_ids(logp: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     cdf = torch.exp(logp).cumsum_(-1)
     draws = torch.searchsorted(cdf, uniforms * cdf[:, -1:], right=True)
     return draws.clamp_(max=logp.shape[-1] - 1)
-
-
-def sample_ids(logp: torch.Tensor, num_samples: int, generator: torch.Generator) -> torch.Tensor:
-    """(L, V) fp32 log-probs of one row → (L, M) int64 ids, uniforms from the row's CPU ``generator``."""
-    u = torch.rand((logp.shape[0], num_samples), generator=generator, dtype=torch.float32).to(logp.device)
-    return draw_ids(logp, u)
 
 
 def _tail_sums(y: torch.Tensor, betas: Sequence[float]) -> tuple[dict[float, torch.Tensor], torch.Tensor]:
@@ -305,7 +341,7 @@ def _tail_sums(y: torch.Tensor, betas: Sequence[float]) -> tuple[dict[float, tor
     while todo:
         top = todo[0]
         root = wanted(top / 2) or top  # if β/2 is wanted too, β comes from its squares
-        e = torch.mul(y, root).exp_()
+        e = torch.exp(y) if root == 1.0 else torch.mul(y, root).exp_()  # (×1 is exact: one pass saved)
         if root != top:
             sums[top] = torch.linalg.vecdot(e, e)
             todo.remove(top)
@@ -386,7 +422,7 @@ def sparse_targets(logits: torch.Tensor, input_ids: torch.Tensor, *, top_k: int,
     last = torch.arange(length, device=logits.device) == length - 1
     out: dict[str, list[torch.Tensor]] = {}
     for r in range(b):
-        u = row_uniforms(seed, row_start + r, 1, length, num_samples).to(logits.device) if num_samples else None
+        u = row_uniforms(seed, row_start + r, 1, length, num_samples, logits.device) if num_samples else None
         row = position_targets(torch.log_softmax(logits[r].float(), dim=-1), next_ids[r], last, u, top_k=top_k,
                                tail_betas=tail_betas)
         for k, t in row.items():
@@ -430,6 +466,13 @@ def chunk_positions(vocab_size: int, chunk_size: int | None = None, budget_bytes
     return max(CHUNK_ALIGN, -(-n // CHUNK_ALIGN) * CHUNK_ALIGN)
 
 
+def slab_positions(vocab_size: int, device: torch.device) -> int:
+    """Positions per pass of the per-position math: one (positions, V) fp32 slab within SLAB_BYTES. Every op of
+    :func:`position_targets` is row-wise, so slabs change no bit; on a CPU a slab that stays in cache makes its ~15
+    passes over V faster (measured at V = 49 152: 8-position slabs 1.6x faster than 64)."""
+    return max(1, SLAB_BYTES.get(device.type, SLAB_BYTES["cuda"]) // (4 * vocab_size))
+
+
 def chunked_targets(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, input_ids: torch.Tensor, *,
                     top_k: int, num_samples: int, seed: int, row_start: int, tail_betas: Sequence[float] = (),
                     chunk_size: int | None = None, ops: Sequence[tuple[str, float]] = ()) -> dict[str, torch.Tensor]:
@@ -437,20 +480,22 @@ def chunked_targets(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     the targets of :func:`sparse_targets` without (B, L, V) logits.
 
     The B·L positions are cut into chunks of ``chunk_size`` (rounded by :func:`chunk_positions`); each chunk's logits
-    (model dtype, then ``ops``, then fp32 — as the model computes them) go through one :func:`position_targets`
-    call batched over whatever rows the chunk spans, so the step's peak memory is a few (chunk, V) fp32 buffers,
-    independent of B·L. Uniforms for sampling come from :func:`row_uniforms` (one host → device copy per batch).
-    Ids and draws are written to int32 buffers on the device (half the bytes to copy to the host)."""
+    (model dtype, then ``ops``, then fp32 — as the model computes them) go through :func:`position_targets` in
+    slabs of positions (:func:`slab_positions`) batched over whatever rows they span, so the step's peak memory is
+    a (chunk, V) buffer of logits and a few (slab, V) fp32 ones, independent of B·L. Uniforms for sampling are
+    generated per slab on the device (:func:`position_uniforms`). Ids and draws are written to int32 buffers on the
+    device (half the bytes to copy to the host)."""
     b, length, h = hidden.shape
     n, vocab = b * length, weight.shape[0]
     device = hidden.device
     flat = hidden.reshape(n, h)
     next_ids = torch.roll(input_ids, -1, dims=1).reshape(n)
-    last = (torch.arange(n, device=device) % length) == length - 1
-    uniforms = None
+    index = torch.arange(n, device=device)
+    last = (index % length) == length - 1
+    keys = None
     if num_samples:
-        uniforms = row_uniforms(seed, row_start, b, length, num_samples)
-        uniforms = (uniforms.pin_memory() if device.type == "cuda" else uniforms).to(device, non_blocking=True)
+        check_sampler(length, num_samples)
+        keys = row_keys(seed, row_start, b).to(device)
     ids_dtype = torch.int32 if vocab < 2**31 else torch.int64
     out = {"topk_ids": torch.empty((n, top_k), dtype=ids_dtype, device=device),
            "topk_logprobs": torch.empty((n, top_k), dtype=torch.float32, device=device)}
@@ -460,14 +505,18 @@ def chunked_targets(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         out |= {f: torch.empty(n, dtype=torch.float32, device=device) for f in ("log_tail", "entropy", "gold_logprob")}
         out["tail_logz"] = torch.empty((n, len(tail_betas)), dtype=torch.float32, device=device)
     step = chunk_positions(vocab, chunk_size, CHUNK_BYTES.get(device.type, CHUNK_BYTES["cuda"]))
+    slab = slab_positions(vocab, device)
     for s in range(0, n, step):
         e = min(n, s + step)
-        logp = torch.log_softmax(_apply_ops(F.linear(flat[s:e], weight, bias), ops).float(), dim=-1)
-        part = position_targets(logp, next_ids[s:e], last[s:e], None if uniforms is None else uniforms[s:e],
-                                top_k=top_k, tail_betas=tail_betas)
-        del logp
-        for k, t in part.items():
-            out[k][s:e] = t
+        logits = _apply_ops(F.linear(flat[s:e], weight, bias), ops)
+        for a in range(s, e, slab):
+            z = min(e, a + slab)
+            u = None if keys is None else position_uniforms(keys[index[a:z] // length], index[a:z] % length, num_samples)
+            part = position_targets(torch.log_softmax(logits[a - s: z - s].float(), dim=-1), next_ids[a:z], last[a:z],
+                                    u, top_k=top_k, tail_betas=tail_betas)
+            for k, t in part.items():
+                out[k][a:z] = t
+        del logits
     return {k: t.reshape(b, length, *t.shape[1:]) for k, t in out.items()}
 
 

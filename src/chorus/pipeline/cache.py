@@ -32,6 +32,7 @@ from chorus.pipeline._cross_targets import cross_targets
 from chorus.pipeline._teacher import (
     OutOfMemory,
     Teacher,
+    check_sampler,
     check_tokenizer,
     dtype_name,
     first_bad_position,
@@ -59,6 +60,8 @@ from chorus.storage._manifest import NAME_PATTERN, TokenizerInfo, no_target
 
 TARGETS = ("topk log_softmax fp32 + inverse-cdf samples seeded by (seed, row) + exact tail statistics "
            "(masked logsumexp, entropy, gold log-prob), v2")  # in the fingerprint: change it with the math
+# in the fingerprint of caches with samples: the uniforms behind the draws (pipeline/_teacher.py position_uniforms)
+SAMPLER = "counter-based uniforms: lowbias32 x3 keyed by blake2b(seed, row), counter position*M + draw, 24 bits"
 WAIT_FOR_CREATOR_S = float(os.environ.get("CHORUS_WAIT_FOR_CREATOR_S", 600))
 
 
@@ -101,6 +104,7 @@ def _check_args(cfg: CacheConfig, corpus: CorpusManifest) -> str:
         raise ChorusError(f"--samples must be >= 0 (0: no sampled targets), got {cfg.samples}")
     if cfg.batch_size < 1:
         raise ChorusError(f"--batch-size must be >= 1, got {cfg.batch_size}")
+    check_sampler(corpus.seq_len, cfg.samples)
     name = cfg.name or default_name(cfg.teacher)
     if not NAME_PATTERN.match(name) or ".." in name:
         raise ChorusError(f"--name {name!r}: use letters, digits, '.', '_' and '-' (no '/')")
@@ -126,7 +130,7 @@ def _differences(old: TeacherManifest, new: TeacherManifest) -> str:
     keys = ("model", "revision", "weights_fingerprint", "top_k", "num_samples", "seed", "value_codec", "dtype",
             "corpus_fingerprint", "tokenizer_fingerprint", "format_version", "tail_betas", "tokenizer_mapping")
     diffs = [f"{k} {getattr(old, k)!r} → {getattr(new, k)!r}" for k in keys if getattr(old, k) != getattr(new, k)]
-    return "; ".join(diffs) or "target settings"
+    return "; ".join(diffs) or "the target math: made by another chorus version"
 
 
 def _claim_unit(store: Store, manifest: TeacherManifest, specs, corpus: CorpusManifest, *, worker: int, overwrite: bool) -> None:
@@ -337,6 +341,8 @@ def _manifest(cfg: CacheConfig, name: str, corpus: CorpusManifest, teacher: Teac
     settings = {"top_k": cfg.top_k, "samples": cfg.samples, "seed": cfg.seed if cfg.samples else None,
                 "value_codec": cfg.value_codec, "value_params": params, "dtype": dtype_name(teacher.dtype), "targets": TARGETS,
                 "tail_betas": list(TAIL_BETAS)}
+    if cfg.samples:
+        settings["sampler"] = SAMPLER
     if cross:  # the teacher's own tokenizer and the mapping (method, version) are part of what the targets are
         settings["cross_tokenizer"] = {k: cross[k] for k in ("tokenizer", "method", "version")}
     fp = fingerprint("teacher-cache", corpus.fingerprint, corpus.tokenizer.fingerprint, teacher.weights_fingerprint,
