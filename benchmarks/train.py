@@ -10,7 +10,9 @@ number); and the cost of turning 3 cached teachers into one pooled target per st
 Modes are interleaved round-robin and each reports its median step, so machine load affects all alike.
 Peak memory: CUDA max_memory_allocated; on CPU the resident-set high-water mark (VmHWM, reset through
 /proc/self/clear_refs) above the resident set before the step. The store is synthetic (random corpus,
-well-formed top-k: unique ids, log-probs sorted and normalized over the full vocabulary with a tail).
+well-formed top-k: unique ids, log-probs sorted and normalized over the full vocabulary with a tail); its ids are
+Zipf-distributed, calibrated to cost about what a real teacher's do (``zipf_ids``), or with ``--ids uniform``
+uniform over the vocabulary (the ids codec's worst case: nearly every id a two-byte code).
 """
 
 from __future__ import annotations
@@ -50,7 +52,26 @@ K = 64
 
 
 # ---------------------------------------------------------------------------------------------- store
-def build_store(url: str, *, vocab: int, seq_len: int, rows: int, rps: int, teachers: int, seed: int = 0) -> None:
+ZIPF_S = 0.9  # synthetic ids' Zipf exponent: ~98 B/token and 65% two-byte ids at vocab 32 000 (a real teacher: 92, 64%)
+
+
+def zipf_ids(rng: np.random.Generator, shape: tuple[int, ...], vocab: int, s: float = ZIPF_S) -> np.ndarray:
+    """Top-k ids [..., k], unique per position, whose frequencies over the store fall off as rank^-s (a bounded
+    Zipf law, then ranks pushed up past duplicates) in random order per position, ranks mapped to random ids:
+    what the ids codec sees of a real teacher (SmolLM2-135M, benchmarks/cache.py --real: ~92 B/token of ids,
+    64% of them two-byte codes), where uniform random ids are its worst case (122 B/token, 99.5% two-byte)."""
+    k = shape[-1]
+    u = rng.random((int(np.prod(shape[:-1])), k))
+    r = ((1 + u * ((vocab - k) ** (1 - s) - 1)) ** (1 / (1 - s)) - 1).astype(np.int64)
+    r.sort(-1)
+    r = rng.permuted(np.maximum.accumulate(r - np.arange(k), -1) + np.arange(k), axis=-1)
+    return rng.permutation(vocab)[r].reshape(shape)
+
+
+def build_store(url: str, *, vocab: int, seq_len: int, rows: int, rps: int, teachers: int, seed: int = 0,
+                ids: str = "zipf") -> None:
+    """A store of random rows and ``teachers`` well-formed top-k caches; ``ids`` "zipf" (realistic: ``zipf_ids``)
+    or "uniform" (every id equally likely: the ids codec's worst case)."""
     rng = np.random.default_rng(seed)
     store = Store.open(url, "w")
     tok = TokenizerInfo(name="synthetic", vocab_size=vocab, fingerprint=fingerprint("tok", vocab),
@@ -86,12 +107,15 @@ def build_store(url: str, *, vocab: int, seq_len: int, rows: int, rps: int, teac
         for s in range(shards):
             lo, hi = s * rps, min(rows, s * rps + rps)
             shape = (hi - lo, seq_len, K)
-            gaps = rng.integers(1, max(2, vocab // (2 * K)), shape)
-            ids = (rng.integers(0, vocab, shape[:2] + (1,)) + np.cumsum(gaps, -1)) % vocab  # unique per position
+            if ids == "zipf":
+                top = zipf_ids(rng, shape, vocab)
+            else:
+                gaps = rng.integers(1, max(2, vocab // (2 * K)), shape)
+                top = (rng.integers(0, vocab, shape[:2] + (1,)) + np.cumsum(gaps, -1)) % vocab  # unique per position
             logits = np.sort(rng.normal(0, 2, shape), -1)[..., ::-1]
             tail = rng.uniform(0.01, 0.2, shape[:2] + (1,))
             logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True)) + np.log1p(-tail)
-            store.write_shard(f"teachers/{name}", s, lo, encode_targets(ids, logp.astype(np.float32), vocab_size=vocab,
+            store.write_shard(f"teachers/{name}", s, lo, encode_targets(top, logp.astype(np.float32), vocab_size=vocab,
                                                                         codec="fp16", params=params))
         store.write_teacher_manifest(tm.replace(status="complete"))
 
@@ -139,6 +163,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (1: stable when other processes share the cores)")
+    ap.add_argument("--ids", choices=("zipf", "uniform"), default="zipf",
+                    help="synthetic top-k ids: zipf (calibrated to a real teacher's cost) or uniform (worst case)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     load = os.getloadavg()
@@ -150,9 +176,10 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="chorus-bench-train-"))
     url = str(work / "store.zarr")
     t0 = time.perf_counter()
-    build_store(url, vocab=vocab, seq_len=seq_len, rows=rows, rps=rps, teachers=3)
+    build_store(url, vocab=vocab, seq_len=seq_len, rows=rows, rps=rps, teachers=3, ids=args.ids)
     print(f"load average {load[0]:.1f} on {os.cpu_count()} cores; torch threads {args.threads}")
-    print(f"synthetic store: {rows} rows x {seq_len}, vocab {vocab}, 3 teachers at k={K} ({time.perf_counter() - t0:.0f} s)")
+    print(f"synthetic store: {rows} rows x {seq_len}, vocab {vocab}, 3 teachers at k={K}, {args.ids} ids "
+          f"({time.perf_counter() - t0:.0f} s)")
 
     # ---- loader throughput (1 and 3 teachers; whole epochs, shard decode and checksum included). StreamLoader's
     # workers are threads of this process decoding shards ahead and collating on a background thread; the
@@ -277,7 +304,9 @@ def main() -> None:
         "loader_goal_target_tokens_per_s": 2_000_000,
     }
     print("\n" + "\n".join(f"{k}: {v:.4g}" for k, v in goals.items()))
-    path = write("train", {"quick": args.quick, "device": str(device), "torch_threads": args.threads,
+    path = write("train", {"quick": args.quick, "device": str(device), "torch_threads": args.threads, "ids": args.ids,
+                           "ids_note": "zipf: Zipf-distributed ids calibrated to a real teacher's ~92 B/token and 64% "
+                                       "two-byte codes (here ~98 B/token, 65%); uniform: the ids codec's worst case",
                            "load_average_at_start": load, "load_average_at_end": os.getloadavg(),
                            "setup": {"vocab": vocab, "seq_len": seq_len, "rows": rows, "rows_per_shard": rps, "k": K,
                                      "student_hidden": hidden, "student_layers": layers, "teacher_hidden": 2 * hidden,

@@ -96,6 +96,71 @@ def test_corrupt_id_chunks_are_refused(cut):
         decode_ids(bytes(blob), ids.shape, ids.dtype)
 
 
+def _plain_decode_ids(blob: bytes, shape, dtype) -> np.ndarray:
+    """The ids format read the plain way (one rank per position, in order): the reference for the blocked decoder."""
+    import struct
+
+    dtype = np.dtype(dtype)
+    _, _, a, n_dict, n_two, n_far = struct.unpack_from("<2sBBIII", blob)
+    at = 16
+    dictionary = np.frombuffer(blob, dtype=dtype.newbyteorder("<"), count=n_dict, offset=at)
+    at += n_dict * dtype.itemsize
+    size = int(np.prod(shape))
+    first = np.frombuffer(blob, np.uint8, size, at).tolist()
+    second = iter(np.frombuffer(blob, np.uint8, n_two, at + size).tolist())
+    far = iter(np.frombuffer(blob, "<u4", n_far, at + size + n_two).tolist())
+    ranks = [f if f < a else next(far) if f == 255 else a + (f - a) * 256 + next(second) for f in first]
+    return dictionary[np.array(ranks, dtype=np.int64)].astype(dtype).reshape(shape)
+
+
+@pytest.mark.parametrize("block", [7, 1000, 1 << 16])
+@pytest.mark.parametrize("distinct", [200, 3000, 70_000])
+@pytest.mark.parametrize("two_byte_share", [0.3, 0.95])
+def test_blocked_id_decoding_equals_the_plain_reading(monkeypatch, block, distinct, two_byte_share):
+    """Blocks of any size (a block boundary inside every stream), sparse and dense two-byte codes (the two ways of
+    placing second bytes) and far ranks give the encoder's input, as the format read plainly does."""
+    import chorus.storage._codecs as codecs
+
+    monkeypatch.setattr(codecs, "_IDS_BLOCK", block)
+    rng = np.random.default_rng(distinct)
+    vocab = rng.choice(200_000, size=distinct, replace=False).astype(np.uint32)
+    n_one = max(1, int(4000 * (1 - two_byte_share)))
+    ids = np.concatenate([vocab, np.repeat(vocab[:50], n_one // 50 + 1), vocab[rng.integers(0, distinct, 4000 - n_one)]])
+    rng.shuffle(ids)
+    ids = ids[: len(ids) // 8 * 8].reshape(-1, 8)
+    blob = encode_ids(ids)
+    np.testing.assert_array_equal(decode_ids(blob, ids.shape, ids.dtype), ids)
+    np.testing.assert_array_equal(_plain_decode_ids(blob, ids.shape, ids.dtype), ids)
+
+
+@pytest.mark.parametrize("cut", ["second bytes past the dictionary", "far rank past it", "one far rank too few",
+                                 "a second byte too many", "a stray first byte 255"])
+def test_corrupt_two_byte_and_far_streams_are_refused(monkeypatch, cut):
+    import struct
+
+    import chorus.storage._codecs as codecs
+
+    monkeypatch.setattr(codecs, "_IDS_BLOCK", 1000)
+    distinct = 70_000 if "far" in cut else 3000
+    ids = np.arange(distinct, dtype=np.uint32).repeat(2)
+    blob = bytearray(encode_ids(ids))
+    _, _, a, n_dict, n_two, n_far = struct.unpack_from("<2sBBIII", blob)
+    first = 16 + 4 * n_dict
+    firsts = np.frombuffer(bytes(blob[first: first + ids.size]), np.uint8)
+    if cut == "second bytes past the dictionary":  # the last two-byte row is not full: its second byte 255 is past it
+        blob[first + ids.size: first + ids.size + n_two] = b"\xff" * n_two
+    elif cut == "far rank past it":
+        blob[-4:] = (n_dict + 5).to_bytes(4, "little")
+    elif cut == "one far rank too few":  # a far position's first byte made a two-byte one
+        blob[first + int(np.flatnonzero(firsts == 255)[0])] = a
+    elif cut == "a second byte too many":  # a one-byte rank's first byte made two-byte
+        blob[first + int(np.flatnonzero(firsts < a)[0])] = a
+    else:
+        blob[first + int(np.flatnonzero(firsts >= a)[-1])] = 255
+    with pytest.raises(CodecError):
+        decode_ids(bytes(blob), ids.shape, ids.dtype)
+
+
 def test_split_point_reaches_every_rank_in_two_bytes_while_it_can():
     from chorus.storage._codecs import _split_point
 
@@ -116,6 +181,21 @@ def test_fp16_values_round_trip_bit_exactly_as_the_plain_encoding(kind, k):
     # and the same log-probs as the delta-coded (v1) layout decodes to
     v1 = decode_values(encode_values(vals[..., :k], "fp16", {"delta": True}), "fp16", {"delta": True}, dtype=np.float16)
     np.testing.assert_array_equal(back.view(np.uint16), v1.view(np.uint16))
+
+
+@pytest.mark.parametrize("elements", [1, 64, 1000, 1 << 15])
+def test_fp16_sums_in_chunks_of_any_size_exactly(monkeypatch, elements):
+    """The running sums along k, taken a few rows at a time (and one row when a row is longer than a chunk), are
+    numpy's uint16 cumsum of the stored differences: the plain encoding's bits."""
+    import chorus.storage._codecs as codecs
+
+    monkeypatch.setattr(codecs, "_CUMSUM_ELEMENTS", elements)
+    _, vals = topk_case("zipf", rows=5, k=64)
+    plain = vals.astype(np.float16)
+    np.testing.assert_array_equal(decode_fp16(encode_fp16(plain), plain.shape).view(np.uint16), plain.view(np.uint16))
+    bits = plain.view(np.uint16).reshape(-1, 64)
+    diffs = np.concatenate([bits[:, :1], bits[:, 1:] - bits[:, :-1]], 1)
+    np.testing.assert_array_equal(np.cumsum(diffs, 1, dtype=np.uint16), bits)
 
 
 def test_fp16_any_bit_pattern_round_trips():
