@@ -3,8 +3,9 @@ downloaded):
 
 (a) cache: bf16 tokens/s of the teacher pass (chunked LM head → top-64, samples, exact statistics, copied to the
     host) against the bare HF forward (full logits, nothing else) and against the previous per-row pass over full
-    logits, at V ≈ 50k and 128k, L = 2048 and 8192; peak memory of each (torch.cuda.max_memory_allocated above
-    the memory held before the step);
+    logits, at V ≈ 50k and 128k, L = 2048 and 8192; "pipelined": batches back to back with their host copies
+    queued on a side stream as `chorus cache` does (pipeline/_writer.py); peak memory of each
+    (torch.cuda.max_memory_allocated above the memory held before the step);
 (b) train: one student step (forward, backward, AdamW) with KD from cached top-64 targets (chunked loss) against
     a CE step with the same chunked loss and against HF's own full-logits CE.
 
@@ -30,11 +31,13 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "src"))
 import _common  # noqa: E402
 
 from chorus.pipeline._teacher import Teacher, sparse_targets  # noqa: E402
+from chorus.pipeline._writer import to_host_async  # noqa: E402
 from chorus.storage import TAIL_BETAS  # noqa: E402
 from chorus.trainer.losses import chunked_distill_loss  # noqa: E402
 from chorus.trainer.sparse import SparseDist  # noqa: E402
 
 TOP_K, SAMPLES = 64, 32
+PIPELINE = 3  # batches per timed call of the pipelined cache loop
 FULL = {"teacher": {"hidden": 2048, "layers": 8, "heads": 16, "kv": 8, "ffn": 5632},
         "student": {"hidden": 1024, "layers": 8, "heads": 16, "kv": 8, "ffn": 2816},
         "vocabs": (50_304, 128_256), "lengths": (2048, 8192), "tokens": 16_384, "repeats": 3}
@@ -125,10 +128,19 @@ def _cache_row(plan: dict, vocab: int, length: int, dtype: torch.dtype, device: 
         with torch.inference_mode():
             return {k: v.cpu() for k, v in sparse_targets(t.logits(x), x, **kw).items()}
 
+    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def pipelined():  # as `chorus cache` runs: PIPELINE batches back to back, each one's host copies queued on a
+        with torch.inference_mode():  # side stream (pipeline/_writer.py), waited for only at the end
+            pending = [to_host_async(t.targets(x, **kw), stream) for _ in range(PIPELINE)]
+        for _, event in pending:
+            if event is not None:
+                event.synchronize()
+
     row = {"vocab": vocab, "seq_len": length, "batch": batch}
-    for name, fn in (("bare", bare), ("chunked", chunked)) + ((("per_row", full),) if per_row else ()):
+    for name, fn in (("bare", bare), ("chunked", chunked), ("pipelined", pipelined)) + ((("per_row", full),) if per_row else ()):
         try:
-            sec = meter.time(fn)
+            sec = meter.time(fn) / (PIPELINE if name == "pipelined" else 1)
             row[f"{name}_tok_s"] = x.numel() / sec
             row[f"{name}_peak_mb"] = meter.peak(fn) / 2**20
         except torch.OutOfMemoryError:
@@ -136,6 +148,8 @@ def _cache_row(plan: dict, vocab: int, length: int, dtype: torch.dtype, device: 
             torch.cuda.empty_cache()
     if row.get("bare_tok_s") and row.get("chunked_tok_s"):
         row["cache_vs_bare"] = row["chunked_tok_s"] / row["bare_tok_s"]
+    if row.get("bare_tok_s") and row.get("pipelined_tok_s"):
+        row["pipelined_vs_bare"] = row["pipelined_tok_s"] / row["bare_tok_s"]
     return row
 
 
@@ -207,10 +221,11 @@ def main(argv: list[str] | None = None) -> dict:
         _common.RESULTS = Path(args.results)
 
     cache_rows = bench_cache(plan, dtype, device, meter, per_row=not args.no_per_row)
-    print(_common.table(["V", "L", "B", "bare tok/s", "chunked tok/s", "per-row tok/s", "cache/bare", "bare MB",
-                         "chunked MB", "per-row MB"],
-                        [[r["vocab"], r["seq_len"], r["batch"], r["bare_tok_s"], r["chunked_tok_s"], r.get("per_row_tok_s"),
-                          r.get("cache_vs_bare"), r["bare_peak_mb"], r["chunked_peak_mb"], r.get("per_row_peak_mb")]
+    print(_common.table(["V", "L", "B", "bare tok/s", "chunked tok/s", "pipelined tok/s", "per-row tok/s", "cache/bare",
+                         "pipelined/bare", "bare MB", "chunked MB", "per-row MB"],
+                        [[r["vocab"], r["seq_len"], r["batch"], r["bare_tok_s"], r["chunked_tok_s"], r.get("pipelined_tok_s"),
+                          r.get("per_row_tok_s"), r.get("cache_vs_bare"), r.get("pipelined_vs_bare"), r["bare_peak_mb"],
+                          r["chunked_peak_mb"], r.get("per_row_peak_mb")]
                          for r in cache_rows]))
     train_rows = bench_train(plan, dtype, device, meter)
     print(_common.table(["V", "L", "B", "KD cache ms", "CE chunked ms", "CE HF ms", "KD/CE", "KD/HF CE", "KD MB",

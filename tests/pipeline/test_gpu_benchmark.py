@@ -20,7 +20,7 @@ def test_gpu_benchmark_smoke_mode_runs_every_measurement(tmp_path):
     assert len(out["cache"]) == 4 and len(out["train"]) == 2
     for row in out["cache"]:
         assert row["bare_tok_s"] > 0 and row["chunked_tok_s"] > 0 and row["per_row_tok_s"] > 0
-        assert row["cache_vs_bare"] > 0
+        assert row["cache_vs_bare"] > 0 and row["pipelined_vs_bare"] > 0
     for row in out["train"]:
         assert row["kd_cache_ms"] > 0 and row["ce_chunked_ms"] > 0 and row["ce_hf_ms"] > 0
     assert "cache/bare" in res.stdout and "KD/CE" in res.stdout

@@ -1,7 +1,9 @@
 """A background shard writer: the teacher never waits on the device→host copy, encoding or the store.
 
 The recipe hands each batch's target tensors (still on the device) to :meth:`ShardWriter.put` and goes
-on with the next batch. A single thread copies them to the host, assembles whole shards, encodes them
+on with the next batch. On a GPU, ``put`` only queues their copies into pinned host memory on a side stream
+(after the batch's kernels, before the next batch's, with no wait: the copy engine overlaps the next forward).
+A single thread waits for each batch's copies, assembles whole shards, encodes them
 and calls ``Store.write_shard``, which commits each shard only once all of its arrays are written. The
 queue is bounded, so a slow store applies back-pressure instead of filling memory. The first error in
 the thread (a NaN found while encoding, a network failure) is re-raised in the caller's thread at its
@@ -40,6 +42,23 @@ class _Batch:
     num_rows: int  # the shard's row count
     offset: int  # this batch's first row within the shard
     tensors: dict[str, torch.Tensor]
+    copied: object = None  # a CUDA event: the tensors are pinned host copies, complete once it has passed
+
+
+def to_host_async(tensors: dict[str, torch.Tensor], stream: "torch.cuda.Stream | None") -> tuple[dict[str, torch.Tensor], object]:
+    """CUDA tensors → pinned host copies queued on ``stream`` after the work already queued on the current one,
+    and the CUDA event that marks them done (nothing waits here); tensors elsewhere come back as they are, with None."""
+    if stream is None or not any(t.is_cuda for t in tensors.values()):
+        return tensors, None
+    stream.wait_stream(torch.cuda.current_stream(stream.device))
+    host = {}
+    with torch.cuda.stream(stream):
+        for name, t in tensors.items():
+            t.record_stream(stream)  # the caching allocator must not hand its memory out before the copy ran
+            host[name] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record(stream)
+    return host, event
 
 
 class ShardWriter:
@@ -57,13 +76,14 @@ class ShardWriter:
         self._error: BaseException | None = None
         self._shards: dict[int, _Shard] = {}
         self.committed: list[int] = []
+        self._copy_stream: torch.cuda.Stream | None = None
         self._thread = threading.Thread(target=self._run, name="chorus-shard-writer", daemon=True)
         self._thread.start()
 
     # ------------------------------------------------------------------ caller's thread
     def put(self, shard: int, row_start: int, num_rows: int, offset: int, tensors: dict[str, torch.Tensor]) -> None:
         """Queue one batch (rows ``offset ..`` of a shard of ``num_rows`` rows starting at ``row_start``)."""
-        item = _Batch(shard, row_start, num_rows, offset, tensors)
+        item = _Batch(shard, row_start, num_rows, offset, *self._to_host(tensors))
         while True:
             self._raise_if_failed()
             try:
@@ -71,6 +91,11 @@ class ShardWriter:
                 return
             except queue.Full:
                 continue
+
+    def _to_host(self, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], object]:
+        if self._copy_stream is None and any(t.is_cuda for t in tensors.values()):
+            self._copy_stream = torch.cuda.Stream(next(t.device for t in tensors.values() if t.is_cuda))
+        return to_host_async(tensors, self._copy_stream)
 
     def close(self) -> None:
         """Write every complete shard still queued, stop the thread, and raise its error if it had one."""
@@ -114,7 +139,8 @@ class ShardWriter:
                 self._error = e
 
     def _add(self, batch: _Batch) -> None:
-        # .cpu() waits only for this batch's kernels on the device's stream; the caller keeps queueing the next
+        if batch.copied is not None:
+            batch.copied.synchronize()  # this batch's copies only: the device goes on with the next batch
         host = {name: t.cpu().numpy() for name, t in batch.tensors.items()}
         shard = self._shards.get(batch.shard)
         if shard is None:
