@@ -183,6 +183,23 @@ def cache(res: dict) -> str:
             lines += ["", f"Statistics (stats + tail_logz) B/token, source '{src}' (the default is {st['compression']}):", ""]
             lines.append(md_table(["compression", *[f"k={k}" for k in ks]],
                                   [[n, *[f"{per_k[f'k{k}'][n]['total']:.2f}" for k in ks]] for n in names]))
+    real = res.get("real_teacher")
+    if real:
+        m = real["model"]
+        lines += ["", f"(d) A real teacher: {m['file']} ({m['architecture']}, {m['params'] / 1e6:.0f}M params, vocab "
+                      f"{m['vocab_size']}, {m['loaded_by']}); {m['text']}, {real['positions']:,} positions.", ""]
+        rows = [[k, row["chosen"]["ids"], row["chosen"]["values"], f"{row['chosen']['bytes_per_token']:.1f}",
+                 f"{row['v1']['bytes_per_token']:.1f}", f"{row['chosen']['decode_M_per_s_two_threads_wall']:.2f}"]
+                for k, row in real.items() if k.startswith("k") and k[1:].isdigit()]
+        lines.append(md_table(["k", "ids", "values", "B/token", "v1 B/token", "decode M tok/s (2 threads)"], rows))
+        th = real.get("throughput")
+        if th:
+            lines += ["", f"`chorus cache` on it ({th['rows']} rows × {th['seq_len']}, batch {th['batch_size']}, "
+                          f"{th['torch_threads']} torch thread, best of {th['repeats']} interleaved): {th['note']}.", ""]
+            lines.append(md_table(["run", "tok/s", "× bare forward", "CPU-time ratio"],
+                                  [["bare HF forward", f"{th['bare_tokens_per_s']:,.0f}", "1.000", "1.000"]]
+                                  + [[k, f"{th[k]['tokens_per_s']:,.0f}", f"{th[k]['ratio']:.3f}",
+                                      f"{th[k]['cpu_time_ratio']:.3f}"] for k in ("cache_k64", "cache_k64_samples64")]))
     g = res.get("gpu", {})
     without = f" ({g['tokens_per_s_without_stats']:,.0f} without statistics)" if "tokens_per_s_without_stats" in g else ""
     lines += ["", "(c) GPU bf16: " + (f"{g['tokens_per_s']:,.0f} tok/s{without}, {g['params'] / 1e6:.0f}M params on {g['gpu']}"
@@ -198,10 +215,10 @@ def train(res: dict) -> str:
              f"median of {s['repeats']} interleaved repeats.", "",
              md_table(["mode", "ms", "× CE step", "peak MiB"],
                       [[k, f"{med[k]:.1f}", f"{over[k]:.3f}", f"{peak.get(k, 0) / 2**20:.0f}"] for k in med]),
-             "", "Loader (one epoch: decode + checksum + collate):", "",
-             md_table(["teachers", "workers", "positions/s", "target tokens/s"],
-                      [[r["teachers"], r["workers"], f"{r['positions_per_s']:,.0f}", f"{r['target_tokens_per_s']:,.0f}"]
-                       for r in res["loader"]])]
+             "", f"Loader (one epoch: decode + checksum + collate; {res.get('ids', 'uniform')} synthetic ids):", "",
+             md_table(["teachers", "workers", "positions/s", "target tokens/s", "per CPU-second"],
+                      [[r["teachers"], r["workers"], f"{r['positions_per_s']:,.0f}", f"{r['target_tokens_per_s']:,.0f}",
+                        f"{r.get('target_tokens_per_cpu_s', 0):,.0f}"] for r in res["loader"]])]
     goals = res.get("goals", {})
     if goals:
         lines += ["", "Goals: " + "; ".join(f"{k} {_f(v)}" for k, v in goals.items()) + "."]

@@ -542,10 +542,95 @@ def bench_real(path: str, rows: int, ks=(32, 64, 128)) -> dict:
     return out
 
 
+def bench_real_throughput(path: str, work: str, rows: int = 24, seq_len: int = 256, batch: int = 8,
+                          repeats: int = 2) -> dict:
+    """`chorus cache` on the real teacher against its bare forward (HF logits, nothing else), on the same batches:
+    a 135M model with a 49k vocabulary has the body/head/vocabulary proportions of a real LM, which a small random
+    Llama at V = 8192 does not. Interleaved repeats, best of each; the cache runs with and without samples."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = os.path.split(os.path.abspath(path))
+    teacher = os.path.join(work, "real-teacher")
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    cfg = model.config  # a GGUF-loaded model refuses save_pretrained: the dequantized weights go into a plain one
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
+    model = plain.eval()
+    model.save_pretrained(teacher)
+    tok.save_pretrained(teacher)
+    corpus = os.path.join(work, "real-docs.jsonl")
+    prose, code = docs_text()
+    with open(corpus, "w") as f:
+        left = rows * seq_len * 6  # characters: ~4 per token, and rows are packed whole documents
+        for part in code.split("\n\n"):
+            if part.strip() and left > 0:
+                f.write(json.dumps({"text": part}) + "\n")
+                left -= len(part)
+    store = os.path.join(work, "real-store.zarr")
+    prepare.run(PrepareConfig(dataset=corpus, tokenizer=teacher, out=store, seq_len=seq_len, valid_fraction=0.0,
+                              rows_per_shard=batch))
+    st = Store.open(store, "r")
+    m = st.manifest
+    shards = [st.read_shard("corpus", i, ["input_ids"])["input_ids"] for i in range(m.num_shards)]
+    tokens = m.num_rows * seq_len
+
+    def bare() -> tuple[float, float]:
+        t, c = time.perf_counter(), time.process_time()
+        with torch.inference_mode():
+            for ids in shards:
+                model(input_ids=torch.from_numpy(ids.astype(np.int64)), use_cache=False)
+        return time.perf_counter() - t, time.process_time() - c
+
+    inner = cache._cache_shards
+    loop: list[tuple[float, float]] = []
+
+    def timed(*a, **kw):  # the recipe's loop only (read, forward, targets, background encode + write): model
+        t, c = time.perf_counter(), time.process_time()  # loading and store set-up are not throughput
+        result = inner(*a, **kw)
+        loop.append((time.perf_counter() - t, time.process_time() - c))
+        return result
+
+    def run_cache(label: str, samples: int) -> tuple[float, float]:
+        cache._cache_shards = timed
+        try:
+            cache.run(CacheConfig(store=store, teacher=teacher, name=label, batch_size=batch, device="cpu", top_k=64,
+                                  samples=samples, overwrite=True))
+        finally:
+            cache._cache_shards = inner
+        return loop[-1]
+
+    times: dict[str, list] = {"bare": [], "cache_k64": [], "cache_k64_samples64": []}
+    for _ in range(repeats):
+        times["bare"].append(bare())
+        times["cache_k64"].append(run_cache("real-k64", 0))
+        times["cache_k64_samples64"].append(run_cache("real-k64-s64", 64))
+    best = {k: (min(t[0] for t in v), min(t[1] for t in v)) for k, v in times.items()}
+    out = {"model": f"{name} dequantized to fp32 ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params, vocab "
+                    f"{model.config.vocab_size})", "rows": m.num_rows, "seq_len": seq_len, "batch_size": batch,
+           "repeats": repeats, "torch_threads": torch.get_num_threads(), "wall_and_cpu_s": times,
+           "note": ("the loop of `chorus cache` (read, forward, targets and statistics, background encode + write; "
+                    "model loading and store set-up excluded) against the bare HF forward over the same batches; "
+                    "best of interleaved repeats")}
+    for k in ("cache_k64", "cache_k64_samples64"):
+        out[k] = {"tokens_per_s": tokens / best[k][0], "ratio": best["bare"][0] / best[k][0],
+                  "cpu_time_ratio": best["bare"][1] / best[k][1]}
+    out["bare_tokens_per_s"] = tokens / best["bare"][0]
+    return out
+
+
 def real_table(r: dict) -> list[str]:
     m = r["model"]
     lines = [f"(d) real teacher {m['file']} ({m['architecture']}, {m['params'] / 1e6:.0f}M params, vocab {m['vocab_size']}); "
              f"{m['text']}, {r['positions']} positions in one chunk; top-1 p {r['mean_top1_prob']:.2f}"]
+    if "throughput" in r:
+        th = r["throughput"]
+        lines.append(f"    throughput ({th['model']}, {th['rows']} rows x {th['seq_len']}, {th['torch_threads']} torch threads): "
+                     f"bare forward {th['bare_tokens_per_s']:.0f} tok/s; cache k=64 {th['cache_k64']['tokens_per_s']:.0f} "
+                     f"(ratio {th['cache_k64']['ratio']:.3f}, CPU time {th['cache_k64']['cpu_time_ratio']:.3f}); + 64 samples "
+                     f"{th['cache_k64_samples64']['tokens_per_s']:.0f} (ratio {th['cache_k64_samples64']['ratio']:.3f})")
     for k in (key for key in r if key.startswith("k") and key[1:].isdigit()):
         row = r[k]
         lines.append(f"    {k}: chosen {row['chosen']['bytes_per_token']:.1f} B/token (v1 {row['v1']['bytes_per_token']:.1f}); "
@@ -615,6 +700,11 @@ def main() -> None:
         res = json.load(open(args.out)) if os.path.exists(args.out) else {"benchmark": "cache"}
         res["real_teacher"] = bench_real(real, args.real_rows)
         res["real_teacher"]["machine"] = machine()
+        work = tempfile.mkdtemp(prefix="chorus-bench-cache-")
+        try:
+            res["real_teacher"]["throughput"] = bench_real_throughput(real, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
         print("\n".join(real_table(res["real_teacher"])))
     else:
         work = tempfile.mkdtemp(prefix="chorus-bench-cache-")

@@ -22,7 +22,7 @@ from chorus.storage import Store, decode_stats, decode_topk
 from chorus.storage._manifest import no_target
 from tests.conftest import build_tiny_llama, build_tokenizer
 
-from .conftest import CACHE_ARGS, read_cache
+from .conftest import CACHE_ARGS, assert_same_cache, read_cache
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -399,3 +399,22 @@ def test_trainer_falls_back_to_the_hard_label_or_the_other_teachers():
     support = alone.pooled.ids[m]  # b's top-k keep exactly b's probabilities (the tail is spread by the union)
     torch.testing.assert_close(prob_of(both.pooled.rows(m), support), prob_of(alone.pooled.rows(m), support),
                                atol=1e-6, rtol=0)
+
+
+def test_the_store_carries_its_tokenizer_so_a_moved_store_still_maps_teachers(cross_store, documents, tokenizer_dir,
+                                                                              teachers, tmp_path):
+    """Prepared from a tokenizer directory that is then deleted (a store shared with a team, another machine):
+    the store's own copy maps a cross-tokenizer teacher to the same bits as the original store."""
+    from chorus.config import PrepareConfig
+    from chorus.pipeline import prepare
+
+    tok = tmp_path / "tok"
+    shutil.copytree(tokenizer_dir, tok)
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in documents[:36]))
+    url = str(tmp_path / "store.zarr")
+    prepare.run(PrepareConfig(dataset=str(data), tokenizer=str(tok), out=url, seq_len=32, domain_field="domain",
+                              valid_fraction=0.2, rows_per_shard=8))
+    shutil.rmtree(tok)
+    _cache(url, teachers["sp"], "sp")
+    assert_same_cache(read_cache(url, "sp"), read_cache(cross_store, "sp"))

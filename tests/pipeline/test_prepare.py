@@ -200,3 +200,37 @@ def test_a_rerun_on_unchanged_files_does_not_tokenize(tmp_path, corpus_file, tok
     assert _prepare(corpus_file, tokenizer_dir, out).fingerprint == first.fingerprint
     with pytest.raises(AssertionError, match="re-tokenized"):  # other settings: compared the slow way
         _prepare(corpus_file, tokenizer_dir, out, valid_fraction=0.3)
+
+
+def test_the_store_keeps_a_checked_copy_of_its_tokenizer(tmp_path, corpus_file, tokenizer_dir, s3_bucket, capsys):
+    """The copy reloads to the same fingerprint with the original gone, also from S3; a damaged copy is named by
+    verify and not used (the directory prepare read is used instead, with a warning)."""
+    import shutil
+
+    from chorus.pipeline._tokenizer import load_tokenizer, store_tokenizer, tokenizer_info
+    from chorus.storage.report import verify_command
+
+    tok = tmp_path / "tok"
+    shutil.copytree(tokenizer_dir, tok)
+    text = "def return import class while yield lambda"
+    want = load_tokenizer(str(tok)).encode(text)
+    url = str(tmp_path / "s.zarr")
+    m = _prepare(corpus_file, str(tok), url)
+    bucket, opts = s3_bucket
+    prepare.run(PrepareConfig(dataset=corpus_file, tokenizer=str(tok), out=f"{bucket}/tok.zarr", seq_len=32,
+                              domain_field="domain", rows_per_shard=8, storage_options=opts))
+    shutil.rmtree(tok)
+    for store in (Store.open(url, "r"), Store.open(f"{bucket}/tok.zarr", "r", opts)):
+        loaded, source = store_tokenizer(store, m)
+        assert source == f"{store.url}/tokenizer"
+        assert tokenizer_info(loaded, "x").fingerprint == m.tokenizer.fingerprint and loaded.encode(text) == want
+    assert verify_command(url) == 0
+    raw = bytearray((tmp_path / "s.zarr" / "tokenizer" / "tokenizer.json").read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    (tmp_path / "s.zarr" / "tokenizer" / "tokenizer.json").write_bytes(bytes(raw))
+    capsys.readouterr()
+    assert main(["verify", url]) == 2 and "tokenizer.json" in capsys.readouterr().err
+    shutil.copytree(tokenizer_dir, tok)  # where prepare read it: used instead of the damaged copy
+    loaded, source = store_tokenizer(Store.open(url, "r"), m)
+    assert source == str(tok) and loaded.encode(text) == want
+    assert "does not match its checksum" in capsys.readouterr().err

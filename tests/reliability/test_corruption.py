@@ -69,6 +69,7 @@ KINDS = {
     "deleted corpus commit": (lambda r: os.remove(f"{r}/corpus/_commits/000000.json"), "shard 0"),
     "deleted corpus chunk": (lambda r: os.remove(_chunk(r, "corpus", "input_ids", 2)), "shard 2"),
     "stray commit past the corpus": (lambda r: _stray(r), "shard 99"),
+    "flipped tokenizer copy": (lambda r: _flip(f"{r}/tokenizer/tokenizer.json"), "tokenizer.json"),
 }
 
 

@@ -148,7 +148,7 @@ def test_trained_model_directory_is_complete(trained, no_valid_store, tmp_path, 
     out = model.generate(**tok("the a of", return_tensors="pt"), max_new_tokens=3, do_sample=False)
     assert out.shape[1] > 0
     info = json.loads((model_dir / "chorus.json").read_text())
-    assert info["tokenizer_source"]
+    assert info["tokenizer_source"].endswith("store.zarr/tokenizer")  # the store's own copy (storage/_tokenizer_files.py)
     # it caches as a teacher as is: no --tokenizer
     from tests.trainer.conftest import copy_store
 
@@ -159,7 +159,9 @@ def test_trained_model_directory_is_complete(trained, no_valid_store, tmp_path, 
 
 def test_unloadable_tokenizer_warns_once_and_still_saves_the_model(prepared_store, student, tmp_path, monkeypatch,
                                                                     capsys):
-    monkeypatch.setattr(train, "_store_tokenizer", lambda m: (None, None))
+    import chorus.pipeline._tokenizer as tokenizers
+
+    monkeypatch.setattr(tokenizers, "store_tokenizer", lambda store, m: (None, None))
     train.run(_cfg(prepared_store, tmp_path / "run", student, steps=1))
     err = capsys.readouterr().err
     assert err.count("tokenizer") >= 1 and err.count("not saved") == 1

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
-from chorus.errors import ChorusError
+from chorus._progress import say
+from chorus.errors import ChorusError, IntegrityError
 from chorus.storage import TokenizerInfo, fingerprint
+from chorus.storage._tokenizer_files import read_tokenizer_files
 
 
 def load_tokenizer(spec: str, *, trust_remote_code: bool = False):
@@ -45,3 +48,48 @@ def tokenizer_info(tok, name: str) -> TokenizerInfo:
         eos_id=int(eos),
         pad_id=int(pad),
     )
+
+
+def tokenizer_files(tok) -> dict[str, bytes]:
+    """The files ``save_pretrained`` writes for ``tok`` (name → bytes): what a store keeps of its tokenizer."""
+    with tempfile.TemporaryDirectory(prefix="chorus-tokenizer-") as d:
+        tok.save_pretrained(d)
+        files = {}
+        for name in sorted(os.listdir(d)):
+            path = os.path.join(d, name)
+            if os.path.isfile(path):
+                with open(path, "rb") as f:
+                    files[name] = f.read()
+        return files
+
+
+def store_tokenizer(store, manifest) -> tuple[object | None, str | None]:
+    """The store's tokenizer: its own copy (``tokenizer/`` in the store, checksummed), else where `chorus prepare`
+    read it from (a directory or hub id, for stores written before the copy existed); only one whose fingerprint
+    is the store's. (tokenizer, where it came from) or (None, None)."""
+    try:
+        got = read_tokenizer_files(store)
+    except IntegrityError as e:  # a damaged copy is not used; where prepare read it from may still serve
+        say(f"warning: {e}")
+        got = None
+    if got is not None and got[1] == manifest.tokenizer.fingerprint:
+        with tempfile.TemporaryDirectory(prefix="chorus-tokenizer-") as d:
+            for name, blob in got[0].items():
+                with open(os.path.join(d, name), "wb") as f:
+                    f.write(blob)
+            tok = load_tokenizer(d)
+            if tokenizer_info(tok, d).fingerprint == manifest.tokenizer.fingerprint:
+                return tok, f"{store.url}/tokenizer"
+    recorded = manifest.source.get("tokenizer")
+    name = manifest.tokenizer.name
+    candidates = [recorded] if recorded else []
+    if name != recorded and (os.path.isdir(os.path.expanduser(name)) or "/" in name):  # a path or an org/name id
+        candidates.append(name)
+    for spec in candidates:
+        try:
+            tok = load_tokenizer(spec)
+            if tokenizer_info(tok, spec).fingerprint == manifest.tokenizer.fingerprint:
+                return tok, spec
+        except ChorusError:
+            continue
+    return None, None

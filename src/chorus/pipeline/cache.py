@@ -40,7 +40,7 @@ from chorus.pipeline._teacher import (
     resolve_device,
     resolve_dtype,
 )
-from chorus.pipeline._tokenizer import load_tokenizer, tokenizer_info
+from chorus.pipeline._tokenizer import store_tokenizer
 from chorus.pipeline._writer import ShardWriter
 from chorus.storage import (
     STATS_FIELDS,
@@ -222,7 +222,7 @@ def run(cfg: CacheConfig) -> TeacherManifest:
     dtype = resolve_dtype(cfg.dtype, device)
     match, teacher_tok, teacher_info = check_tokenizer(cfg.teacher, corpus.tokenizer, tokenizer=cfg.tokenizer,
                                                        revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
-    cmap = _cross_map(corpus, teacher_tok, teacher_info) if match == "cross" else None
+    cmap = _cross_map(store, corpus, teacher_tok, teacher_info) if match == "cross" else None
     teacher = load_teacher(cfg.teacher, vocab_size=len(teacher_tok) if cmap else corpus.tokenizer.vocab_size,
                            device=device, dtype=dtype, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
                            tokenizer_match=match, device_map=cfg.device_map)
@@ -302,16 +302,15 @@ def run(cfg: CacheConfig) -> TeacherManifest:
     return _existing(store, name) or manifest
 
 
-def _cross_map(corpus: CorpusManifest, teacher_tok, teacher_info: TokenizerInfo) -> CrossMap:
-    """The store's tokenizer (from where `chorus prepare` read it, checked by fingerprint) and the teacher's, mapped."""
-    spec = corpus.source.get("tokenizer")
-    if not spec:
-        raise ChorusError("the store does not record where its tokenizer came from (prepared by an older chorus); "
-                          "a teacher with another tokenizer needs it: re-run `chorus prepare`")
-    store_tok = load_tokenizer(spec)
-    if tokenizer_info(store_tok, spec).fingerprint != corpus.tokenizer.fingerprint:
-        raise ChorusError(f"the store's tokenizer '{spec}' has changed since `chorus prepare` (fingerprint differs); "
-                          "restore it, or prepare the store again")
+def _cross_map(store: Store, corpus: CorpusManifest, teacher_tok, teacher_info: TokenizerInfo) -> CrossMap:
+    """The store's tokenizer (its own copy, else where `chorus prepare` read it, checked by fingerprint) and the
+    teacher's, mapped."""
+    store_tok, _ = store_tokenizer(store, corpus)
+    if store_tok is None:
+        spec = corpus.source.get("tokenizer")
+        raise ChorusError(f"the store's tokenizer is needed to map a teacher with another tokenizer, and the store has no "
+                          f"copy of it (prepared by an older chorus) and '{spec}' is missing or has changed since "
+                          "`chorus prepare`; restore it, or prepare the store again")
     store_text = TokenText.of(store_tok, corpus.tokenizer.name)
     teacher_text = TokenText.of(teacher_tok, teacher_info.name)
     return CrossMap(teacher_text, store_text, corpus.tokenizer.vocab_size)

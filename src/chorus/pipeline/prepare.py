@@ -23,9 +23,10 @@ from chorus.config import PrepareConfig
 from chorus.errors import ChorusError
 from chorus.pipeline._packing import Packer
 from chorus.pipeline._sources import _files, iter_documents
-from chorus.pipeline._tokenizer import load_tokenizer, tokenizer_info
+from chorus.pipeline._tokenizer import load_tokenizer, tokenizer_files, tokenizer_info
 from chorus.storage import ArraySpec, CorpusManifest, Store, StreamHasher, fingerprint
 from chorus.storage._index import write_row_index
+from chorus.storage._tokenizer_files import write_tokenizer_files
 
 SPLITS = ("train", "valid")
 PACKING = "eos-separated, per split and domain, padded tail row, one split per shard, v2"
@@ -258,6 +259,7 @@ def run(cfg: PrepareConfig) -> CorpusManifest:
                 "tokenizer": _tokenizer_source(cfg.tokenizer), "inputs": inputs},
         created_by=__version__,
     )
+    write_tokenizer_files(store, tokenizer_files(tok), fingerprint=tok_info.fingerprint)  # the store reads back alone
     store.write_manifest(manifest)  # last: only now is the store a store
     say(f"prepared {num_rows} rows x {cfg.seq_len} tokens ({tokens:,} real tokens, {len(domains)} domains: "
         f"{', '.join(domains)}; splits {split_rows}) → {cfg.out}")

@@ -19,6 +19,7 @@ from chorus.errors import ChorusError
 from chorus.storage._manifest import NAME_PATTERN, CorpusManifest, TeacherManifest
 from chorus.storage._store import COMMITS, INDEX_UNIT, MANIFEST_KEY, ArraySpec, Store
 from chorus.storage._targets import target_specs
+from chorus.storage._tokenizer_files import tokenizer_problems
 
 CORPUS_ARRAYS = {"input_ids": "int32", "segment_ids": None, "domain": "uint16", "split": "uint8"}
 RECACHE = "rebuild it with `chorus cache ... --overwrite` (same arguments)"
@@ -121,6 +122,7 @@ def corpus_problems(store: Store) -> Iterator[str]:
     yield from found
     if not found and store.fs.exists(f"{store.root}/{INDEX_UNIT}/zarr.json"):
         yield from index_problems(store, corpus)
+    yield from tokenizer_problems(store, corpus.tokenizer.fingerprint)
 
 
 def index_problems(store: Store, corpus: CorpusManifest) -> Iterator[str]:

@@ -348,7 +348,7 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict:
     final = out / "model"
     plain = whole(student, dist)
     if dist.main:
-        _save_model(final, plain.model, masks, m)
+        _save_model(final, plain.model, masks, m, store)
     dist.barrier()
     result = {}
     if evals:
@@ -369,27 +369,7 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict:
     return {"steps": cfg.steps, "eval": result, "out": str(out)}
 
 
-def _store_tokenizer(m) -> tuple[object | None, str | None]:
-    """The store's tokenizer, loaded from where `chorus prepare` read it (a directory, or a hub id), and
-    only when its fingerprint is the store's: (tokenizer, where it came from), or (None, None)."""
-    from chorus.pipeline._tokenizer import load_tokenizer, tokenizer_info
-
-    recorded = m.source.get("tokenizer")
-    name = m.tokenizer.name
-    candidates = [recorded] if recorded else []
-    if name != recorded and (os.path.isdir(os.path.expanduser(name)) or "/" in name):  # a path or an org/name id
-        candidates.append(name)
-    for spec in candidates:
-        try:
-            tok = load_tokenizer(spec)
-            if tokenizer_info(tok, spec).fingerprint == m.tokenizer.fingerprint:
-                return tok, spec
-        except ChorusError:
-            continue
-    return None, None
-
-
-def _save_model(final: Path, model: torch.nn.Module, masks, m) -> None:
+def _save_model(final: Path, model: torch.nn.Module, masks, m, store) -> None:
     """A complete HF model directory: config, weights, generation config (the store's EOS and pad ids),
     the store's tokenizer when it can be found (else one warning), and ``chorus.json.partial``, which the
     recipe completes with the eval once it has run."""
@@ -401,7 +381,9 @@ def _save_model(final: Path, model: torch.nn.Module, masks, m) -> None:
     model.generation_config.save_pretrained(final)
     if masks:
         masks.save(final)
-    tok, source = _store_tokenizer(m)
+    from chorus.pipeline._tokenizer import store_tokenizer  # here: the trainer does not import the pipeline
+
+    tok, source = store_tokenizer(store, m)
     if tok is not None:
         tok.save_pretrained(final)
     else:

@@ -1,0 +1,71 @@
+"""The store's own copy of its tokenizer: ``tokenizer/`` holds the files `chorus prepare` tokenized with, so a store
+shared by a team (on object storage, on another machine) carries what reads it back into text: a teacher with
+another tokenizer is mapped through it (``chorus cache``) and a trained student is saved with it (``chorus train``),
+without the directory or hub id the preparer happened to use.
+
+``tokenizer/index.json`` is written last (a store without it has no copy: stores of older versions, or a prepare that
+stopped early): the tokenizer's fingerprint (the manifest's) and each file's checksum, checked on every read.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+
+from chorus.errors import ChorusError, IntegrityError
+from chorus.storage._fingerprint import checksum, matches
+from chorus.storage._store import Store
+
+TOKENIZER_DIR = "tokenizer"
+INDEX = "index.json"
+
+
+def write_tokenizer_files(store: Store, files: dict[str, bytes], *, fingerprint: str) -> None:
+    """Write (replacing any) the tokenizer's ``files`` (name → bytes, flat names), then the index that lists them."""
+    root = f"{store.root}/{TOKENIZER_DIR}"
+    if store.fs.exists(root):
+        store.fs.rm(root, recursive=True)
+    for name in files:
+        if not name or name != posixpath.basename(name) or name == INDEX or name.startswith("."):
+            raise ChorusError(f"tokenizer file name {name!r} cannot be stored; expected a plain file name")
+    for name, blob in sorted(files.items()):
+        store._put(f"{root}/{name}", blob)
+    index = {"fingerprint": fingerprint, "files": {name: checksum(blob) for name, blob in sorted(files.items())}}
+    store._put(f"{root}/{INDEX}", json.dumps(index, indent=1, sort_keys=True).encode())
+
+
+def read_tokenizer_files(store: Store) -> tuple[dict[str, bytes], str] | None:
+    """(files, fingerprint) of the store's copy, every checksum verified; None when the store has no copy."""
+    root = f"{store.root}/{TOKENIZER_DIR}"
+    try:
+        raw = store.fs.cat_file(f"{root}/{INDEX}")
+    except FileNotFoundError:
+        return None
+    fix = f"`chorus prepare --overwrite` writes it again (or remove {root}: the directory prepare read is used then)"
+    try:
+        index = json.loads(raw)
+        wanted, fingerprint = dict(index["files"]), str(index["fingerprint"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise IntegrityError(f"{root}/{INDEX} is unreadable ({e}); {fix}") from None
+    files = {}
+    for name, expected in sorted(wanted.items()):
+        try:
+            blob = store.fs.cat_file(f"{root}/{name}")
+        except FileNotFoundError:
+            raise IntegrityError(f"the store's tokenizer file {root}/{name} is missing; {fix}") from None
+        if not matches(blob, expected):
+            raise IntegrityError(f"the store's tokenizer file {root}/{name} does not match its checksum; {fix}")
+        files[name] = blob
+    return files, fingerprint
+
+
+def tokenizer_problems(store: Store, fingerprint: str) -> list[str]:
+    """For ``chorus verify``: what is wrong with the store's copy of its tokenizer (nothing when it has none)."""
+    try:
+        got = read_tokenizer_files(store)
+    except IntegrityError as e:
+        return [str(e)]
+    if got is not None and got[1] != fingerprint:
+        return [f"the store's tokenizer copy is of tokenizer {got[1]}, its corpus of {fingerprint}; "
+                f"`chorus prepare --overwrite` writes it again"]
+    return []
