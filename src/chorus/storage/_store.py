@@ -10,12 +10,10 @@ here, never zeros. Writers on disjoint shards never touch the same object.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import threading
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,10 +26,9 @@ from zarr.codecs import BloscCodec, BytesCodec, ZstdCodec
 
 from chorus.errors import ChorusError, IntegrityError
 from chorus.storage._fingerprint import checksum, matches
+from chorus.storage._fs import CREATING_KEY, MANIFEST_KEY, check_replaceable, clean_stale_tmp, reader_pool, split_url
 from chorus.storage._manifest import CorpusManifest, ShardCommit, TeacherManifest
 
-MANIFEST_KEY = "chorus"
-CREATING_KEY = "chorus_creating"  # set on a store's root group at creation, before its manifest exists
 COMMITS = "_commits"
 INDEX_UNIT = "index"  # the corpus's row index (split and domain of every row): see _index.py
 
@@ -69,73 +66,6 @@ def _serializer(name: str, dtype: np.dtype) -> Any:
         raise ChorusError(f"unknown serializer '{name}'; expected bytes or a registered zarr codec") from None
 
 
-def _split_url(url: str) -> tuple[str, str]:
-    if "://" not in url:
-        return "file", os.path.abspath(os.path.expanduser(url))
-    protocol, rest = url.split("://", 1)
-    if not protocol or not rest.strip("/"):
-        raise ChorusError(f"malformed store URL '{url}'; expected a path or PROTOCOL://BUCKET/PATH")
-    try:
-        fsspec.get_filesystem_class(protocol)
-    except (ValueError, ImportError) as e:
-        raise ChorusError(f"cannot use store URL '{url}': {e}".splitlines()[0]) from None
-    if protocol == "file":
-        return "file", os.path.abspath(rest if rest.startswith("/") else "/" + rest)
-    return protocol, url
-
-
-def _check_replaceable(fs: fsspec.AbstractFileSystem, root: str, url: str) -> None:
-    """Refuse to delete ``root`` unless it is a chorus store (finished or being created) or an empty folder."""
-    refuse = ChorusError(f"'{url}' exists and is not a chorus store; refusing to replace it: "
-                         "choose another --out, or remove it yourself if it is really meant to go")
-    if not fs.isdir(root):
-        raise refuse
-    if not fs.exists(f"{root}/zarr.json"):
-        if fs.ls(root, detail=False):
-            raise refuse
-        return
-    try:
-        with fs.open(f"{root}/zarr.json", "rb") as f:
-            attrs = json.loads(f.read()).get("attributes") or {}
-    except (OSError, ValueError, AttributeError):
-        raise refuse from None
-    if MANIFEST_KEY not in attrs and CREATING_KEY not in attrs:
-        raise refuse
-
-
-def clean_stale_tmp(fs: fsspec.AbstractFileSystem, paths: Iterable[str]) -> None:
-    """Remove ``*.tmp-PID-…`` files left by killed processes of this host (local files only; a live
-    process's temporary file is kept)."""
-    if not isinstance(fs, fsspec.implementations.local.LocalFileSystem):
-        return
-    for p in paths:
-        try:
-            pid = int(p.rsplit(".tmp-", 1)[1].split("-", 1)[0])
-        except (IndexError, ValueError):
-            continue
-        if pid == os.getpid():
-            continue
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            try:
-                os.unlink(p)
-            except FileNotFoundError:
-                pass
-        except PermissionError:
-            pass
-
-
-@functools.lru_cache(maxsize=1)
-def _pool_of(pid: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="chorus-read")
-
-
-def _pool() -> ThreadPoolExecutor:
-    """One reader pool per process: a forked DataLoader worker must not inherit its parent's (threadless) pool."""
-    return _pool_of(os.getpid())
-
-
 class Store:
     """Open with :meth:`Store.open`. Holds the fsspec filesystem (commit records, checksums, raw reads)
     and the zarr group (array creation and writes) over the same location."""
@@ -149,7 +79,7 @@ class Store:
     def open(cls, url: str, mode: str = "r", storage_options: dict | None = None) -> "Store":
         """``mode``: "r" an existing store, "a" create if missing, "w" create anew, replacing a chorus store
         (or an empty directory) that is there; anything else at ``url`` is refused, never deleted."""
-        protocol, target = _split_url(url)
+        protocol, target = split_url(url)
         opts = dict(storage_options or {})
         try:
             if protocol == "file":
@@ -157,7 +87,7 @@ class Store:
                 if mode == "r" and not fs.exists(f"{root}/zarr.json"):
                     raise ChorusError(f"no chorus store at '{url}'; run `chorus prepare --out {url}` first")
                 if mode == "w" and fs.exists(root):
-                    _check_replaceable(fs, root, url)
+                    check_replaceable(fs, root, url)
                     fs.rm(root, recursive=True)
                 fs.makedirs(root, exist_ok=True) if mode != "r" else None
                 zstore = zarr.storage.LocalStore(root, read_only=(mode == "r"))
@@ -166,7 +96,7 @@ class Store:
                 if mode == "r" and not fs.exists(f"{root}/zarr.json"):
                     raise ChorusError(f"no chorus store at '{url}'; run `chorus prepare --out {url}` first")
                 if mode == "w" and fs.exists(root):
-                    _check_replaceable(fs, root, url)
+                    check_replaceable(fs, root, url)
                     fs.rm(root, recursive=True)
                 zstore = zarr.storage.FsspecStore.from_url(target, storage_options=opts, read_only=(mode == "r"))
             group = zarr.open_group(store=zstore, mode="r" if mode == "r" else "a", zarr_format=3)
@@ -181,7 +111,7 @@ class Store:
 
     @staticmethod
     def exists(url: str, storage_options: dict | None = None) -> bool:
-        protocol, target = _split_url(url)
+        protocol, target = split_url(url)
         if protocol == "file":
             return os.path.exists(os.path.join(target, "zarr.json"))
         fs, root = fsspec.core.url_to_fs(target, **(storage_options or {}))
@@ -467,7 +397,7 @@ class Store:
         if len(names) == 1:
             return {names[0]: load(names[0])}
         # reads and zstd decoding release the GIL: the arrays of a shard decode side by side
-        return dict(zip(names, _pool().map(load, names)))
+        return dict(zip(names, reader_pool().map(load, names)))
 
     def _decode(self, unit: str, name: str, raw: bytes) -> np.ndarray:
         """Decode one chunk's bytes with the codecs recorded in its zarr metadata."""

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from chorus.errors import ChorusError
-from chorus.storage._store import clean_stale_tmp
+from chorus.storage._fs import clean_stale_tmp
 
 _LOCAL = fsspec.filesystem("file")
 
