@@ -234,3 +234,20 @@ def test_the_store_keeps_a_checked_copy_of_its_tokenizer(tmp_path, corpus_file, 
     loaded, source = store_tokenizer(Store.open(url, "r"), m)
     assert source == str(tok) and loaded.encode(text) == want
     assert "does not match its checksum" in capsys.readouterr().err
+
+
+def test_rerunning_prepare_adds_the_tokenizer_copy_to_an_older_store(tmp_path, corpus_file, tokenizer_dir, capsys):
+    import shutil
+
+    from chorus.pipeline._tokenizer import store_tokenizer
+
+    url = str(tmp_path / "s.zarr")
+    m = _prepare(corpus_file, tokenizer_dir, url)
+    shutil.rmtree(tmp_path / "s.zarr" / "tokenizer")  # as a store prepared before the copy existed
+    assert store_tokenizer(Store.open(url, "r"), m)[1] == tokenizer_dir
+    capsys.readouterr()
+    assert _prepare(corpus_file, tokenizer_dir, url).fingerprint == m.fingerprint
+    assert "nothing to do; added a copy of its tokenizer" in capsys.readouterr().err
+    assert store_tokenizer(Store.open(url, "r"), m)[1] == f"{url}/tokenizer"
+    _prepare(corpus_file, tokenizer_dir, url)
+    assert "added" not in capsys.readouterr().err

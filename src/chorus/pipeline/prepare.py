@@ -26,7 +26,7 @@ from chorus.pipeline._sources import _files, iter_documents
 from chorus.pipeline._tokenizer import load_tokenizer, tokenizer_files, tokenizer_info
 from chorus.storage import ArraySpec, CorpusManifest, Store, StreamHasher, fingerprint
 from chorus.storage._index import write_row_index
-from chorus.storage._tokenizer_files import write_tokenizer_files
+from chorus.storage._tokenizer_files import read_tokenizer_files, write_tokenizer_files
 
 SPLITS = ("train", "valid")
 PACKING = "eos-separated, per split and domain, padded tail row, one split per shard, v2"
@@ -230,16 +230,20 @@ def run(cfg: PrepareConfig) -> CorpusManifest:
         existing = Store.open(cfg.out, "r", cfg.storage_options)
         if existing.group.attrs.get("chorus") is not None:  # a finished store: same inputs → nothing to do
             old = existing.manifest
-            if inputs is not None and old.source.get("inputs") == inputs:  # same files, unchanged: no re-tokenizing
-                say(f"store '{cfg.out}' is already prepared from these inputs ({old.num_rows} rows); nothing to do")
-                return old
-            fp, *_ = _build(cfg, None, tok, tok_info)
-            if fp != old.fingerprint:
-                raise ChorusError(
-                    f"store '{cfg.out}' exists with another corpus (fingerprint {old.fingerprint}, new {fp}); "
-                    "pass --overwrite to replace it and every teacher cache in it, or choose another --out"
-                )
-            say(f"store '{cfg.out}' is already prepared from these inputs ({old.num_rows} rows); nothing to do")
+            if not (inputs is not None and old.source.get("inputs") == inputs):  # else same files: no re-tokenizing
+                fp, *_ = _build(cfg, None, tok, tok_info)
+                if fp != old.fingerprint:
+                    raise ChorusError(
+                        f"store '{cfg.out}' exists with another corpus (fingerprint {old.fingerprint}, new {fp}); "
+                        "pass --overwrite to replace it and every teacher cache in it, or choose another --out"
+                    )
+            added = ""
+            if read_tokenizer_files(existing) is None and tok_info.fingerprint == old.tokenizer.fingerprint:
+                # prepared before stores kept their tokenizer: the copy is added, nothing else changes
+                write_tokenizer_files(Store.open(cfg.out, "a", cfg.storage_options), tokenizer_files(tok),
+                                      fingerprint=tok_info.fingerprint)
+                added = "; added a copy of its tokenizer"
+            say(f"store '{cfg.out}' is already prepared from these inputs ({old.num_rows} rows); nothing to do{added}")
             return old
     store = Store.open(cfg.out, "w", cfg.storage_options)
     fp, num_rows, rps, tokens, split_rows, domains = _build(cfg, store, tok, tok_info)
