@@ -418,3 +418,38 @@ def test_the_store_carries_its_tokenizer_so_a_moved_store_still_maps_teachers(cr
     shutil.rmtree(tok)
     _cache(url, teachers["sp"], "sp")
     assert_same_cache(read_cache(url, "sp"), read_cache(cross_store, "sp"))
+
+
+def test_q8_values_keep_the_no_target_positions(cross_store, teachers, tmp_path):
+    """With the lossy q8 value code a cross-tokenizer cache keeps its "no target" positions (the hard label, entropy
+    flag) and its covered targets within q8's error of the fp16 cache; it trains."""
+    from chorus.config import TrainConfig
+    from chorus.storage._targets import Q8_RANGE_NATS
+    from chorus.trainer import train
+    from tests.trainer.conftest import student_yaml
+
+    url = str(tmp_path / "store.zarr")
+    shutil.copytree(cross_store, url)
+    _cache(url, teachers["sp"], "sp-q8", value_codec="q8")
+    store = Store.open(url, "r")
+    fp16, q8 = store.teacher_manifest("sp"), store.teacher_manifest("sp-q8")
+    assert q8.tokenizer_mapping["coverage"] == pytest.approx(fp16.tokenizer_mapping["coverage"])
+    ids16, logp16 = decode_topk(read_cache(url, "sp")[0], fp16)
+    arrays, _ = read_cache(url, "sp-q8")
+    ids8, logp8 = decode_topk(arrays, q8)
+    masked = no_target(decode_stats(arrays, q8, logp8[..., -1])["entropy"])
+    real = _real(url)
+    assert (masked == no_target(decode_stats(read_cache(url, "sp")[0], fp16, logp16[..., -1])["entropy"])).all()
+    assert masked[real].any() and np.isfinite(logp8).all()
+    np.testing.assert_array_equal(ids8[masked][:, 0], ids16[masked][:, 0])  # the gold token
+    assert (logp8[masked][:, 0] == 0).all()
+    cov = real & ~masked
+    np.testing.assert_array_equal(ids8[cov], ids16[cov])
+    top16, top8 = logp16[cov][..., :4], logp8[cov][..., :4]
+    inside = top16 > -Q8_RANGE_NATS  # a mapped distribution may hold fewer than k tokens (-inf): q8 clips at its range
+    assert (top8[~inside] == -Q8_RANGE_NATS).all()
+    assert np.abs(top8[inside] - top16[inside]).max() < 0.3  # q8's companded error near the top
+    res = train.run(TrainConfig(store=url, student=student_yaml(tmp_path / "student.yaml"), out=str(tmp_path / "run"),
+                                steps=2, batch_size=4, lr=3e-3, warmup_steps=1, eval_every=0, save_every=0,
+                                eval_rows=8, log_every=1, teachers=["sp-q8"]))
+    assert np.isfinite(res["eval"]["mean"])
