@@ -1,7 +1,8 @@
 """Benchmark of `chorus cache`: (a) throughput against a bare forward loop, and the cost of the per-position
 statistics (format v2), (b) bytes/token and value error of each target encoding, and bytes/token of the
 statistics, (c) GPU bf16 tokens/s of a ~100M-parameter teacher (skipped without CUDA), (d) bytes/token and decode
-speed of the id and value encodings on a real pretrained teacher's top-k (with $CHORUS_REAL_TEACHER set).
+speed of the id and value encodings on a real pretrained teacher's top-k, and the `chorus cache` loop's throughput
+on that teacher against its bare forward (with $CHORUS_REAL_TEACHER set; --real-throughput-only for the latter).
 
     python benchmarks/cache.py [--quick] [--threads 1]   → table on stdout, JSON in benchmarks/results/cache.json
     (the committed results were run with --threads 1: one core for the teacher, one for the background writer)
