@@ -199,7 +199,8 @@ def cache(res: dict) -> str:
             lines.append(md_table(["run", "tok/s", "× bare forward", "CPU-time ratio"],
                                   [["bare HF forward", f"{th['bare_tokens_per_s']:,.0f}", "1.000", "1.000"]]
                                   + [[k, f"{th[k]['tokens_per_s']:,.0f}", f"{th[k]['ratio']:.3f}",
-                                      f"{th[k]['cpu_time_ratio']:.3f}"] for k in ("cache_k64", "cache_k64_samples64")]))
+                                      f"{th[k]['cpu_time_ratio']:.3f}"] for k in ("cache_k64", "cache_k64_samples64",
+                                                                                  "cache_k64_compiled") if k in th]))
     g = res.get("gpu", {})
     without = f" ({g['tokens_per_s_without_stats']:,.0f} without statistics)" if "tokens_per_s_without_stats" in g else ""
     lines += ["", "(c) GPU bf16: " + (f"{g['tokens_per_s']:,.0f} tok/s{without}, {g['params'] / 1e6:.0f}M params on {g['gpu']}"

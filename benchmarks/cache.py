@@ -594,28 +594,29 @@ def bench_real_throughput(path: str, work: str, rows: int = 24, seq_len: int = 2
         loop.append((time.perf_counter() - t, time.process_time() - c))
         return result
 
-    def run_cache(label: str, samples: int) -> tuple[float, float]:
+    def run_cache(label: str, samples: int, compiled: bool = False) -> tuple[float, float]:
         cache._cache_shards = timed
         try:
             cache.run(CacheConfig(store=store, teacher=teacher, name=label, batch_size=batch, device="cpu", top_k=64,
-                                  samples=samples))
+                                  samples=samples, compile=compiled))
         finally:
             cache._cache_shards = inner
         return loop[-1]
 
-    times: dict[str, list] = {"bare": [], "cache_k64": [], "cache_k64_samples64": []}
+    times: dict[str, list] = {"bare": [], "cache_k64": [], "cache_k64_samples64": [], "cache_k64_compiled": []}
     for r in range(repeats):  # a new cache each time (an existing one with the same settings is left as it is)
         times["bare"].append(bare())
         times["cache_k64"].append(run_cache(f"real-k64-{r}", 0))
         times["cache_k64_samples64"].append(run_cache(f"real-k64-s64-{r}", 64))
+        times["cache_k64_compiled"].append(run_cache(f"real-k64-compiled-{r}", 0, compiled=True))  # 1st: + compiling
     best = {k: (min(t[0] for t in v), min(t[1] for t in v)) for k, v in times.items()}
     out = {"model": f"{name} dequantized to fp32 ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params, vocab "
                     f"{model.config.vocab_size})", "rows": m.num_rows, "seq_len": seq_len, "batch_size": batch,
            "repeats": repeats, "torch_threads": torch.get_num_threads(), "wall_and_cpu_s": times,
            "note": ("the loop of `chorus cache` (read, forward, targets and statistics, background encode + write; "
                     "model loading and store set-up excluded) against the bare HF forward over the same batches; "
-                    "best of interleaved repeats")}
-    for k in ("cache_k64", "cache_k64_samples64"):
+                    "best of interleaved repeats; compiled: `--compile` (its first repeat includes compiling)")}
+    for k in ("cache_k64", "cache_k64_samples64", "cache_k64_compiled"):
         out[k] = {"tokens_per_s": tokens / best[k][0], "ratio": best["bare"][0] / best[k][0],
                   "cpu_time_ratio": best["bare"][1] / best[k][1]}
     out["bare_tokens_per_s"] = tokens / best["bare"][0]
@@ -631,7 +632,9 @@ def real_table(r: dict) -> list[str]:
         lines.append(f"    throughput ({th['model']}, {th['rows']} rows x {th['seq_len']}, {th['torch_threads']} torch threads): "
                      f"bare forward {th['bare_tokens_per_s']:.0f} tok/s; cache k=64 {th['cache_k64']['tokens_per_s']:.0f} "
                      f"(ratio {th['cache_k64']['ratio']:.3f}, CPU time {th['cache_k64']['cpu_time_ratio']:.3f}); + 64 samples "
-                     f"{th['cache_k64_samples64']['tokens_per_s']:.0f} (ratio {th['cache_k64_samples64']['ratio']:.3f})")
+                     f"{th['cache_k64_samples64']['tokens_per_s']:.0f} (ratio {th['cache_k64_samples64']['ratio']:.3f})"
+                     + (f"; --compile {th['cache_k64_compiled']['tokens_per_s']:.0f} (ratio "
+                        f"{th['cache_k64_compiled']['ratio']:.3f})" if "cache_k64_compiled" in th else ""))
     for k in (key for key in r if key.startswith("k") and key[1:].isdigit()):
         row = r[k]
         lines.append(f"    {k}: chosen {row['chosen']['bytes_per_token']:.1f} B/token (v1 {row['v1']['bytes_per_token']:.1f}); "

@@ -16,6 +16,8 @@ from chorus.pipeline._teacher import (
     Teacher,
     _mix32,
     check_sampler,
+    chunked_targets,
+    compiled_targets,
     draw_ids,
     logit_ops,
     row_keys,
@@ -238,3 +240,36 @@ def test_draws_are_the_inverse_cdf_of_the_full_distribution():
     expected = p[top] * got.size
     chi2 = ((counts[top] - expected) ** 2 / expected).sum()
     assert chi2 < 200 + 6 * (2 * 200) ** 0.5, chi2
+
+
+def test_compiled_math_gives_the_same_targets():
+    """`chorus cache --compile`: ids, top-k log-probs, draws and gold log-probs bit for bit; the statistics' sums
+    (reordered by the compiler) within 1e-5."""
+    t = _teacher(_llama())
+    x = torch.randint(0, VOCAB, (3, 100), generator=torch.Generator().manual_seed(5))
+    eager = _chunked(t, x, None)
+    t.compiled = True
+    got = _chunked(t, x, None)
+    assert not compiled_targets().failed  # else this machine has no working compiler: the fallback was tested
+    for k in ("topk_ids", "topk_logprobs", "draws", "gold_logprob"):
+        assert torch.equal(got[k], eager[k]), k
+    for k in ("log_tail", "entropy", "tail_logz"):
+        torch.testing.assert_close(got[k], eager[k], rtol=1e-5, atol=1e-5)
+
+
+def test_a_failing_compile_falls_back_to_the_same_targets(capsys):
+    from chorus.pipeline._teacher import _CompiledTargets
+
+    def broken(*_a, **_k):
+        raise RuntimeError("no C++ compiler found")
+
+    t = _teacher(_llama())
+    x = torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(6))
+    eager = _chunked(t, x, None)
+    compiled = _CompiledTargets()
+    compiled.fn = broken
+    with torch.inference_mode():
+        got = chunked_targets(t.hidden_states(x), *t.head(x)[:2], x, top_k=8, num_samples=16, seed=3, row_start=0,
+                              tail_betas=BETAS, per_position=compiled)
+    _assert_equal(got, eager)
+    assert compiled.failed and capsys.readouterr().err.count("--compile failed (no C++ compiler found)") == 1

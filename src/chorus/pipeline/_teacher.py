@@ -11,6 +11,7 @@ of format v2 (log tail mass, entropy, gold log-prob, tail log-partitions), so no
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -52,6 +53,7 @@ class Teacher:
     tokenizer_match: str  # "tokenizer" (same fingerprint), "vocabulary" (same id table only) or "cross" (its own)
     chunk_size: int | None = None  # positions per LM-head chunk (chunk_positions); None: CPU_HEAD_CHUNK or CHUNK_BYTES
     head_checked: bool = False  # the chunked head was compared with the model's own logits once
+    compiled: bool = False  # the per-position math through torch.compile (compiled_targets)
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, L) token ids → (B, L, V) logits in the model's dtype (a view: padded columns are dropped).
@@ -92,7 +94,8 @@ class Teacher:
         hidden = self.hidden_states(input_ids).to(weight.device)
         return chunked_targets(hidden, weight, bias, input_ids.to(weight.device),
                                top_k=top_k, num_samples=num_samples, seed=seed, row_start=row_start,
-                               tail_betas=tail_betas, chunk_size=self.chunk_size, ops=ops)
+                               tail_betas=tail_betas, chunk_size=self.chunk_size, ops=ops,
+                               per_position=compiled_targets() if self.compiled else position_targets)
 
     def head(self, probe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, tuple[tuple[str, float], ...]]:
         """The LM head's weight (V, H) and bias over the vocabulary, and the logit ops after it; checked once
@@ -411,6 +414,33 @@ def position_targets(logp: torch.Tensor, next_ids: torch.Tensor, last: torch.Ten
     return out
 
 
+class _CompiledTargets:
+    """:func:`position_targets` through ``torch.compile`` (inductor fuses its ~15 passes over V: 3x faster on a CPU,
+    measured 1200 → 400 µs per position at V = 49 152). Ids and top-k log-probs are the same bits; the statistics'
+    sums are reordered (within ~1e-6 relative, below their fp16 storage). One compile per slab shape (tens of
+    seconds each); the first failure (no C++ compiler, no triton) falls back to the eager function, with a warning."""
+
+    def __init__(self) -> None:
+        self.fn = torch.compile(position_targets, dynamic=False)
+        self.failed = False
+
+    def __call__(self, *args, **kwargs) -> dict[str, torch.Tensor]:
+        if not self.failed:
+            try:
+                return self.fn(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 - any backend failure: compute the same targets without it
+                self.failed = True
+                from chorus._progress import say
+
+                say(f"warning: --compile failed ({_first_line(e)}); computing the targets without it")
+        return position_targets(*args, **kwargs)
+
+
+@functools.lru_cache(maxsize=1)
+def compiled_targets() -> _CompiledTargets:
+    return _CompiledTargets()
+
+
 def sparse_targets(logits: torch.Tensor, input_ids: torch.Tensor, *, top_k: int, num_samples: int, seed: int,
                    row_start: int, tail_betas: Sequence[float] = ()) -> dict[str, torch.Tensor]:
     """The reference: (B, L, V) logits of rows ``row_start ..`` and their (B, L) ``input_ids`` → on the logits' device:
@@ -480,7 +510,8 @@ def slab_positions(vocab_size: int, device: torch.device) -> int:
 
 def chunked_targets(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, input_ids: torch.Tensor, *,
                     top_k: int, num_samples: int, seed: int, row_start: int, tail_betas: Sequence[float] = (),
-                    chunk_size: int | None = None, ops: Sequence[tuple[str, float]] = ()) -> dict[str, torch.Tensor]:
+                    chunk_size: int | None = None, ops: Sequence[tuple[str, float]] = (),
+                    per_position=None) -> dict[str, torch.Tensor]:
     """(B, L, H) final hidden states, the (V, H) head ``weight`` (padded rows already dropped) and (V,) ``bias`` →
     the targets of :func:`sparse_targets` without (B, L, V) logits.
 
@@ -518,8 +549,9 @@ def chunked_targets(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         u = None if keys is None else position_uniforms(keys[index[s:e] // length], index[s:e] % length, num_samples)
         for a in range(s, e, slab):
             z = min(e, a + slab)
-            part = position_targets(torch.log_softmax(logits[a - s: z - s].float(), dim=-1), next_ids[a:z], last[a:z],
-                                    None if u is None else u[a - s: z - s], top_k=top_k, tail_betas=tail_betas)
+            part = (per_position or position_targets)(torch.log_softmax(logits[a - s: z - s].float(), dim=-1), next_ids[a:z],
+                                              last[a:z], None if u is None else u[a - s: z - s], top_k=top_k,
+                                              tail_betas=tail_betas)
             for k, t in part.items():
                 out[k][a:z] = t
         del logits

@@ -226,6 +226,7 @@ def run(cfg: CacheConfig) -> TeacherManifest:
     teacher = load_teacher(cfg.teacher, vocab_size=len(teacher_tok) if cmap else corpus.tokenizer.vocab_size,
                            device=device, dtype=dtype, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
                            tokenizer_match=match, device_map=cfg.device_map)
+    teacher.compiled = cfg.compile
     max_pos = getattr(teacher.model.config, "max_position_embeddings", None)
     if max_pos is not None and corpus.seq_len > max_pos and cmap is None:
         raise ChorusError(f"store rows are {corpus.seq_len} tokens but teacher '{cfg.teacher}' handles at most {max_pos}")
