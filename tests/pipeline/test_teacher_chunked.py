@@ -12,16 +12,12 @@ import pytest
 import torch
 
 from chorus.errors import ChorusError
+from chorus.pipeline._sampler import _mix32, check_sampler, draw_ids, row_keys, row_uniforms
 from chorus.pipeline._teacher import (
     Teacher,
-    _mix32,
-    check_sampler,
     chunked_targets,
     compiled_targets,
-    draw_ids,
     logit_ops,
-    row_keys,
-    row_uniforms,
     sparse_targets,
 )
 

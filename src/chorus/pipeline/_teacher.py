@@ -4,8 +4,9 @@
 teacher shares the store's tokenizer, its vocabulary, or neither (then ``_cross.py`` maps it).
 ``Teacher.targets`` runs the model to its final hidden states and
 ``chunked_targets`` applies the LM head over chunks of positions, turning each chunk into top-k log-probs
-(normalized over the full vocabulary, fp32 math), optional sampled ids and the exact per-position statistics
-of format v2 (log tail mass, entropy, gold log-prob, tail log-partitions), so no (B, L, V) logits exist.
+(normalized over the full vocabulary, fp32 math), optional sampled ids (``_sampler.py``) and the exact
+per-position statistics of format v2 (log tail mass, entropy, gold log-prob, tail log-partitions), so no
+(B, L, V) logits exist.
 ``sparse_targets`` is the reference: the same numbers from full logits, one row at a time.
 """
 
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from chorus.errors import ChorusError
+from chorus.pipeline._sampler import check_sampler, draw_ids, position_uniforms, row_keys, row_uniforms
 from chorus.pipeline._tokenizer import tokenizer_info
 from chorus.storage import TokenizerInfo
 
@@ -262,76 +264,6 @@ def load_teacher(model: str, *, vocab_size: int, device: torch.device, dtype: to
 
 
 # ---------------------------------------------------------------------------------------------- targets
-def row_keys(seed: int, row_start: int, rows: int) -> torch.Tensor:
-    """(rows, 2) int64 keys, each in [0, 2^32), of corpus rows ``row_start ..``, from (seed, global row index):
-    a rerun, another batch size or another shard split gives a row the same keys."""
-    keys = []
-    for r in range(row_start, row_start + rows):
-        digest = hashlib.blake2b(f"chorus-samples|{seed}|{r}".encode(), digest_size=8).digest()
-        keys.append((int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:], "little")))
-    return torch.tensor(keys, dtype=torch.int64).reshape(rows, 2)
-
-
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """x · c mod 2^32 for int64 ``x`` in [0, 2^32) and a constant c < 2^32, exact on any device: x is split into
-    16-bit halves so no product reaches 2^63 (int64 overflow is not defined behaviour to rely on)."""
-    return ((x & 0xFFFF) * c + ((((x >> 16) * (c & 0xFFFF)) & 0xFFFF) << 16)) & 0xFFFFFFFF
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A bijection of [0, 2^32) with full avalanche ("lowbias32", C. Wellons' hash-prospector)."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
-
-
-def position_uniforms(keys: torch.Tensor, positions: torch.Tensor, num_samples: int) -> torch.Tensor:
-    """(N, 2) int64 row keys and (N,) int64 positions in the row → (N, M) float32 uniforms in [0, 1), computed
-    where the keys are (generated on the device: no host random numbers, no copy).
-
-    Counter-based: draw m of position t is a keyed hash of the counter t·M + m (three rounds of :func:`_mix32`
-    keyed by the row's two keys), 24 bits → float32 exactly. Integer ops only, so the uniforms are the same bits on
-    any device and do not depend on the batch, the chunk or which positions share the call. Positions · M must stay
-    below 2^32 (:func:`check_sampler`)."""
-    counter = positions[:, None] * num_samples + torch.arange(num_samples, device=positions.device)
-    k0, k1 = keys[:, :1], keys[:, 1:]
-    x = _mix32(counter ^ k0)
-    x = _mix32((x + k1) & 0xFFFFFFFF)
-    x = _mix32(x ^ k0)
-    return (x >> 8).to(torch.float32) * 2.0**-24
-
-
-def check_sampler(length: int, num_samples: int) -> None:
-    """Refuse rows too long for the sampler's 32-bit counter (L · M < 2^32: e.g. L = 131 072 allows M ≤ 32 767)."""
-    if length * num_samples >= 1 << 32:
-        raise ChorusError(f"--samples {num_samples} with rows of {length} tokens exceeds the sampler's 2^32 draws per "
-                          f"row; use at most {((1 << 32) - 1) // length} samples")
-
-
-def row_uniforms(seed: int, row_start: int, rows: int, length: int, num_samples: int,
-                 device: torch.device | str = "cpu") -> torch.Tensor:
-    """(rows·L, M) float32 uniforms of rows ``row_start ..`` on ``device`` (:func:`position_uniforms`)."""
-    check_sampler(length, num_samples)
-    keys = row_keys(seed, row_start, rows).to(device).repeat_interleave(length, 0)
-    pos = torch.arange(length, device=device).repeat(rows)
-    return position_uniforms(keys, pos, num_samples)
-
-
-def draw_ids(logp: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """(N, V) fp32 log-probs and (N, M) uniforms on the same device → (N, M) int64 ids drawn with replacement
-    (random-sampling KD, Anshumann et al., ACL 2025: the counts are an unbiased sparse estimate of the distribution).
-
-    Inverse-CDF sampling: the uniforms are located in the fp32 cumulative sum of the probabilities (tokens
-    below ~1e-7 probability, under the cumsum's rounding, are the only ones misrepresented). Measured and not
-    taken: a two-level search (block sums, then inside M blocks) — the exp over V costs more than the scan, and at
-    V = 8192 the M gathered blocks are half the vocabulary."""
-    cdf = torch.exp(logp).cumsum_(-1)
-    draws = torch.searchsorted(cdf, uniforms * cdf[:, -1:], right=True)
-    return draws.clamp_(max=logp.shape[-1] - 1)
-
-
 def _tail_sums(y: torch.Tensor, betas: Sequence[float]) -> tuple[dict[float, torch.Tensor], torch.Tensor]:
     """(L, V) shifted tail log-probs y ≤ 0 → ({β: Σ_i exp(β·y_i)} (L,) for β = 1 and each of ``betas``, Σ_i exp(y_i)·y_i).
 

@@ -29,10 +29,10 @@ from chorus.config import CacheConfig
 from chorus.errors import ChorusError
 from chorus.pipeline._cross import METHOD, METHOD_VERSION, CrossMap, TokenText
 from chorus.pipeline._cross_targets import cross_targets
+from chorus.pipeline._sampler import check_sampler
 from chorus.pipeline._teacher import (
     OutOfMemory,
     Teacher,
-    check_sampler,
     check_tokenizer,
     dtype_name,
     first_bad_position,
@@ -60,7 +60,7 @@ from chorus.storage._manifest import NAME_PATTERN, TokenizerInfo, no_target
 
 TARGETS = ("topk log_softmax fp32 + inverse-cdf samples seeded by (seed, row) + exact tail statistics "
            "(masked logsumexp, entropy, gold log-prob), v2")  # in the fingerprint: change it with the math
-# in the fingerprint of caches with samples: the uniforms behind the draws (pipeline/_teacher.py position_uniforms)
+# in the fingerprint of caches with samples: the uniforms behind the draws (pipeline/_sampler.py position_uniforms)
 SAMPLER = "counter-based uniforms: lowbias32 x3 keyed by blake2b(seed, row), counter position*M + draw, 24 bits"
 WAIT_FOR_CREATOR_S = float(os.environ.get("CHORUS_WAIT_FOR_CREATOR_S", 600))
 

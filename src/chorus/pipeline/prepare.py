@@ -26,7 +26,7 @@ from chorus.pipeline._sources import _files, iter_documents
 from chorus.pipeline._tokenizer import load_tokenizer, tokenizer_files, tokenizer_info
 from chorus.storage import ArraySpec, CorpusManifest, Store, StreamHasher, fingerprint
 from chorus.storage._index import write_row_index
-from chorus.storage._tokenizer_files import read_tokenizer_files, write_tokenizer_files
+from chorus.storage._tokenizer_files import has_tokenizer_files, write_tokenizer_files
 
 SPLITS = ("train", "valid")
 PACKING = "eos-separated, per split and domain, padded tail row, one split per shard, v2"
@@ -238,7 +238,7 @@ def run(cfg: PrepareConfig) -> CorpusManifest:
                         "pass --overwrite to replace it and every teacher cache in it, or choose another --out"
                     )
             added = ""
-            if read_tokenizer_files(existing) is None and tok_info.fingerprint == old.tokenizer.fingerprint:
+            if not has_tokenizer_files(existing) and tok_info.fingerprint == old.tokenizer.fingerprint:
                 # prepared before stores kept their tokenizer: the copy is added, nothing else changes
                 write_tokenizer_files(Store.open(cfg.out, "a", cfg.storage_options), tokenizer_files(tok),
                                       fingerprint=tok_info.fingerprint)

@@ -34,6 +34,11 @@ def write_tokenizer_files(store: Store, files: dict[str, bytes], *, fingerprint:
     store._put(f"{root}/{INDEX}", json.dumps(index, indent=1, sort_keys=True).encode())
 
 
+def has_tokenizer_files(store: Store) -> bool:
+    """Whether the store has a copy (its index exists; nothing is read or checked)."""
+    return store.fs.exists(f"{store.root}/{TOKENIZER_DIR}/{INDEX}")
+
+
 def read_tokenizer_files(store: Store) -> tuple[dict[str, bytes], str] | None:
     """(files, fingerprint) of the store's copy, every checksum verified; None when the store has no copy."""
     root = f"{store.root}/{TOKENIZER_DIR}"
