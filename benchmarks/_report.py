@@ -16,7 +16,7 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
-ORDER = ("quality", "prepare", "cache", "train", "ensemble", "sparsekd")
+ORDER = ("quality", "prepare", "cache", "train", "ensemble", "sparsekd", "gpu")
 BEGIN, END = "<!-- BENCH-TABLE -->", "<!-- /BENCH-TABLE -->"
 
 INTRO = """# Benchmarks
@@ -38,6 +38,7 @@ make bench-quick    # the same with --quick (minutes), then this README
 | `cache.py` | `chorus cache` throughput, bytes/token and value error of the target encodings |
 | `train.py` | training step cost of CE, cached KD and online KD; pooling cost; loader throughput |
 | `sparsekd.py` | `chorus compress`: one-shot against staged prune → distill at equal student steps (KD, CE-only recovery, KD from scratch); forward wall time of the pruned models |
+| `gpu.py` | on one CUDA device: the bf16 teacher pass against the bare forward (V ≈ 50k and 128k, L = 2048 and 8192, a 0.6–0.9B and an 8B-shaped teacher), peak memory, the KD step against CE |
 | `ensemble.py` | many-teacher ablation: students from every blend operator × weighting × softening, the demo's stored blend, against CE and an oracle router |
 
 Timings are ratios measured in the same run on the same machine; absolute numbers name the machine.
@@ -309,13 +310,36 @@ def ensemble(res: dict) -> str:
     return "\n".join(lines)
 
 
+def gpu(res: dict) -> str:
+    """benchmarks/gpu.py: the teacher pass against the bare forward, and the student step, on one GPU."""
+    c = res["cache"]
+    lines = [f"{res['device']}, {res['dtype']}, top-{res['top_k']}, {res['samples']} samples, exact statistics; "
+             f"{res['plan']['tokens']:,} tokens per call, median of {res['plan']['repeats']}. chunked: `chorus cache`'s "
+             "pass with its defaults on this device; eager: nothing compiled; log-probs: the fp32 log-softmax pass "
+             "before `logit_targets`; per-row: the full-logits reference.", "",
+             md_table(["params M", "V", "L", "B", "bare tok/s", "chunked/bare", "pipelined/bare", "eager/bare",
+                       "log-probs/bare", "per-row/bare", "bare MiB", "chunked MiB", "per-row MiB"],
+                      [[f"{r['params_m']:,.0f}", str(r["vocab"]), r["seq_len"], r["batch"], f"{r['bare_tok_s']:,.0f}",
+                        _f(r.get("cache_vs_bare"), ".3f"), _f(r.get("pipelined_vs_bare"), ".3f"),
+                        _f(r.get("eager_vs_bare"), ".3f"), _f(r.get("log_probs_vs_bare"), ".3f"),
+                        _f(r["per_row_tok_s"] / r["bare_tok_s"] if r.get("per_row_tok_s") else None, ".3f"),
+                        _f(r["bare_peak_mb"], ".0f"), _f(r["chunked_peak_mb"], ".0f"), _f(r.get("per_row_peak_mb"), ".0f")]
+                       for r in c]), "",
+             md_table(["V", "L", "B", "KD from cache ms", "CE chunked ms", "CE HF ms", "KD / CE", "KD / HF CE", "KD MiB",
+                       "HF CE MiB"],
+                      [[str(r["vocab"]), r["seq_len"], r["batch"], _f(r["kd_cache_ms"], ".1f"), _f(r["ce_chunked_ms"], ".1f"),
+                        _f(r["ce_hf_ms"], ".1f"), _f(r["kd_vs_ce"], ".3f"), _f(r["kd_vs_hf_ce"], ".3f"),
+                        _f(r["kd_cache_peak_mb"], ".0f"), _f(r["ce_hf_peak_mb"], ".0f")] for r in res["train"]])]
+    return "\n".join(lines)
+
+
 def generic(res: dict) -> str:
     rows = [[k, _f(v)] for k, v in res.items() if isinstance(v, (int, float, str)) and k not in ("benchmark", "date")]
     return md_table(["key", "value"], rows) if rows else "(no scalar results)"
 
 
 RENDER = {"quality": quality, "prepare": prepare, "cache": cache, "train": train, "sparsekd": sparsekd,
-          "ensemble": ensemble}
+          "ensemble": ensemble, "gpu": gpu}
 
 
 def section(name: str, res: dict) -> str:

@@ -10,6 +10,9 @@ downloaded):
     a CE step with the same chunked loss and against HF's own full-logits CE.
 
     python benchmarks/gpu.py                → on a CUDA machine: table on stdout, benchmarks/results/gpu.json
+    python benchmarks/gpu.py --compile      → also `chorus cache --compile` (a GPU's default; on a CPU a compile
+                                              per shape)
+    python benchmarks/gpu.py --profile      → first the kernels of one target pass (torch.profiler)
     python benchmarks/gpu.py --smoke        → tiny CPU run of the same code paths in seconds (not GPU numbers;
                                               written to gpu-smoke.json, under --results DIR if given)
 """
@@ -39,9 +42,12 @@ from chorus.trainer.sparse import SparseDist  # noqa: E402
 TOP_K, SAMPLES = 64, 32
 PIPELINE = 3  # batches per timed call of the pipelined cache loop
 FULL = {"teacher": {"hidden": 2048, "layers": 8, "heads": 16, "kv": 8, "ffn": 5632},
+        # Llama-3-8B's shape (random weights): how the target pass compares with a forward of a teacher people use
+        "big_teacher": {"hidden": 4096, "layers": 32, "heads": 32, "kv": 8, "ffn": 14336},
         "student": {"hidden": 1024, "layers": 8, "heads": 16, "kv": 8, "ffn": 2816},
         "vocabs": (50_304, 128_256), "lengths": (2048, 8192), "tokens": 16_384, "repeats": 3}
 SMOKE = {"teacher": {"hidden": 64, "layers": 1, "heads": 2, "kv": 2, "ffn": 128},
+         "big_teacher": {"hidden": 96, "layers": 2, "heads": 2, "kv": 2, "ffn": 192},
          "student": {"hidden": 32, "layers": 1, "heads": 2, "kv": 2, "ffn": 64},
          "vocabs": (512, 1024), "lengths": (64, 128), "tokens": 256, "repeats": 2}
 
@@ -53,7 +59,8 @@ def llama(vocab: int, length: int, dims: dict, dtype: torch.dtype, device: torch
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=dims["hidden"], intermediate_size=dims["ffn"],
                       num_hidden_layers=dims["layers"], num_attention_heads=dims["heads"],
                       num_key_value_heads=dims["kv"], max_position_embeddings=length)
-    return LlamaForCausalLM(cfg).to(device, dtype)
+    with torch.device(device):  # initialized where it runs (a 1B model's random init on a host CPU takes long)
+        return LlamaForCausalLM(cfg).to(dtype)
 
 
 class Meter:
@@ -103,14 +110,21 @@ class Meter:
 
 
 # ---------------------------------------------------------------------------------------------- (a) cache
-def bench_cache(plan: dict, dtype: torch.dtype, device: torch.device, meter: Meter, *, per_row: bool) -> list[dict]:
-    return [_cache_row(plan, vocab, length, dtype, device, meter, per_row=per_row)
-            for vocab in plan["vocabs"] for length in plan["lengths"]]
+def bench_cache(plan: dict, dtype: torch.dtype, device: torch.device, meter: Meter, *, per_row: bool,
+                compile: bool) -> list[dict]:
+    cases = [("teacher", vocab, length, per_row) for vocab in plan["vocabs"] for length in plan["lengths"]]
+    cases += [("big_teacher", plan["vocabs"][-1], length, False) for length in plan["lengths"]]
+    rows = []
+    for teacher, vocab, length, full in cases:
+        rows.append(_cache_row(plan, teacher, vocab, length, dtype, device, meter, per_row=full, compile=compile))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the last teacher is gone with its row
+    return rows
 
 
-def _cache_row(plan: dict, vocab: int, length: int, dtype: torch.dtype, device: torch.device, meter: Meter, *,
-               per_row: bool) -> dict:
-    net = llama(vocab, length, plan["teacher"], dtype, device).eval().requires_grad_(False)
+def _cache_row(plan: dict, teacher: str, vocab: int, length: int, dtype: torch.dtype, device: torch.device,
+               meter: Meter, *, per_row: bool, compile: bool) -> dict:
+    net = llama(vocab, length, plan[teacher], dtype, device).eval().requires_grad_(False)
     t = Teacher(net, device, dtype, vocab, "random-llama", "local", "-", "tokenizer")
     batch = max(1, plan["tokens"] // length)
     x = torch.randint(0, vocab, (batch, length), device=device)
@@ -120,9 +134,25 @@ def _cache_row(plan: dict, vocab: int, length: int, dtype: torch.dtype, device: 
         with torch.inference_mode():
             net(input_ids=x, use_cache=False).logits.sum().item()  # the sum only to wait for the result
 
+    def body():  # the model up to its final hidden states: what is left is the head GEMM and the target math
+        with torch.inference_mode():
+            t.hidden_states(x).sum().item()
+
     def chunked():
         with torch.inference_mode():
             return {k: v.cpu() for k, v in t.targets(x, **kw).items()}
+
+    def variant(**settings):  # the same pass with other Teacher settings
+        def run():
+            saved = {k: getattr(t, k) for k in settings}
+            for k, val in settings.items():
+                setattr(t, k, val)
+            try:
+                return chunked()
+            finally:
+                for k, val in saved.items():
+                    setattr(t, k, val)
+        return run
 
     def full():
         with torch.inference_mode():
@@ -137,8 +167,16 @@ def _cache_row(plan: dict, vocab: int, length: int, dtype: torch.dtype, device: 
             if event is not None:
                 event.synchronize()
 
-    row = {"vocab": vocab, "seq_len": length, "batch": batch}
-    for name, fn in (("bare", bare), ("chunked", chunked), ("pipelined", pipelined)) + ((("per_row", full),) if per_row else ()):
+    row = {"teacher": teacher, "params_m": sum(p.numel() for p in net.parameters()) / 1e6, "vocab": vocab,
+           "seq_len": length, "batch": batch}
+    # chunked: `chorus cache`'s defaults here (a GPU: logit_targets, statistics compiled); eager: nothing compiled;
+    # log_probs: the pass before logit_targets (fp32 log-softmax of each chunk, then position_targets);
+    # compiled: --compile (on a CPU, position_targets compiled)
+    runs = [("bare", bare), ("body", body), ("chunked", chunked), ("pipelined", pipelined),
+            ("eager", variant(compiled=False)), ("log_probs", variant(compiled=False, from_logits=False))]
+    runs += [("per_row", full)] if per_row else []
+    runs += [("compiled", variant(compiled=True))] if compile else []
+    for name, fn in runs:
         try:
             sec = meter.time(fn) / (PIPELINE if name == "pipelined" else 1)
             row[f"{name}_tok_s"] = x.numel() / sec
@@ -148,9 +186,35 @@ def _cache_row(plan: dict, vocab: int, length: int, dtype: torch.dtype, device: 
             torch.cuda.empty_cache()
     if row.get("bare_tok_s") and row.get("chunked_tok_s"):
         row["cache_vs_bare"] = row["chunked_tok_s"] / row["bare_tok_s"]
-    if row.get("bare_tok_s") and row.get("pipelined_tok_s"):
-        row["pipelined_vs_bare"] = row["pipelined_tok_s"] / row["bare_tok_s"]
+    for name in ("pipelined", "eager", "log_probs", "compiled"):
+        if row.get("bare_tok_s") and row.get(f"{name}_tok_s"):
+            row[f"{name}_vs_bare"] = row[f"{name}_tok_s"] / row["bare_tok_s"]
+    print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
     return row
+
+
+def profile_targets(plan: dict, dtype: torch.dtype, device: torch.device) -> None:
+    """Where one target pass's time goes, by kernel (so the next change is measured, not guessed)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    vocab, length = plan["vocabs"][-1], plan["lengths"][0]
+    net = llama(vocab, length, plan["teacher"], dtype, device).eval().requires_grad_(False)
+    t = Teacher(net, device, dtype, vocab, "random-llama", "local", "-", "tokenizer")
+    x = torch.randint(0, vocab, (max(1, plan["tokens"] // length), length), device=device)
+    kw = {"top_k": TOP_K, "num_samples": SAMPLES, "seed": 0, "row_start": 0, "tail_betas": TAIL_BETAS}
+    cuda = device.type == "cuda"
+    for from_logits in ((None, False) if cuda else (None,)):
+        t.from_logits, t.compiled = from_logits, None if from_logits is None else False
+        with torch.inference_mode():
+            t.targets(x, **kw)
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+            with profile(activities=activities) as prof:
+                t.targets(x, **kw)
+                if cuda:
+                    torch.cuda.synchronize()
+        print(f"target pass, V = {vocab}, {x.numel()} positions, "
+              f"{'defaults' if from_logits is None else 'fp32 log-probs, eager'}:")
+        print(prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=18))
 
 
 # ---------------------------------------------------------------------------------------------- (b) train
@@ -208,6 +272,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--smoke", action="store_true", help="tiny models on CPU: exercises the code, not GPU numbers")
     ap.add_argument("--results", default=None, help="folder for the JSON (default benchmarks/results)")
     ap.add_argument("--no-per-row", action="store_true", help="skip the previous per-row full-logits pass")
+    ap.add_argument("--profile", action="store_true", help="first print the kernels of one target pass at the largest "
+                                                           "vocabulary (torch.profiler), then benchmark")
+    ap.add_argument("--compile", action="store_true", help="also time `chorus cache --compile` (torch.compile of the "
+                                                           "per-position math; compiles once per shape)")
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.smoke
     if not cuda and not args.smoke:
@@ -220,12 +288,17 @@ def main(argv: list[str] | None = None) -> dict:
     if args.results:
         _common.RESULTS = Path(args.results)
 
-    cache_rows = bench_cache(plan, dtype, device, meter, per_row=not args.no_per_row)
-    print(_common.table(["V", "L", "B", "bare tok/s", "chunked tok/s", "pipelined tok/s", "per-row tok/s", "cache/bare",
-                         "pipelined/bare", "bare MB", "chunked MB", "per-row MB"],
-                        [[r["vocab"], r["seq_len"], r["batch"], r["bare_tok_s"], r["chunked_tok_s"], r.get("pipelined_tok_s"),
-                          r.get("per_row_tok_s"), r.get("cache_vs_bare"), r.get("pipelined_vs_bare"), r["bare_peak_mb"],
-                          r["chunked_peak_mb"], r.get("per_row_peak_mb")]
+    if args.profile:
+        profile_targets(plan, dtype, device)
+    cache_rows = bench_cache(plan, dtype, device, meter, per_row=not args.no_per_row, compile=args.compile)
+    print(_common.table(["params M", "V", "L", "B", "bare tok/s", "body tok/s", "chunked tok/s", "pipelined tok/s",
+                         "eager tok/s", "log-probs tok/s", "per-row tok/s", "cache/bare", "pipelined/bare",
+                         "eager/bare", "log-probs/bare", "compiled/bare", "bare MB", "chunked MB", "per-row MB"],
+                        [[r["params_m"], r["vocab"], r["seq_len"], r["batch"], r["bare_tok_s"], r["body_tok_s"],
+                          r["chunked_tok_s"], r.get("pipelined_tok_s"), r.get("eager_tok_s"),
+                          r.get("log_probs_tok_s"), r.get("per_row_tok_s"), r.get("cache_vs_bare"),
+                          r.get("pipelined_vs_bare"), r.get("eager_vs_bare"), r.get("log_probs_vs_bare"),
+                          r.get("compiled_vs_bare"), r["bare_peak_mb"], r["chunked_peak_mb"], r.get("per_row_peak_mb")]
                          for r in cache_rows]))
     train_rows = bench_train(plan, dtype, device, meter)
     print(_common.table(["V", "L", "B", "KD cache ms", "CE chunked ms", "CE HF ms", "KD/CE", "KD/HF CE", "KD MB",

@@ -17,10 +17,11 @@ def test_gpu_benchmark_smoke_mode_runs_every_measurement(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads((tmp_path / "gpu-smoke.json").read_text())
     assert out["mode"].startswith("smoke") and "not GPU numbers" in out["mode"]
-    assert len(out["cache"]) == 4 and len(out["train"]) == 2
+    assert len(out["cache"]) == 6 and len(out["train"]) == 2
     for row in out["cache"]:
-        assert row["bare_tok_s"] > 0 and row["chunked_tok_s"] > 0 and row["per_row_tok_s"] > 0
-        assert row["cache_vs_bare"] > 0 and row["pipelined_vs_bare"] > 0
+        assert row["bare_tok_s"] > 0 and row["chunked_tok_s"] > 0 and row["body_tok_s"] > 0
+        assert row["cache_vs_bare"] > 0 and row["pipelined_vs_bare"] > 0 and row["log_probs_vs_bare"] > 0
+        assert row["per_row_tok_s"] > 0 if row["teacher"] == "teacher" else "per_row_tok_s" not in row
     for row in out["train"]:
         assert row["kd_cache_ms"] > 0 and row["ce_chunked_ms"] > 0 and row["ce_hf_ms"] > 0
     assert "cache/bare" in res.stdout and "KD/CE" in res.stdout

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,7 +23,15 @@ import torch
 import torch.nn.functional as F
 
 from chorus.errors import ChorusError
-from chorus.pipeline._sampler import check_sampler, draw_ids, position_uniforms, row_keys, row_uniforms
+from chorus.pipeline._position import (  # noqa: F401  (_CompiledTargets, tail_statistics: imported from here too)
+    _CompiledTargets,
+    compiled_targets,
+    logit_statistics,
+    logit_targets,
+    position_targets,
+    tail_statistics,
+)
+from chorus.pipeline._sampler import check_sampler, position_uniforms, row_keys, row_uniforms
 from chorus.pipeline._tokenizer import tokenizer_info
 from chorus.storage import TokenizerInfo
 
@@ -55,7 +62,9 @@ class Teacher:
     tokenizer_match: str  # "tokenizer" (same fingerprint), "vocabulary" (same id table only) or "cross" (its own)
     chunk_size: int | None = None  # positions per LM-head chunk (chunk_positions); None: CPU_HEAD_CHUNK or CHUNK_BYTES
     head_checked: bool = False  # the chunked head was compared with the model's own logits once
-    compiled: bool = False  # the per-position math through torch.compile (compiled_targets)
+    # the per-position math through torch.compile (compiled_targets); None: on a GPU (logit_statistics), not on a CPU
+    compiled: bool | None = None
+    from_logits: bool | None = None  # logit_targets on the chunk's logits (None: on a GPU; position_targets on a CPU)
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, L) token ids → (B, L, V) logits in the model's dtype (a view: padded columns are dropped).
@@ -94,10 +103,18 @@ class Teacher:
         weight, bias, ops = self.head(input_ids)
         # a teacher placed across devices (device_map) hands its hidden states over on the head's device
         hidden = self.hidden_states(input_ids).to(weight.device)
+        gpu = weight.device.type != "cpu"
+        fused = gpu if self.from_logits is None else self.from_logits
+        compiled = gpu if self.compiled is None else self.compiled
+        if fused:
+            per_position = (functools.partial(logit_targets, statistics=compiled_targets(logit_statistics))
+                            if compiled else logit_targets)
+        else:
+            per_position = compiled_targets() if compiled else position_targets
         return chunked_targets(hidden, weight, bias, input_ids.to(weight.device),
                                top_k=top_k, num_samples=num_samples, seed=seed, row_start=row_start,
-                               tail_betas=tail_betas, chunk_size=self.chunk_size, ops=ops,
-                               per_position=compiled_targets() if self.compiled else position_targets)
+                               tail_betas=tail_betas, chunk_size=self.chunk_size, ops=ops, from_logits=fused,
+                               per_position=per_position)
 
     def head(self, probe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, tuple[tuple[str, float], ...]]:
         """The LM head's weight (V, H) and bias over the vocabulary, and the logit ops after it; checked once
@@ -264,115 +281,6 @@ def load_teacher(model: str, *, vocab_size: int, device: torch.device, dtype: to
 
 
 # ---------------------------------------------------------------------------------------------- targets
-def _tail_sums(y: torch.Tensor, betas: Sequence[float]) -> tuple[dict[float, torch.Tensor], torch.Tensor]:
-    """(L, V) shifted tail log-probs y ≤ 0 → ({β: Σ_i exp(β·y_i)} (L,) for β = 1 and each of ``betas``, Σ_i exp(y_i)·y_i).
-
-    The exps dominate the cost (and every op is a pass over (L, V) on a GPU), so one e = exp(r·y) serves a chain:
-    Σ e² gives β = 2r, and up to two square roots give r/2 and r/4 — the default grid needs 3 exps for 7 sums.
-    Two roots at most: a term that underflowed to 0 in fp32 (r·y < −103) would have been ≤ e^−26 ≈ 6e−12 of the
-    largest term (1) at r/4, and well below at r/2; deeper chains would lose real mass."""
-    todo = sorted({1.0, *betas}, reverse=True)
-    sums: dict[float, torch.Tensor] = {}
-    moment = torch.zeros(y.shape[:-1], device=y.device)
-
-    def wanted(b: float) -> float | None:
-        return next((t for t in todo if math.isclose(t, b, rel_tol=1e-9)), None)
-
-    while todo:
-        top = todo[0]
-        root = wanted(top / 2) or top  # if β/2 is wanted too, β comes from its squares
-        e = torch.exp(y) if root == 1.0 else torch.mul(y, root).exp_()  # (×1 is exact: one pass saved)
-        if root != top:
-            sums[top] = torch.linalg.vecdot(e, e)
-            todo.remove(top)
-        beta = root
-        for depth in range(3):
-            sums[beta] = e.sum(-1)
-            todo.remove(beta)
-            if beta == 1.0:
-                moment = torch.linalg.vecdot(e, y)
-            half = wanted(beta / 2)
-            if half is None or depth == 2:
-                break
-            e.sqrt_()
-            beta = half
-        del e
-    return sums, moment
-
-
-def tail_statistics(logp: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, next_ids: torch.Tensor,
-                    tail_betas: Sequence[float], last: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """(N, V) fp32 log-probs, their (N, k) top-k ids and log-probs and (N,) next-token ids → exact per-position
-    statistics on the device: ``log_tail``, ``entropy``, ``gold_logprob`` (N,), ``tail_logz`` (N, G).
-
-    ``next_ids[t]`` is the row's token t + 1; ``last`` (N,) bool marks the positions that end a row (any next id,
-    gold log-prob 0); None: the N positions are one row, whose last position is the end.
-    log τ is a log-sum-exp over the tail ids, not log(1 − Σ_k p): that difference cancels catastrophically
-    when the top-k hold nearly all the mass. Sums over the tail are taken relative to its largest log-prob m,
-    so no exp under- or overflows: Σ_tail p^β = e^{β·m}·Σ exp(β·y), y = logp − m. The entropy (0·log 0 = 0) is
-    the top-k's −Σ p log p plus the tail's −e^m·(m·Σ e^y + Σ e^y·y). Overwrites ``logp``; memory stays at two
-    (N, V) fp32 tensors. Every op is row-wise, so a position's statistics do not depend on N."""
-    gold = logp.gather(-1, next_ids[:, None])[:, 0]
-    if last is None:
-        gold[-1] = 0.0
-    else:
-        gold.masked_fill_(last, 0.0)
-    y = logp.scatter_(-1, topk_ids, float("-inf"))
-    m = y.amax(-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # an empty tail: every sum is 0, every A is −inf
-    y = y.sub_(m).clamp_(min=torch.finfo(torch.float32).min)  # −inf → lowest float: exp → 0 and 0·y = 0 (0·−inf is NaN)
-    m = m[:, 0]
-    sums, moment = _tail_sums(y, tail_betas)
-    head = -(torch.exp(topk_logprobs) * topk_logprobs).nan_to_num_(nan=0.0).sum(-1)
-    entropy = head - torch.exp(m) * (m * sums[1.0] + moment)
-    betas = torch.tensor(tail_betas, dtype=torch.float32, device=y.device)
-    a = torch.log(torch.stack([sums[b] for b in tail_betas], -1)).add_(m[:, None] * betas)  # A(β) = log Σ_tail p^β
-    return {"log_tail": m + torch.log(sums[1.0]), "entropy": entropy, "gold_logprob": gold, "tail_logz": a}
-
-
-def position_targets(logp: torch.Tensor, next_ids: torch.Tensor, last: torch.Tensor, uniforms: torch.Tensor | None, *,
-                     top_k: int, tail_betas: Sequence[float]) -> dict[str, torch.Tensor]:
-    """(N, V) fp32 log-probs of N positions (any rows), their (N,) next ids, (N,) row-end mask and (N, M) uniforms →
-    ``topk_ids`` (N, k) int64 by descending log-prob, ``topk_logprobs`` (N, k), ``draws`` (N, M) int64 when
-    ``uniforms`` is given, and the :func:`tail_statistics` when ``tail_betas`` is non-empty. Overwrites ``logp``.
-
-    Every op is row-wise over V, so a position's targets do not depend on which positions share the call."""
-    v, i = torch.topk(logp, top_k, dim=-1, sorted=True)
-    out = {"topk_ids": i, "topk_logprobs": v}
-    if uniforms is not None:
-        out["draws"] = draw_ids(logp, uniforms)
-    if tail_betas:
-        out.update(tail_statistics(logp, i, v, next_ids, tail_betas, last))  # last: it overwrites logp
-    return out
-
-
-class _CompiledTargets:
-    """:func:`position_targets` through ``torch.compile`` (inductor fuses its ~15 passes over V: 3x faster on a CPU,
-    measured 1200 → 400 µs per position at V = 49 152). Ids and top-k log-probs are the same bits; the statistics'
-    sums are reordered (within ~1e-6 relative, below their fp16 storage). One compile per slab shape (tens of
-    seconds each); the first failure (no C++ compiler, no triton) falls back to the eager function, with a warning."""
-
-    def __init__(self) -> None:
-        self.fn = torch.compile(position_targets, dynamic=False)
-        self.failed = False
-
-    def __call__(self, *args, **kwargs) -> dict[str, torch.Tensor]:
-        if not self.failed:
-            try:
-                return self.fn(*args, **kwargs)
-            except Exception as e:  # noqa: BLE001 - any backend failure: compute the same targets without it
-                self.failed = True
-                from chorus._progress import say
-
-                say(f"warning: --compile failed ({_first_line(e)}); computing the targets without it")
-        return position_targets(*args, **kwargs)
-
-
-@functools.lru_cache(maxsize=1)
-def compiled_targets() -> _CompiledTargets:
-    return _CompiledTargets()
-
-
 def sparse_targets(logits: torch.Tensor, input_ids: torch.Tensor, *, top_k: int, num_samples: int, seed: int,
                    row_start: int, tail_betas: Sequence[float] = ()) -> dict[str, torch.Tensor]:
     """The reference: (B, L, V) logits of rows ``row_start ..`` and their (B, L) ``input_ids`` → on the logits' device:
@@ -443,14 +351,15 @@ def slab_positions(vocab_size: int, device: torch.device) -> int:
 def chunked_targets(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, input_ids: torch.Tensor, *,
                     top_k: int, num_samples: int, seed: int, row_start: int, tail_betas: Sequence[float] = (),
                     chunk_size: int | None = None, ops: Sequence[tuple[str, float]] = (),
-                    per_position=None) -> dict[str, torch.Tensor]:
+                    per_position=None, from_logits: bool = False) -> dict[str, torch.Tensor]:
     """(B, L, H) final hidden states, the (V, H) head ``weight`` (padded rows already dropped) and (V,) ``bias`` →
     the targets of :func:`sparse_targets` without (B, L, V) logits.
 
     The B·L positions are cut into chunks of ``chunk_size`` (rounded by :func:`chunk_positions`); each chunk's logits
     (model dtype, then ``ops``, then fp32 — as the model computes them) go through :func:`position_targets` in
     slabs of positions (:func:`slab_positions`) batched over whatever rows they span, so the step's peak memory is
-    a (chunk, V) buffer of logits and a few (slab, V) fp32 ones, independent of B·L. Uniforms for sampling are
+    a (chunk, V) buffer of logits and a few (slab, V) fp32 ones, independent of B·L. ``from_logits``: the math is
+    :func:`logit_targets` on the logits themselves (``per_position`` then takes logits, not log-probs). Uniforms are
     generated per slab on the device (:func:`position_uniforms`). Ids and draws are written to int32 buffers on the
     device (half the bytes to copy to the host)."""
     b, length, h = hidden.shape
@@ -481,9 +390,11 @@ def chunked_targets(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         u = None if keys is None else position_uniforms(keys[index[s:e] // length], index[s:e] % length, num_samples)
         for a in range(s, e, slab):
             z = min(e, a + slab)
-            part = (per_position or position_targets)(torch.log_softmax(logits[a - s: z - s].float(), dim=-1), next_ids[a:z],
-                                              last[a:z], None if u is None else u[a - s: z - s], top_k=top_k,
-                                              tail_betas=tail_betas)
+            x = logits[a - s: z - s]
+            if not from_logits:
+                x = torch.log_softmax(x.float(), dim=-1)
+            part = (per_position or (logit_targets if from_logits else position_targets))(
+                x, next_ids[a:z], last[a:z], None if u is None else u[a - s: z - s], top_k=top_k, tail_betas=tail_betas)
             for k, t in part.items():
                 out[k][a:z] = t
         del logits

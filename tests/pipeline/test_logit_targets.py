@@ -1,0 +1,128 @@
+"""The GPU pass's target math (``logit_targets``, straight from the logits) against the float64 truth of realistic
+full distributions and against the log-prob reference (``position_targets``), ties and masked logits included."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from chorus.pipeline._position import logit_targets, position_targets
+from chorus.pipeline._sampler import row_uniforms
+from chorus.pipeline._teacher import chunked_targets
+from chorus.storage import TAIL_BETAS
+from tests.storage.test_targets import dense_statistics
+
+K, M = 16, 32
+
+
+def _logits(kind: str, n: int = 256, vocab: int = 4000, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if kind == "gaussian":  # N(0, σ²) logits, σ from flat to peaked across positions
+        return torch.randn(n, vocab, generator=g) * torch.linspace(0.5, 6.0, n)[:, None]
+    if kind == "zipf":  # log-probs of a Zipf law over a random permutation, as a trained LM's tail falls
+        ranks = torch.stack([torch.randperm(vocab, generator=g) for _ in range(n)]).double() + 1.0
+        return (-1.1 * ranks.log()).float() + torch.randn(n, 1, generator=g)
+    # few distinct values: ties at the k-th logit on most positions
+    return torch.randint(0, 6, (n, vocab), generator=g).float()
+
+
+def _call(fn, x: torch.Tensor, next_ids: torch.Tensor, samples: bool = True) -> dict[str, torch.Tensor]:
+    n = x.shape[0]
+    last = torch.arange(n) % 64 == 63
+    u = row_uniforms(7, 0, 1, n, M) if samples else None
+    return fn(x, next_ids, last, u, top_k=K, tail_betas=TAIL_BETAS)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "zipf", "ties"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logit_targets_equal_the_dense_float64_truth(kind, dtype):
+    z = _logits(kind).to(dtype)
+    next_ids = torch.randint(0, z.shape[1], (z.shape[0],), generator=torch.Generator().manual_seed(1))
+    got = _call(logit_targets, z, next_ids)
+    logp = torch.log_softmax(z.double(), -1).numpy()
+    ids = got["topk_ids"].numpy()
+    # the top-k: the k largest log-probs (any of tied ones), in descending order, and their values
+    want = -np.sort(-logp, axis=-1)[:, :K]
+    np.testing.assert_allclose(np.take_along_axis(logp, ids, -1), want, rtol=0, atol=0)
+    np.testing.assert_allclose(got["topk_logprobs"].numpy(), want, rtol=2e-6, atol=2e-6)
+    assert (np.sort(ids, -1)[:, 1:] != np.sort(ids, -1)[:, :-1]).all()  # no id twice
+    truth = dense_statistics(logp, ids, next_ids.numpy(), TAIL_BETAS)
+    last = (torch.arange(z.shape[0]) % 64 == 63).numpy()
+    truth["gold_logprob"][last] = 0.0
+    for f in ("log_tail", "entropy", "gold_logprob", "tail_logz"):
+        np.testing.assert_allclose(got[f].numpy(), truth[f], rtol=2e-5, atol=2e-5, err_msg=f)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "zipf", "ties"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logit_targets_match_the_log_prob_reference(kind, dtype):
+    """Same ids but among exact ties, values and statistics within fp32 rounding, and the same draws except where a
+    uniform falls within rounding of a CDF boundary."""
+    z = _logits(kind, seed=2).to(dtype)
+    next_ids = torch.randint(0, z.shape[1], (z.shape[0],), generator=torch.Generator().manual_seed(3))
+    got = _call(logit_targets, z, next_ids)
+    ref = _call(position_targets, torch.log_softmax(z.float(), -1), next_ids)
+    assert sorted(got) == sorted(ref)
+    logp = torch.log_softmax(z.double(), -1)
+    differ = got["topk_ids"] != ref["topk_ids"]
+    assert torch.equal(logp.gather(-1, got["topk_ids"])[differ], logp.gather(-1, ref["topk_ids"])[differ])
+    for f in ("topk_logprobs", "log_tail", "entropy", "gold_logprob", "tail_logz"):
+        torch.testing.assert_close(got[f], ref[f], rtol=1e-5, atol=1e-5, msg=f)
+    assert (got["draws"] == ref["draws"]).float().mean() > 0.999
+
+
+def test_masked_logits_and_an_empty_tail_give_no_nan():
+    z = _logits("gaussian", n=64, vocab=300)
+    z[:, 100:] = float("-inf")  # a vocabulary the model never scores
+    z[:8, K + 1:] = float("-inf")  # only the k+1-th survives
+    got = _call(logit_targets, z, torch.zeros(64, dtype=torch.long))
+    ref = _call(position_targets, torch.log_softmax(z, -1), torch.zeros(64, dtype=torch.long))
+    for f in ("topk_logprobs", "log_tail", "entropy", "tail_logz"):
+        assert not got[f].isnan().any(), f
+        torch.testing.assert_close(got[f], ref[f], rtol=1e-5, atol=1e-5, msg=f)
+    assert (got["draws"] < 100).all()
+    z = _logits("gaussian", n=8, vocab=K)  # V = k: nothing left for a tail
+    torch.testing.assert_close(_call(logit_targets, z, torch.zeros(8, dtype=torch.long)),
+                               _call(position_targets, torch.log_softmax(z, -1), torch.zeros(8, dtype=torch.long)))
+
+
+def _assert_same_targets(got: dict, want: dict, what) -> None:
+    """Ids and draws the same bits; values and statistics within fp32 rounding (a reduction over V may be split
+    another way for another number of rows: seen on a 16-core CPU, for 1 row against 3)."""
+    for k in want:
+        if k in ("topk_ids", "draws"):
+            assert torch.equal(got[k], want[k]), (what, k)
+        else:
+            torch.testing.assert_close(got[k], want[k], rtol=2e-6, atol=2e-6, msg=f"{what} {k}")
+
+
+def test_chunked_targets_from_logits_do_not_depend_on_the_chunk():
+    """The GPU pass's property, on a CPU: a position's targets are the same whatever chunk it shares with which
+    positions (its sampled ids the same bits)."""
+    g = torch.Generator().manual_seed(4)
+    hidden, weight = torch.randn(3, 100, 32, generator=g), torch.randn(900, 32, generator=g) * 0.5
+    ids = torch.randint(0, 900, (3, 100), generator=g)
+    kw = dict(top_k=K, num_samples=M, seed=1, row_start=4, tail_betas=TAIL_BETAS, from_logits=True)
+    whole = chunked_targets(hidden, weight, None, ids, chunk_size=512, **kw)
+    for chunk in (64, 128):
+        _assert_same_targets(chunked_targets(hidden, weight, None, ids, chunk_size=chunk, **kw), whole, chunk)
+    rows = [chunked_targets(hidden[r:r + 1], weight, None, ids[r:r + 1], chunk_size=64,
+                            **{**kw, "row_start": 4 + r}) for r in range(3)]
+    _assert_same_targets({k: torch.cat([r[k] for r in rows]) for k in whole}, whole, "rows one by one")
+
+
+def test_compiled_logit_statistics_give_the_same_targets():
+    """What a GPU runs by default (the statistics through torch.compile), here on a CPU: same ids, top-k and draws
+    within fp32 rounding of the eager function (the compiler reorders the sums)."""
+    from chorus.pipeline._position import compiled_targets, logit_statistics
+
+    z = _logits("zipf", n=128, vocab=3000, seed=5)
+    next_ids = torch.randint(0, 3000, (128,), generator=torch.Generator().manual_seed(6))
+    eager = _call(logit_targets, z, next_ids)
+    compiled = compiled_targets(logit_statistics)
+    got = _call(lambda *a, **kw: logit_targets(*a, statistics=compiled, **kw), z, next_ids)
+    assert not compiled.failed  # else this machine has no working compiler (the fallback is tested elsewhere)
+    assert torch.equal(got["topk_ids"], eager["topk_ids"]) and torch.equal(got["draws"], eager["draws"])
+    for f in ("topk_logprobs", "log_tail", "entropy", "gold_logprob", "tail_logz"):
+        torch.testing.assert_close(got[f], eager[f], rtol=1e-5, atol=1e-5, msg=f)
