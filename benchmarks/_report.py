@@ -16,7 +16,7 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
-ORDER = ("quality", "prepare", "cache", "train", "ensemble", "sparsekd", "gpu")
+ORDER = ("quality", "prepare", "cache", "train", "ensemble", "sparsekd", "gpu", "gpu-big")
 BEGIN, END = "<!-- BENCH-TABLE -->", "<!-- /BENCH-TABLE -->"
 
 INTRO = """# Benchmarks
@@ -330,6 +330,8 @@ def gpu(res: dict) -> str:
                       [[str(r["vocab"]), r["seq_len"], r["batch"], _f(r["kd_cache_ms"], ".1f"), _f(r["ce_chunked_ms"], ".1f"),
                         _f(r["ce_hf_ms"], ".1f"), _f(r["kd_vs_ce"], ".3f"), _f(r["kd_vs_hf_ce"], ".3f"),
                         _f(r["kd_cache_peak_mb"], ".0f"), _f(r["ce_hf_peak_mb"], ".0f")] for r in res["train"]])]
+    if not res["train"]:  # gpu.py --big-only
+        lines = lines[:-2]
     return "\n".join(lines)
 
 
@@ -339,7 +341,7 @@ def generic(res: dict) -> str:
 
 
 RENDER = {"quality": quality, "prepare": prepare, "cache": cache, "train": train, "sparsekd": sparsekd,
-          "ensemble": ensemble, "gpu": gpu}
+          "ensemble": ensemble, "gpu": gpu, "gpu-big": gpu}
 
 
 def section(name: str, res: dict) -> str:

@@ -111,8 +111,8 @@ class Meter:
 
 # ---------------------------------------------------------------------------------------------- (a) cache
 def bench_cache(plan: dict, dtype: torch.dtype, device: torch.device, meter: Meter, *, per_row: bool,
-                compile: bool) -> list[dict]:
-    cases = [("teacher", vocab, length, per_row) for vocab in plan["vocabs"] for length in plan["lengths"]]
+                compile: bool, big_only: bool = False) -> list[dict]:
+    cases = [] if big_only else [("teacher", v, length, per_row) for v in plan["vocabs"] for length in plan["lengths"]]
     cases += [("big_teacher", plan["vocabs"][-1], length, False) for length in plan["lengths"]]
     rows = []
     for teacher, vocab, length, full in cases:
@@ -272,6 +272,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--smoke", action="store_true", help="tiny models on CPU: exercises the code, not GPU numbers")
     ap.add_argument("--results", default=None, help="folder for the JSON (default benchmarks/results)")
     ap.add_argument("--no-per-row", action="store_true", help="skip the previous per-row full-logits pass")
+    ap.add_argument("--big-only", action="store_true", help="only the 8B-shaped teacher's cache rows (no training)")
     ap.add_argument("--profile", action="store_true", help="first print the kernels of one target pass at the largest "
                                                            "vocabulary (torch.profiler), then benchmark")
     ap.add_argument("--compile", action="store_true", help="also time `chorus cache --compile` (torch.compile of the "
@@ -290,7 +291,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.profile:
         profile_targets(plan, dtype, device)
-    cache_rows = bench_cache(plan, dtype, device, meter, per_row=not args.no_per_row, compile=args.compile)
+    cache_rows = bench_cache(plan, dtype, device, meter, per_row=not args.no_per_row, compile=args.compile,
+                             big_only=args.big_only)
     print(_common.table(["params M", "V", "L", "B", "bare tok/s", "body tok/s", "chunked tok/s", "pipelined tok/s",
                          "eager tok/s", "log-probs tok/s", "per-row tok/s", "cache/bare", "pipelined/bare",
                          "eager/bare", "log-probs/bare", "compiled/bare", "bare MB", "chunked MB", "per-row MB"],
@@ -300,7 +302,7 @@ def main(argv: list[str] | None = None) -> dict:
                           r.get("pipelined_vs_bare"), r.get("eager_vs_bare"), r.get("log_probs_vs_bare"),
                           r.get("compiled_vs_bare"), r["bare_peak_mb"], r["chunked_peak_mb"], r.get("per_row_peak_mb")]
                          for r in cache_rows]))
-    train_rows = bench_train(plan, dtype, device, meter)
+    train_rows = [] if args.big_only else bench_train(plan, dtype, device, meter)
     print(_common.table(["V", "L", "B", "KD cache ms", "CE chunked ms", "CE HF ms", "KD/CE", "KD/HF CE", "KD MB",
                          "CE MB", "HF CE MB"],
                         [[r["vocab"], r["seq_len"], r["batch"], r["kd_cache_ms"], r["ce_chunked_ms"], r["ce_hf_ms"],
@@ -310,7 +312,7 @@ def main(argv: list[str] | None = None) -> dict:
                "dtype": str(dtype).removeprefix("torch."), "device": torch.cuda.get_device_name(0) if cuda else "cpu",
                "plan": {k: v for k, v in plan.items()}, "top_k": TOP_K, "samples": SAMPLES,
                "cache": cache_rows, "train": train_rows}
-    path = _common.write("gpu-smoke" if args.smoke else "gpu", payload)
+    path = _common.write("gpu-smoke" if args.smoke else "gpu-big" if args.big_only else "gpu", payload)
     print(f"→ {path}")
     return payload
 

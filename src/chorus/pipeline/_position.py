@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from chorus.pipeline._sampler import draw_ids
+from chorus.pipeline._sampler import block_sums, draw_ids, draw_ids_blocked
 
 
 def _tail_sums(y: torch.Tensor, betas: Sequence[float]) -> tuple[dict[float, torch.Tensor], torch.Tensor]:
@@ -142,7 +142,8 @@ def logit_targets(z: torch.Tensor, next_ids: torch.Tensor, last: torch.Tensor, u
       of the log-probs, since z ↦ float(z) − log Z is increasing);
     - :func:`logit_statistics` (``statistics``: it, or it compiled — reductions only, no top-k and no scan, so
       ``torch.compile`` fuses it into a kernel or two that read the logits once or twice);
-    - with ``uniforms``, inverse-CDF draws from the running sum of exp(z − max) (:func:`draw_ids`' math).
+    - with ``uniforms``, inverse-CDF draws in two levels (:func:`draw_ids_blocked`: blocks of the vocabulary, whose
+      sums the same reduction gives, then inside the M chosen blocks), not a scan over V.
 
     Row-wise like :func:`position_targets`: a position's targets do not depend on which positions share the call."""
     vocab = z.shape[-1]
@@ -150,18 +151,17 @@ def logit_targets(z: torch.Tensor, next_ids: torch.Tensor, last: torch.Tensor, u
         return position_targets(torch.log_softmax(z.float(), dim=-1), next_ids, last, uniforms, top_k=top_k,
                                 tail_betas=tail_betas)
     v, i = torch.topk(z, top_k + 1, dim=-1, sorted=True)
-    out = (statistics or logit_statistics)(z, v, next_ids, last, tail_betas=tail_betas)
+    out = (statistics or logit_statistics)(z, v, next_ids, last, tail_betas=tail_betas, sample=uniforms is not None)
     out["topk_ids"] = i[:, :top_k]
     if uniforms is not None:
-        cdf = torch.sub(z, v[:, :1].float()).exp_().cumsum_(-1)
-        out["draws"] = torch.searchsorted(cdf, uniforms * cdf[:, -1:], right=True).clamp_(max=vocab - 1)
+        out["draws"] = draw_ids_blocked(z, v[:, :1].float(), uniforms, out.pop("block_sums"))
     return out
 
 
 def logit_statistics(z: torch.Tensor, v: torch.Tensor, next_ids: torch.Tensor, last: torch.Tensor, *,
-                     tail_betas: Sequence[float]) -> dict[str, torch.Tensor]:
-    """(N, V) logits and their (N, k+1) largest ``v`` (descending) → ``topk_logprobs`` (N, k) and the statistics of
-    :func:`tail_statistics`, from sums over the tail only:
+                     tail_betas: Sequence[float], sample: bool = False) -> dict[str, torch.Tensor]:
+    """(N, V) logits and their (N, k+1) largest ``v`` (descending) → ``topk_logprobs`` (N, k), the statistics of
+    :func:`tail_statistics` and with ``sample`` the sampler's ``block_sums``, from sums over the tail only:
 
     - the tail is every logit below the k-th, relative to the (k+1)-th, the tail's largest: y = z − v_k ≤ 0;
       a logit tied with the k-th but left out of the top-k (counted: every logit above the k-th is in it) has
@@ -208,5 +208,8 @@ def logit_statistics(z: torch.Tensor, v: torch.Tensor, next_ids: torch.Tensor, l
     entropy = head - torch.exp(mt) * (mt * sums[1.0] + moment)
     betas = torch.tensor(tail_betas, dtype=torch.float32, device=z.device)
     a = torch.log(torch.stack([sums[b] for b in tail_betas], -1)).add_(mt[:, None] * betas)
-    return {"topk_logprobs": top, "log_tail": mt + torch.log(sums[1.0]), "entropy": entropy, "gold_logprob": gold,
-            "tail_logz": a}
+    out = {"topk_logprobs": top, "log_tail": mt + torch.log(sums[1.0]), "entropy": entropy, "gold_logprob": gold,
+           "tail_logz": a}
+    if sample:
+        out["block_sums"] = block_sums(z, m0)
+    return out
