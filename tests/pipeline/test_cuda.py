@@ -79,7 +79,7 @@ def test_bf16_gpu_cache_trains_a_student_on_the_gpu_and_resumes_bit_for_bit(prep
                                                                              monkeypatch):
     from chorus.config import TrainConfig
     from chorus.trainer import train
-    from tests.trainer.conftest import student_yaml
+    from tests.trainer.conftest import run_until_checkpoint, student_yaml
 
     targets = _cache(prepared_store, teacher_model, tmp_path / "store.zarr", device="cuda", dtype="bf16")
     assert np.isfinite(targets["logp"]).all() and (np.diff(targets["logp"], axis=-1) <= 0).all()
@@ -87,17 +87,7 @@ def test_bf16_gpu_cache_trains_a_student_on_the_gpu_and_resumes_bit_for_bit(prep
     base = dict(store=str(tmp_path / "store.zarr"), student=student, teachers=[CACHE_ARGS["name"]], steps=8,
                 batch_size=4, lr=3e-3, warmup_steps=2, eval_every=4, eval_rows=16, log_every=1, device="cuda")
     train.run(TrainConfig(out=str(tmp_path / "full"), save_every=4, **base))
-    real_save = train._save_checkpoint
-
-    def save_then_die(out, step, *args, **kwargs):
-        real_save(out, step, *args, **kwargs)
-        if step == 4:
-            raise KeyboardInterrupt  # the process dies right after the step-4 checkpoint
-
-    monkeypatch.setattr(train, "_save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train.run(TrainConfig(out=str(tmp_path / "cut"), save_every=4, **base))
-    monkeypatch.setattr(train, "_save_checkpoint", real_save)
+    run_until_checkpoint(monkeypatch, TrainConfig(out=str(tmp_path / "cut"), save_every=4, **base), 4)
     train.run(TrainConfig(out=str(tmp_path / "cut"), save_every=4, resume=True, **base))
     from safetensors.torch import load_file
 

@@ -129,3 +129,20 @@ def cache_teacher(url: str, name: str, model_dir: str, tokenizer: str, top_k: in
 
     cache.run(CacheConfig(store=url, teacher=model_dir, name=name, tokenizer=tokenizer, top_k=top_k, device="cpu",
                           dtype="fp32", batch_size=16))
+
+
+def run_until_checkpoint(monkeypatch, cfg, step: int) -> None:
+    """Run ``chorus train`` and kill it (KeyboardInterrupt) right after it writes the checkpoint of ``step``."""
+    from chorus.trainer import train
+
+    real_save = train._save_checkpoint
+
+    def save_then_die(out, at, *args, **kwargs):
+        real_save(out, at, *args, **kwargs)
+        if at == step:
+            raise KeyboardInterrupt  # the process dies right after this checkpoint
+
+    monkeypatch.setattr(train, "_save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(cfg)
+    monkeypatch.setattr(train, "_save_checkpoint", real_save)

@@ -19,7 +19,7 @@ from chorus.cli import main as cli_main
 from chorus.config import TrainConfig, load_config
 from chorus.errors import ChorusError
 from chorus.trainer import train
-from tests.trainer.conftest import cache_teacher, copy_store, student_yaml
+from tests.trainer.conftest import cache_teacher, copy_store, run_until_checkpoint, student_yaml
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -61,17 +61,7 @@ def test_stop_after_checkpoint_then_resume_is_bit_identical(teacher_store, stude
     kw = dict(teachers=["a", "b"], aggregate="geometric", weighting="confidence", num_workers=0, log_every=3)
     train.run(_cfg(teacher_store, tmp_path / "full", student, **kw))
 
-    real_save = train._save_checkpoint
-
-    def save_then_die(out, step, *args, **kwargs):
-        real_save(out, step, *args, **kwargs)
-        if step == 4:
-            raise KeyboardInterrupt  # the process dies right after the step-4 checkpoint
-
-    monkeypatch.setattr(train, "_save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train.run(_cfg(teacher_store, tmp_path / "cut", student, **kw))
-    monkeypatch.setattr(train, "_save_checkpoint", real_save)
+    run_until_checkpoint(monkeypatch, _cfg(teacher_store, tmp_path / "cut", student, **kw), 4)
     assert [s for s, *_ in _losses(tmp_path / "cut")] == [3, 4]  # logged at 3, evaluated at 4
     capsys.readouterr()
     train.run(_cfg(teacher_store, tmp_path / "cut", student, resume=True, **kw))
