@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 import time
 
 import pytest
 import yaml
 
 from chorus import _demo_corpus, demo
-from chorus.cli import main
 
 
 # ---------------------------------------------------------------------------------------------- corpus
@@ -106,12 +107,21 @@ def _check_students_differ_only_in_teachers(out) -> None:
     assert sorted(configs["student-ensemble"]["teachers"]) == sorted(_demo_corpus.DOMAINS)
 
 
-def test_quick_demo_puts_the_claim_to_the_test(tmp_path, capfd):
+def _demo(out) -> subprocess.CompletedProcess:
+    """`chorus demo --quick` as a user runs it: a fresh process. Run inside a pytest worker after other tests, the
+    same demo gave other numbers (the same ones twice, in CI) whose claim failed on ECE by half a point: the quick
+    scale's margins are small enough for whatever state the other tests leave to decide them (see the README)."""
+    res = subprocess.run([sys.executable, "-m", "chorus", "demo", "--quick", "--out", str(out)], capture_output=True,
+                         text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+def test_quick_demo_puts_the_claim_to_the_test(tmp_path):
     out = tmp_path / "demo"
     t0 = time.perf_counter()
-    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    captured = _demo(out)
     first_run = time.perf_counter() - t0
-    captured = capfd.readouterr()
     results = json.loads((out / "results.json").read_text())
     rows = {r["name"]: r for r in results["rows"]}
     domains = results["domains"]
@@ -149,16 +159,16 @@ def test_quick_demo_puts_the_claim_to_the_test(tmp_path, capfd):
     _check_students_differ_only_in_teachers(out)
     png = out / "results.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
-    last = captured.out.strip().splitlines()[-2:]
+    last = captured.stdout.strip().splitlines()[-2:]
     assert last == [f"table: {out / 'results.json'}", f"plot:  {png}"]
-    assert "student-ensemble" in captured.out and "[7/7]" in captured.err
+    assert "student-ensemble" in captured.stdout and "[7/7]" in captured.stderr
 
     # A rerun reuses every finished stage: no model is trained again and it takes a fraction of the time.
     weights = sorted(out.glob("*/*/model/*.safetensors"))
     assert len(weights) == 9  # the teachers' base, three specialists, five students
     before = [p.stat().st_mtime_ns for p in weights]
     t0 = time.perf_counter()
-    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    _demo(out)
     assert [p.stat().st_mtime_ns for p in weights] == before
     assert time.perf_counter() - t0 < first_run / 2
     assert json.loads((out / "results.json").read_text())["rows"] == results["rows"]
