@@ -2,11 +2,12 @@
 exact statistics of format v2, for N positions at a time.
 
 ``position_targets`` works on fp32 log-probs (the reference, and the CPU pass, whose slabs stay in cache).
-``logit_targets`` gives the same targets straight from the logits in the model's dtype in as few passes over V as
-the math allows — top-k in the model's dtype, one exp pass for the log-partition (reused by the sampler's CDF),
-one masked pass for the tail sums — the GPU pass, where every op is a trip through memory (measured on an H200 at
-V = 128 256: the log-prob pass took ~10 µs per position, over 3x the forward of a 1B teacher).
-``compiled_targets`` runs either through ``torch.compile``.
+``logit_targets`` gives the same targets straight from the logits in the model's dtype — top-k in that dtype, then
+``logit_statistics``, reductions only (the log-partition, the top-k log-probs, every tail sum and the sampler's
+block sums), which ``torch.compile`` fuses — the GPU pass, where every eager op is a trip through memory (measured
+on an H200 at V = 128 256: the log-prob pass took ~10 µs per position, over 3x the forward of a 1B teacher; on a
+CPU, where the log-prob pass's slabs stay in cache, ``logit_targets`` was 1.2–1.6x slower).
+``compiled_targets`` runs a function through ``torch.compile``, falling back to it eager.
 """
 
 from __future__ import annotations
@@ -103,10 +104,13 @@ def position_targets(logp: torch.Tensor, next_ids: torch.Tensor, last: torch.Ten
 
 
 class _CompiledTargets:
-    """:func:`position_targets` (or :func:`logit_targets`) through ``torch.compile`` (inductor fuses its ~15 passes over V: 3x faster on a CPU,
-    measured 1200 → 400 µs per position at V = 49 152). Ids and top-k log-probs are the same bits; the statistics'
-    sums are reordered (within ~1e-6 relative, below their fp16 storage). One compile per slab shape (tens of
-    seconds each); the first failure (no C++ compiler, no triton) falls back to the eager function, with a warning."""
+    """:func:`position_targets` (or :func:`logit_statistics`) through ``torch.compile``. position_targets: inductor
+    fuses its ~15 passes over V, 3x faster on a CPU (1200 → 400 µs per position at V = 49 152); ids and top-k
+    log-probs are the same bits, the statistics' sums reordered (within ~1e-6 relative, below their fp16 storage).
+    logit_statistics on a GPU: one or two kernels instead of ~25 passes (the default there). One compile per slab
+    shape (tens of seconds each); the first failure (no C++ compiler, no triton) falls back to the eager function,
+    with a warning. Not what is compiled: top-k and scans (inductor 2.11 failed to generate code for a cumsum fused
+    with these reductions)."""
 
     def __init__(self, fn=None) -> None:
         self.eager = fn or position_targets
@@ -128,7 +132,7 @@ class _CompiledTargets:
 
 @functools.cache
 def compiled_targets(fn=None) -> _CompiledTargets:
-    """The compiled :func:`position_targets`, or of ``fn`` (:func:`logit_targets`); one per process."""
+    """The compiled :func:`position_targets`, or ``fn`` (:func:`logit_statistics`) compiled; one per process."""
     return _CompiledTargets(fn)
 
 

@@ -1,4 +1,4 @@
-"""The teacher: loading it, checking it against a store, and the pure per-batch target math.
+"""The teacher: loading it, checking it against a store, and running its target pass.
 
 ``load_teacher`` resolves device and dtype and fingerprints the weights; ``check_tokenizer`` tells whether the
 teacher shares the store's tokenizer, its vocabulary, or neither (then ``_cross.py`` maps it).
@@ -6,7 +6,8 @@ teacher shares the store's tokenizer, its vocabulary, or neither (then ``_cross.
 ``chunked_targets`` applies the LM head over chunks of positions, turning each chunk into top-k log-probs
 (normalized over the full vocabulary, fp32 math), optional sampled ids (``_sampler.py``) and the exact
 per-position statistics of format v2 (log tail mass, entropy, gold log-prob, tail log-partitions), so no
-(B, L, V) logits exist.
+(B, L, V) logits exist. The per-position math is ``_position.py``'s: ``position_targets`` on a CPU,
+``logit_targets`` (statistics compiled) on a GPU.
 ``sparse_targets`` is the reference: the same numbers from full logits, one row at a time.
 """
 
