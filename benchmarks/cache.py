@@ -45,7 +45,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from chorus.config import CacheConfig, PrepareConfig  # noqa: E402
 from chorus.pipeline import cache, prepare  # noqa: E402
-from chorus.pipeline._teacher import sparse_targets, tail_statistics  # noqa: E402
+from chorus.pipeline._position import tail_statistics  # noqa: E402
+from chorus.pipeline._teacher import sparse_targets  # noqa: E402
 from chorus.storage import (  # noqa: E402
     STATS_FIELDS,
     TAIL_BETAS,

@@ -352,7 +352,7 @@ def _arrays(ids: torch.Tensor, dense: torch.Tensor, masked: torch.Tensor, k: int
     """Decoded cache arrays (1, L, ...) of a teacher whose distribution at each position is ``dense`` (L, V), with
     the positions ``masked`` (L,) cached as "no target" the way _cross_targets writes them."""
     from chorus.pipeline._cross_targets import _masked
-    from chorus.pipeline._teacher import position_targets
+    from chorus.pipeline._position import position_targets
     from chorus.storage import TAIL_BETAS
 
     nxt = torch.roll(ids, -1)

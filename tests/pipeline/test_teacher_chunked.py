@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from chorus.errors import ChorusError
+from chorus.pipeline._position import compiled_targets
 from chorus.pipeline._sampler import _mix32, check_sampler, draw_ids, row_keys, row_uniforms
 from chorus.pipeline._teacher import (
     Teacher,
     chunked_targets,
-    compiled_targets,
     logit_ops,
     sparse_targets,
 )
@@ -254,7 +254,7 @@ def test_compiled_math_gives_the_same_targets():
 
 
 def test_a_failing_compile_falls_back_to_the_same_targets(capsys):
-    from chorus.pipeline._teacher import _CompiledTargets
+    from chorus.pipeline._position import _CompiledTargets
 
     def broken(*_a, **_k):
         raise RuntimeError("no C++ compiler found")

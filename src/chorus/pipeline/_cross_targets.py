@@ -15,14 +15,9 @@ import torch.nn.functional as F
 
 from chorus.errors import ChorusError
 from chorus.pipeline._cross import CrossMap, align
+from chorus.pipeline._position import position_targets
 from chorus.pipeline._sampler import row_uniforms
-from chorus.pipeline._teacher import (
-    CHUNK_BYTES,
-    Teacher,
-    _apply_ops,
-    chunk_positions,
-    position_targets,
-)
+from chorus.pipeline._teacher import CHUNK_BYTES, Teacher, _apply_ops, chunk_positions
 from chorus.storage._manifest import NO_TARGET_ENTROPY
 
 

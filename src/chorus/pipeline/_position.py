@@ -186,22 +186,23 @@ def logit_statistics(z: torch.Tensor, v: torch.Tensor, next_ids: torch.Tensor, l
     lowest = torch.finfo(torch.float32).min  # exp → 0 and 0·y = 0 (0·−inf is NaN)
     y = torch.where(inside, torch.sub(z, nxt).clamp_(min=lowest), lowest)
     e = torch.exp(y)
-    sums = {1.0: e.sum(-1)}
+    roots: dict[int, torch.Tensor] = {}  # e^(1/2) and e^(1/3), each made once
+
+    def root(n: int) -> torch.Tensor:
+        if n not in roots:
+            roots[n] = e.sqrt() if n == 2 else e.pow(1.0 / n)
+        return roots[n]
+
+    def term(beta: float) -> torch.Tensor:  # e^β from e by products and roots where β allows
+        for b, make in ((1.0, lambda: e), (2.0, lambda: e * e), (0.5, lambda: root(2)), (0.25, lambda: root(2).sqrt()),
+                        (1.0 / 3.0, lambda: root(3)), (2.0 / 3.0, lambda: root(3) * root(3))):
+            if math.isclose(beta, b, rel_tol=1e-9):
+                return make()
+        return e.pow(beta) if beta > 0.3 else torch.mul(y, beta).exp_()  # below: e's underflow would show
+
+    sums = {beta: term(beta).sum(-1) for beta in {1.0, *tail_betas}}
     moment = (e * y).sum(-1)
-    for beta in tail_betas:
-        if any(math.isclose(beta, b, rel_tol=1e-9) for b in sums):
-            continue
-        if math.isclose(beta, 2.0):
-            sums[beta] = (e * e).sum(-1)
-        elif math.isclose(beta, 0.5):
-            sums[beta] = e.sqrt().sum(-1)
-        elif math.isclose(beta, 0.25):
-            sums[beta] = e.sqrt().sqrt_().sum(-1)
-        elif math.isclose(beta, 2.0 / 3.0):
-            third = e.pow(1.0 / 3.0)
-            sums[beta] = (third * third).sum(-1)
-        else:  # 1/3, 1/0.7 and any other β
-            sums[beta] = e.pow(beta).sum(-1) if beta > 0.3 else torch.mul(y, beta).exp_().sum(-1)
+    roots.clear()  # the roots are not needed past the sums
     sums = {b: t + ties for b, t in sums.items()}
     m0 = vf[:, :1]
     log_z = m0 + torch.log(torch.exp(vf[:, :k] - m0).sum(-1, keepdim=True) + torch.exp(nxt - m0) * sums[1.0][:, None])

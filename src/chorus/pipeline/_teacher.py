@@ -24,14 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from chorus.errors import ChorusError
-from chorus.pipeline._position import (  # noqa: F401  (_CompiledTargets, tail_statistics: imported from here too)
-    _CompiledTargets,
-    compiled_targets,
-    logit_statistics,
-    logit_targets,
-    position_targets,
-    tail_statistics,
-)
+from chorus.pipeline._position import compiled_targets, logit_statistics, logit_targets, position_targets
 from chorus.pipeline._sampler import check_sampler, position_uniforms, row_keys, row_uniforms
 from chorus.pipeline._tokenizer import tokenizer_info
 from chorus.storage import TokenizerInfo
