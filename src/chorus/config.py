@@ -127,7 +127,8 @@ class TrainConfig:
     shuffle_shards: Optional[int] = opt(None, "shards read side by side: each batch mixes rows of that many shards "
                                               "(memory: that many decoded shards; default max(8, shuffle_buffer / rows "
                                               "per shard))")
-    chunk_size: int = opt(1024, "positions per chunk of the loss (bounds fp32 logits memory)")
+    chunk_size: Optional[int] = opt(None, "positions per chunk of the loss (bounds fp32 logits memory; default 1024 "
+                                          "on a CPU, on a GPU up to 4096 within 2 GiB of fp32 logits)")
     resume: bool = opt(False, "continue from the last checkpoint in --out")
     overwrite: bool = opt(False, "replace a run directory that holds another run")
     storage_options: dict = opt({}, "fsspec options for the store URL")

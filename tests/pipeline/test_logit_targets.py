@@ -16,7 +16,8 @@ from tests.storage.test_targets import dense_statistics
 K, M = 16, 32
 
 
-def _logits(kind: str, n: int = 256, vocab: int = 4000, seed: int = 0) -> torch.Tensor:
+def _logits(kind: str, n: int = 256, vocab: int = 5003, seed: int = 0) -> torch.Tensor:
+    """Logits over a vocabulary of 78 full blocks of 64 and a short one: the block top-k's path (block_topk)."""
     g = torch.Generator().manual_seed(seed)
     if kind == "gaussian":  # N(0, σ²) logits, σ from flat to peaked across positions
         return torch.randn(n, vocab, generator=g) * torch.linspace(0.5, 6.0, n)[:, None]
@@ -72,8 +73,9 @@ def test_logit_targets_match_the_log_prob_reference(kind, dtype):
     assert (got["draws"] == ref["draws"]).float().mean() > 0.999
 
 
-def test_masked_logits_and_an_empty_tail_give_no_nan():
-    z = _logits("gaussian", n=64, vocab=300)
+@pytest.mark.parametrize("vocab", [300, 5003])
+def test_masked_logits_and_an_empty_tail_give_no_nan(vocab):
+    z = _logits("gaussian", n=64, vocab=vocab)
     z[:, 100:] = float("-inf")  # a vocabulary the model never scores
     z[:8, K + 1:] = float("-inf")  # only the k+1-th survives
     got = _call(logit_targets, z, torch.zeros(64, dtype=torch.long))
@@ -85,6 +87,31 @@ def test_masked_logits_and_an_empty_tail_give_no_nan():
     z = _logits("gaussian", n=8, vocab=K)  # V = k: nothing left for a tail
     torch.testing.assert_close(_call(logit_targets, z, torch.zeros(8, dtype=torch.long)),
                                _call(position_targets, torch.log_softmax(z, -1), torch.zeros(8, dtype=torch.long)))
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "zipf", "ties"])
+@pytest.mark.parametrize("vocab,k", [(5003, 17), (4160, 9), (20000, 65), (1000, 65)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_topk_is_topk(kind, vocab, k, dtype):
+    """The top-k among the blocks with the largest maxima: torch.topk's values, bit for bit, and its ids but among
+    exact ties — with a short last block, without one, with rows that hold fewer finite logits than k (masked
+    vocabulary) and with few blocks (then torch.topk itself)."""
+    from chorus.pipeline._position import block_topk
+    from chorus.pipeline._sampler import block_stats
+
+    z = _logits(kind, n=64, vocab=vocab, seed=8).to(dtype)
+    z[:4, 10:] = float("-inf")  # fewer than k finite logits
+    z[4:8, :-3] = float("-inf")  # only the last block's
+    z[8:12, 64 * 5: 64 * 7] += 50.0  # the top-k all in two blocks
+    v, i = block_topk(z, block_stats(z, sums=False)[0], k)
+    want_v, want_i = torch.topk(z, k, dim=-1)
+    assert torch.equal(v, want_v)
+    assert i.dtype == torch.int64 and ((i >= 0) & (i < vocab)).all()
+    assert (i.sort(-1).values.diff(dim=-1) > 0).all()  # no id twice
+    assert torch.equal(z.gather(-1, i), want_v)  # the ids hold those values: any of tied ones
+    unique = (z[:, None, :] == want_v[:, :, None]).sum(-1) == 1  # a value no other logit of the row holds
+    assert unique.float().mean() > (0 if kind == "ties" else 0.1 if dtype == torch.bfloat16 else 0.75)  # the masked rows: ties at −inf
+    assert torch.equal(i[unique], want_i[unique])
 
 
 def _assert_same_targets(got: dict, want: dict, what) -> None:

@@ -2,9 +2,9 @@
 exact statistics of format v2, for N positions at a time.
 
 ``position_targets`` works on fp32 log-probs (the reference, and the CPU pass, whose slabs stay in cache).
-``logit_targets`` gives the same targets straight from the logits in the model's dtype — top-k in that dtype, then
-``logit_statistics``, reductions only (the log-partition, the top-k log-probs, every tail sum and the sampler's
-block sums), which ``torch.compile`` fuses — the GPU pass, where every eager op is a trip through memory (measured
+``logit_targets`` gives the same targets straight from the logits in the model's dtype — block maxima and sums, a
+top-k among the best blocks, then ``logit_statistics``, reductions only (the log-partition, the top-k log-probs,
+every tail sum), which ``torch.compile`` fuses — the GPU pass, where every eager op is a trip through memory (measured
 on an H200 at V = 128 256: the log-prob pass took ~10 µs per position, over 3x the forward of a 1B teacher; on a
 CPU, where the log-prob pass's slabs stay in cache, ``logit_targets`` was 1.2–1.6x slower).
 ``compiled_targets`` runs a function through ``torch.compile``, falling back to it eager.
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-from chorus.pipeline._sampler import block_sums, draw_ids, draw_ids_blocked
+from chorus.pipeline._sampler import SAMPLE_BLOCK, block_stats, draw_ids, draw_ids_blocked, scale_block_sums
 
 
 def _tail_sums(y: torch.Tensor, betas: Sequence[float]) -> tuple[dict[float, torch.Tensor], torch.Tensor]:
@@ -104,20 +104,20 @@ def position_targets(logp: torch.Tensor, next_ids: torch.Tensor, last: torch.Ten
 
 
 class _CompiledTargets:
-    """:func:`position_targets` (or :func:`logit_statistics`) through ``torch.compile``. position_targets: inductor
-    fuses its ~15 passes over V, 3x faster on a CPU (1200 → 400 µs per position at V = 49 152); ids and top-k
-    log-probs are the same bits, the statistics' sums reordered (within ~1e-6 relative, below their fp16 storage).
-    logit_statistics on a GPU: one or two kernels instead of ~25 passes (the default there). One compile per slab
-    shape (tens of seconds each); the first failure (no C++ compiler, no triton) falls back to the eager function,
-    with a warning. Not what is compiled: top-k and scans (inductor 2.11 failed to generate code for a cumsum fused
-    with these reductions)."""
+    """:func:`position_targets` (or :func:`logit_statistics`, :func:`block_stats`) through ``torch.compile``.
+    position_targets: inductor fuses its ~15 passes over V, 3x faster on a CPU (1200 → 400 µs per position at
+    V = 49 152); ids and top-k log-probs are the same bits, the statistics' sums reordered (within ~1e-6 relative,
+    below their fp16 storage). logit_statistics and block_stats on a GPU: one kernel each instead of ~25 passes
+    (the default there). One compile per slab shape (tens of seconds each); the first failure (no C++ compiler, no
+    triton) falls back to the eager function, with a warning. Not what is compiled: top-k and scans (inductor 2.11
+    failed to generate code for a cumsum fused with these reductions)."""
 
     def __init__(self, fn=None) -> None:
         self.eager = fn or position_targets
         self.fn = torch.compile(self.eager, dynamic=False)
         self.failed = False
 
-    def __call__(self, *args, **kwargs) -> dict[str, torch.Tensor]:
+    def __call__(self, *args, **kwargs):
         if not self.failed:
             try:
                 return self.fn(*args, **kwargs)
@@ -132,50 +132,71 @@ class _CompiledTargets:
 
 @functools.cache
 def compiled_targets(fn=None) -> _CompiledTargets:
-    """The compiled :func:`position_targets`, or ``fn`` (:func:`logit_statistics`) compiled; one per process."""
+    """The compiled :func:`position_targets`, or ``fn`` (:func:`logit_statistics`, :func:`block_stats`) compiled; one
+    per function and process."""
     return _CompiledTargets(fn)
 
 
 def logit_targets(z: torch.Tensor, next_ids: torch.Tensor, last: torch.Tensor, uniforms: torch.Tensor | None, *,
-                  top_k: int, tail_betas: Sequence[float], statistics=None) -> dict[str, torch.Tensor]:
+                  top_k: int, tail_betas: Sequence[float], statistics=None, blocks=None) -> dict[str, torch.Tensor]:
     """(N, V) logits in the model's dtype (its logit ops applied) → the targets of :func:`position_targets` of
     their fp32 log-softmax, equal up to fp32 rounding (the log-partition is summed in another order), without
-    fp32 log-probs over V:
+    fp32 log-probs over V, in two passes over the logits:
 
-    - top-(k+1) of the logits in their own dtype (bf16: half the bytes and radix passes of fp32; the order is that
-      of the log-probs, since z ↦ float(z) − log Z is increasing);
+    - :func:`block_stats` (``blocks``: it, or it compiled): the maxima of blocks of SAMPLE_BLOCK ids and, with
+      ``uniforms``, their sums of exponentials;
+    - top-(k+1) among the k+1 blocks with the largest maxima (:func:`block_topk`: ~3 % of V at V = 128k), in the
+      logits' own dtype (the order is that of the log-probs, since z ↦ float(z) − log Z is increasing);
     - :func:`logit_statistics` (``statistics``: it, or it compiled — reductions only, no top-k and no scan, so
-      ``torch.compile`` fuses it into a kernel or two that read the logits once or twice);
-    - with ``uniforms``, inverse-CDF draws in two levels (:func:`draw_ids_blocked`: blocks of the vocabulary, whose
-      sums the same reduction gives, then inside the M chosen blocks), not a scan over V.
+      ``torch.compile`` fuses them into one pass);
+    - with ``uniforms``, inverse-CDF draws in two levels (:func:`draw_ids_blocked`: the blocks from their sums, then
+      inside the M chosen blocks), not a scan over V.
 
     Row-wise like :func:`position_targets`: a position's targets do not depend on which positions share the call."""
     vocab = z.shape[-1]
     if vocab <= top_k or not tail_betas:  # no tail, or no statistics to fuse the log-partition into
         return position_targets(torch.log_softmax(z.float(), dim=-1), next_ids, last, uniforms, top_k=top_k,
                                 tail_betas=tail_betas)
-    v, i = torch.topk(z, top_k + 1, dim=-1, sorted=True)
-    out = (statistics or logit_statistics)(z, v, next_ids, last, tail_betas=tail_betas, sample=uniforms is not None)
+    reduced = (blocks or block_stats)(z, SAMPLE_BLOCK, sums=uniforms is not None)
+    v, i = block_topk(z, reduced[0], top_k + 1)
+    out = (statistics or logit_statistics)(z, v, next_ids, last, tail_betas=tail_betas)
     out["topk_ids"] = i[:, :top_k]
     if uniforms is not None:
-        out["draws"] = draw_ids_blocked(z, v[:, :1].float(), uniforms, out.pop("block_sums"))
+        m = v[:, :1].float()
+        out["draws"] = draw_ids_blocked(z, m, uniforms, scale_block_sums(reduced[0], reduced[1], m))
     return out
 
 
+def block_topk(z: torch.Tensor, maxima: torch.Tensor, k: int, block: int = SAMPLE_BLOCK) -> tuple[torch.Tensor, ...]:
+    """(N, V) logits and their :func:`block_stats` maxima → ``torch.topk(z, k)`` (values, int64 ids; descending)
+    taken among the k full blocks with the largest maxima and the short last block: every one of the k largest
+    logits lies there (a logit in any other block has k blocks' maxima, k other logits, at or above it), so the
+    values are topk's and the ids too but among exact ties. A top-k over ~k·block + V/block entries, not over V
+    (on an H200 at V = 128k, top-65 over V took as long as the rest of the pass)."""
+    n, vocab = z.shape
+    full = vocab // block
+    if full < 4 * k:  # few blocks: the candidates would be much of the vocabulary
+        return torch.topk(z, k, dim=-1, sorted=True)
+    chosen = torch.topk(maxima[:, :full], k, dim=-1, sorted=False).indices
+    ids = (chosen[..., None] * block + torch.arange(block, device=z.device)).view(n, k * block)
+    if vocab > full * block:
+        ids = torch.cat([ids, torch.arange(full * block, vocab, device=z.device).expand(n, -1)], -1)
+    v, j = torch.topk(z.gather(-1, ids), k, dim=-1, sorted=True)
+    return v, ids.gather(-1, j)
+
+
 def logit_statistics(z: torch.Tensor, v: torch.Tensor, next_ids: torch.Tensor, last: torch.Tensor, *,
-                     tail_betas: Sequence[float], sample: bool = False) -> dict[str, torch.Tensor]:
-    """(N, V) logits and their (N, k+1) largest ``v`` (descending) → ``topk_logprobs`` (N, k), the statistics of
-    :func:`tail_statistics` and with ``sample`` the sampler's ``block_sums``, from sums over the tail only:
+                     tail_betas: Sequence[float]) -> dict[str, torch.Tensor]:
+    """(N, V) logits and their (N, k+1) largest ``v`` (descending) → ``topk_logprobs`` (N, k) and the statistics of
+    :func:`tail_statistics`, from sums over the tail only:
 
     - the tail is every logit below the k-th, relative to the (k+1)-th, the tail's largest: y = z − v_k ≤ 0;
       a logit tied with the k-th but left out of the top-k (counted: every logit above the k-th is in it) has
       y = 0 and adds 1 to each Σ exp(β·y) and 0 to the moment Σ e^y·y;
     - log Z = v_0 + log(Σ_top exp(v − v_0) + exp(v_k − v_0)·Σ_tail e^y): the log-partition is the top-k's terms
       plus the tail's, all positive (no cancellation), so no separate pass over V;
-    - one exp over the tail, e = e^y: Σ e, Σ e² (β = 2), Σ e·y, e^(1/0.7) and e^(1/3) (whose Σ of squares is
-      β = 2/3), then square roots (β = 1/2, 1/4). A term underflowed to 0 in e (y < −103) is ≤ e^−34 of the
-      tail's largest at β = 1/3 (e^−26 at 1/4): below the sums' fp32 rounding;
-    - any β outside that set: its own exp.
+    - Σ e^y, Σ e^y·y and Σ e^(2y) from one exp, every other β its own exp(β·y) (on an H200 half the time of
+      roots and powers of e^y, and no underflow of e^y to carry into them).
     """
     k = v.shape[-1] - 1
     vf = v.float()
@@ -186,23 +207,9 @@ def logit_statistics(z: torch.Tensor, v: torch.Tensor, next_ids: torch.Tensor, l
     lowest = torch.finfo(torch.float32).min  # exp → 0 and 0·y = 0 (0·−inf is NaN)
     y = torch.where(inside, torch.sub(z, nxt).clamp_(min=lowest), lowest)
     e = torch.exp(y)
-    roots: dict[int, torch.Tensor] = {}  # e^(1/2) and e^(1/3), each made once
-
-    def root(n: int) -> torch.Tensor:
-        if n not in roots:
-            roots[n] = e.sqrt() if n == 2 else e.pow(1.0 / n)
-        return roots[n]
-
-    def term(beta: float) -> torch.Tensor:  # e^β from e by products and roots where β allows
-        for b, make in ((1.0, lambda: e), (2.0, lambda: e * e), (0.5, lambda: root(2)), (0.25, lambda: root(2).sqrt()),
-                        (1.0 / 3.0, lambda: root(3)), (2.0 / 3.0, lambda: root(3) * root(3))):
-            if math.isclose(beta, b, rel_tol=1e-9):
-                return make()
-        return e.pow(beta) if beta > 0.3 else torch.mul(y, beta).exp_()  # below: e's underflow would show
-
-    sums = {beta: term(beta).sum(-1) for beta in {1.0, *tail_betas}}
+    sums = {beta: (e if beta == 1.0 else e * e if beta == 2.0 else torch.mul(y, beta).exp_()).sum(-1)
+            for beta in {1.0, *tail_betas}}
     moment = (e * y).sum(-1)
-    roots.clear()  # the roots are not needed past the sums
     sums = {b: t + ties for b, t in sums.items()}
     m0 = vf[:, :1]
     log_z = m0 + torch.log(torch.exp(vf[:, :k] - m0).sum(-1, keepdim=True) + torch.exp(nxt - m0) * sums[1.0][:, None])
@@ -213,8 +220,5 @@ def logit_statistics(z: torch.Tensor, v: torch.Tensor, next_ids: torch.Tensor, l
     entropy = head - torch.exp(mt) * (mt * sums[1.0] + moment)
     betas = torch.tensor(tail_betas, dtype=torch.float32, device=z.device)
     a = torch.log(torch.stack([sums[b] for b in tail_betas], -1)).add_(mt[:, None] * betas)
-    out = {"topk_logprobs": top, "log_tail": mt + torch.log(sums[1.0]), "entropy": entropy, "gold_logprob": gold,
-           "tail_logz": a}
-    if sample:
-        out["block_sums"] = block_sums(z, m0)
-    return out
+    return {"topk_logprobs": top, "log_tail": mt + torch.log(sums[1.0]), "entropy": entropy, "gold_logprob": gold,
+            "tail_logz": a}

@@ -83,16 +83,39 @@ def draw_ids(logp: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     return draws.clamp_(max=logp.shape[-1] - 1)
 
 
-SAMPLE_BLOCK = 1024  # vocabulary entries per block of the two-level inverse CDF (draw_ids_blocked)
+# vocabulary entries per block, of the two-level inverse CDF (draw_ids_blocked) and of the block top-k
+# (_position.block_topk): ~sqrt(V / M) keeps both levels small — at V = 128k and M = 32, ~2000 block sums per
+# position and M · 64 = 2048 entries inside the drawn blocks (with blocks of 1024: 32 768, measured on an H200 at
+# 1.1 µs per position, a third of the target pass)
+SAMPLE_BLOCK = 64
+
+
+def block_stats(z: torch.Tensor, block: int = SAMPLE_BLOCK, *, sums: bool = True) -> tuple[torch.Tensor, ...]:
+    """(N, V) logits → (N, ⌈V / block⌉) fp32 maxima of blocks of ``block`` consecutive ids (the last one short)
+    and, with ``sums``, each block's sum of exp(z − its maximum) (0 for a block of −inf): one reduction, which
+    ``torch.compile`` turns into one pass over the logits."""
+    n, vocab = z.shape
+    blocks = -(-vocab // block)
+    padded = torch.nn.functional.pad(z, (0, blocks * block - vocab), value=float("-inf")).view(n, blocks, block)
+    padded = padded.float()
+    maxima = padded.amax(-1)
+    if not sums:
+        return (maxima,)
+    shift = torch.where(torch.isfinite(maxima), maxima, torch.zeros_like(maxima))
+    return maxima, torch.exp(padded - shift[..., None]).sum(-1)
+
+
+def scale_block_sums(maxima: torch.Tensor, sums: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """:func:`block_stats`' per-block sums rescaled to Σ exp(z − m) over each block, for (N, 1) fp32 m ≥ the
+    row's maximum."""
+    scale = torch.exp(torch.where(torch.isfinite(maxima), maxima - m, torch.full_like(maxima, float("-inf"))))
+    return sums * scale
 
 
 def block_sums(z: torch.Tensor, m: torch.Tensor, block: int = SAMPLE_BLOCK) -> torch.Tensor:
     """(N, V) logits and (N, 1) fp32 values ≥ their max → (N, ⌈V / block⌉) fp32 sums of exp(z − m) over blocks of
-    ``block`` consecutive ids (the last one short): one reduction, which ``torch.compile`` fuses with the others."""
-    n, vocab = z.shape
-    blocks = -(-vocab // block)
-    padded = torch.nn.functional.pad(z, (0, blocks * block - vocab), value=float("-inf")).view(n, blocks, block)
-    return torch.exp(padded.float() - m[:, :, None]).sum(-1)
+    ``block`` consecutive ids (the last one short)."""
+    return scale_block_sums(*block_stats(z, block), m)
 
 
 def draw_ids_blocked(z: torch.Tensor, m: torch.Tensor, uniforms: torch.Tensor, sums: torch.Tensor,

@@ -25,20 +25,22 @@ import torch.nn.functional as F
 
 from chorus.errors import ChorusError
 from chorus.pipeline._position import compiled_targets, logit_statistics, logit_targets, position_targets
-from chorus.pipeline._sampler import check_sampler, position_uniforms, row_keys, row_uniforms
+from chorus.pipeline._sampler import block_stats, check_sampler, position_uniforms, row_keys, row_uniforms
 from chorus.pipeline._tokenizer import tokenizer_info
 from chorus.storage import TokenizerInfo
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FINGERPRINT_SAMPLES = 4096  # elements hashed per weight tensor (evenly spaced, always including the first and last)
 # default LM-head chunk: one (positions, V) fp32 buffer of this size (the step holds ~4); large on a GPU, where big
-# GEMMs and few launches win. On a CPU the cross-tokenizer pass, which works on whole chunks, keeps them small
+# GEMMs and few launches win (H200, V = 128k: 2304-position chunks cost 2.9 µs of target math per position, 576-position
+# ones 3.7). On a CPU the cross-tokenizer pass, which works on whole chunks, keeps them small
 # (memory-bound passes); the same-tokenizer pass runs the head GEMM over CPU_HEAD_CHUNK positions and the math in
 # cache-sized slabs: a 64-row GEMM ran 1.34-1.48x the time of one over all positions at V = 49k-128k, 256 rows
 # 0.94-1.00x (0.62x at V = 8192, where its output stays in cache).
-CHUNK_BYTES = {"cpu": 1 << 21, "cuda": 1 << 28}
+CHUNK_BYTES = {"cpu": 1 << 21, "cuda": 1 << 30}
 CPU_HEAD_CHUNK = 256
-SLAB_BYTES = {"cpu": 3 << 19, "cuda": 1 << 30}  # the per-position math's working set (see slab_positions)
+SLAB_BYTES = {"cpu": 3 << 19, "cuda": 1 << 31}  # the per-position math's working set (see slab_positions); on a GPU a
+# whole chunk at once
 CHUNK_ALIGN = 64  # chunk sizes are rounded up to a multiple: chunks then start where the full head's GEMM tiles do
 HEAD_CHECK_POSITIONS = 32
 OutOfMemory = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), MemoryError)
@@ -101,8 +103,8 @@ class Teacher:
         fused = gpu if self.from_logits is None else self.from_logits
         compiled = gpu if self.compiled is None else self.compiled
         if fused:
-            per_position = (functools.partial(logit_targets, statistics=compiled_targets(logit_statistics))
-                            if compiled else logit_targets)
+            per_position = (functools.partial(logit_targets, statistics=compiled_targets(logit_statistics),
+                                              blocks=compiled_targets(block_stats)) if compiled else logit_targets)
         else:
             per_position = compiled_targets() if compiled else position_targets
         return chunked_targets(hidden, weight, bias, input_ids.to(weight.device),

@@ -179,7 +179,8 @@ class Student(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, select: Tensor, gold: Tensor,
                 targets: SparseDist | None, *, loss_fn: Any, kd_weight: float, temperature: float = 1.0,
-                chunk_size: int = 1024, divergence_kwargs: dict | None = None, fused: bool = True) -> tuple[Tensor, dict]:
+                chunk_size: int | None = None, divergence_kwargs: dict | None = None,
+                fused: bool = True) -> tuple[Tensor, dict]:
         """Loss over the N selected next-token positions. ``select`` (N,) indexes the flattened
         (B·(L-1)) positions that predict a real token, ``gold`` (N,) their tokens, ``targets`` a
         SparseDist over the same N positions (None: hard-label CE only)."""

@@ -130,7 +130,7 @@ def _predictable(pos: Positions) -> Positions | None:
 
 @torch.no_grad()
 def evaluate_model(model, store: str, *, split: str = "valid", batch_size: int = 8, max_rows: int | None = None,
-                   teachers: list[str] | None = None, chunk_size: int = 1024, operator: str = "mixture",
+                   teachers: list[str] | None = None, chunk_size: int | None = None, operator: str = "mixture",
                    weighting: str = "none", alpha: float = 0.5, beta: float = 1.0,
                    storage_options: dict | None = None) -> dict:
     """Metrics of ``model`` (a :class:`~chorus.trainer._student.Student`, or a causal LM it wraps) on
@@ -161,7 +161,7 @@ def evaluate_model(model, store: str, *, split: str = "valid", batch_size: int =
             continue
         dists = [builder.teacher(i, batch["teachers"][t], pos.select, device) for i, t in enumerate(teachers)]
         for sl, s_logp in student.log_probs_chunks(batch["input_ids"].to(device), pos.attention_mask, pos.select,
-                                                   chunk_size):
+                                                   chunk_size or 1024):
             gold, dom = pos.gold[sl], pos.domain[sl]
             top_logp, pred = s_logp.max(-1)
             loss.add(-s_logp.gather(1, gold[:, None])[:, 0], dom, nd)

@@ -47,13 +47,13 @@ def _validate(cfg: TrainConfig, domains: tuple[str, ...]) -> None:
     """Every setting a run needs, checked before the run directory is made (a refused run blocks no rerun)."""
     check_combination(target=cfg.target, loss=cfg.loss, operator=cfg.aggregate, weighting=cfg.weighting,
                       temperature=cfg.temperature)
-    for key in ("steps", "batch_size", "grad_accum", "chunk_size", "log_every", "shuffle_buffer"):
+    for key in ("steps", "batch_size", "grad_accum", "log_every", "shuffle_buffer"):
         if getattr(cfg, key) < 1:
             raise ChorusError(f"train key '{key}': expected a positive integer, got {getattr(cfg, key)}")
     for key in ("eval_every", "eval_rows", "save_every", "warmup_steps", "num_workers"):
         if getattr(cfg, key) < 0:
             raise ChorusError(f"train key '{key}': expected an integer >= 0, got {getattr(cfg, key)}")
-    for key in ("train_rows", "exclude_rows"):
+    for key in ("train_rows", "exclude_rows", "chunk_size"):
         if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
             raise ChorusError(f"train key '{key}': expected a positive integer, got {getattr(cfg, key)}")
     if not (math.isfinite(cfg.lr) and cfg.lr > 0):
