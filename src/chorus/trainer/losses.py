@@ -191,6 +191,23 @@ def _resolve(loss_fn: Divergence | str) -> Divergence:
     return get_loss(loss_fn) if isinstance(loss_fn, str) else loss_fn
 
 
+def _support_index(gold: Tensor, targets: SparseDist | None) -> Tensor:
+    """(N, 1 + S) int64 ids where the T = 1 losses read the student: the gold token (id 0 where ignored), then the
+    target's support."""
+    g = torch.where(gold == IGNORE_INDEX, torch.zeros_like(gold), gold)[:, None].long()
+    return g if targets is None else torch.cat([g, _support_ids(targets)], 1)
+
+
+def _support_losses(picked: Tensor, gold: Tensor, targets: SparseDist | None, loss_fn: Divergence,
+                    divergence_kwargs: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    """(N,) CE and (N,) KD at T = 1 from the student's log-probs ``picked`` at :func:`_support_index`: all the
+    T = 1 losses read of the (N, V) log-probs."""
+    ce = torch.where(gold == IGNORE_INDEX, torch.zeros_like(picked[:, 0]), -picked[:, 0])
+    if targets is None:
+        return ce, torch.zeros_like(ce)
+    return ce, loss_fn(targets, Gathered(picked[:, 1:]), **divergence_kwargs)
+
+
 def _per_position(
     logits: Tensor,
     gold: Tensor,
@@ -205,11 +222,8 @@ def _per_position(
     if targets is None:
         return cross_entropy(log_s1, gold), torch.zeros(gold.shape, device=logits.device)
     if temperature == 1.0:  # one gather for gold and support: a single (N, V) scatter in backward
-        ignore = gold == IGNORE_INDEX
-        idx = torch.cat([torch.where(ignore, torch.zeros_like(gold), gold)[:, None].long(), _support_ids(targets)], 1)
-        picked = torch.gather(log_s1, 1, idx)
-        ce = torch.where(ignore, torch.zeros_like(picked[:, 0]), -picked[:, 0])
-        return ce, loss_fn(targets, Gathered(picked[:, 1:]), **divergence_kwargs)
+        return _support_losses(torch.gather(log_s1, 1, _support_index(gold, targets)), gold, targets, loss_fn,
+                               divergence_kwargs)
     ce = cross_entropy(log_s1, gold)
     s_logp = F.log_softmax(logits / temperature, dim=-1)
     # The targets come softened by T (targets.TargetBuilder, exactly, from the cached statistics);
@@ -256,6 +270,26 @@ def distill_loss_from_logits(
     return _combine(ce, kd, gold, kd_weight, targets is not None)
 
 
+def _logit_gradient(logits: Tensor, gold: Tensor, targets: SparseDist | None, fn: Divergence, kwargs: dict,
+                    mask: Tensor, w_kd: float, denom: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One chunk of :class:`_FusedHeadLoss` at T = 1: (N,) masked CE and KD and the fp32 gradient of their share
+    of the loss w.r.t. the (N, V) ``logits``. The T = 1 losses read the log-probs only at :func:`_support_index`
+    (``picked``), so with g = ∂loss/∂picked (autograd over (N, 1 + S) values) and log s = z − logsumexp(z):
+    ∂loss/∂z = scatter(g) − softmax(z)·Σg. Written into the fp32 logits in place: one (N, V) fp32 buffer, not
+    autograd's log-probs, their gradient and a scatter target (less memory, fewer passes over V)."""
+    z = logits.float()  # the only fp32 (N, V) buffer (the logits themselves for an fp32 head)
+    lse = torch.logsumexp(z, -1, keepdim=True)
+    idx = _support_index(gold, targets)
+    picked = (z.gather(-1, idx) - lse).requires_grad_()
+    with torch.enable_grad():
+        ce, kd = _support_losses(picked, gold, targets, fn, kwargs)
+        zero = torch.zeros_like(ce)
+        ce, kd = torch.where(mask, ce, zero), torch.where(mask, kd, zero)  # masked entries never leak
+        (g,) = torch.autograd.grad(((1.0 - w_kd) * ce + w_kd * kd).sum() / denom, picked)
+    z.sub_(lse).exp_().mul_(-g.sum(-1, keepdim=True)).scatter_add_(-1, idx, g)
+    return ce.detach(), kd.detach(), z
+
+
 class _FusedHeadLoss(torch.autograd.Function):
     """The chunked loss with its backward done in forward, chunk by chunk ("fused linear cross-entropy",
     as in Liger-Kernel / Cut Cross-Entropy, here in pure torch for every divergence): each chunk's logits
@@ -263,7 +297,9 @@ class _FusedHeadLoss(torch.autograd.Function):
     at once, and the chunk's (chunk, V) tensors are freed. Backward only scales the stored gradients.
     Three matmuls per chunk (logits, dH, dW) against four with activation checkpointing (which recomputes
     the logits in backward), and peak memory one chunk's (chunk, V) fp32 plus the gradient buffers
-    (the size of the hidden states and of the head).
+    (the size of the hidden states and of the head). At T = 1 (every loss there reads the log-probs at the gold and
+    support ids only) the gradient w.r.t. the logits is taken in closed form (:func:`_logit_gradient`); at other
+    temperatures by autograd over the chunk.
 
     Outputs the loss and the detached CE and KD means; inputs as :func:`chunked_distill_loss`."""
 
@@ -283,21 +319,33 @@ class _FusedHeadLoss(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_size):
             sl = slice(start, start + chunk_size)
             tgt = targets.rows(sl) if targets is not None else None
-            with torch.enable_grad():
-                h = hidden[sl].detach().requires_grad_(wants[0])
-                ce, kd = _per_position(F.linear(h, w_in, b_in), gold[sl], tgt, fn, temperature, kwargs)
-                m = mask[sl]
-                zero = torch.zeros_like(ce)
-                ce, kd = torch.where(m, ce, zero), torch.where(m, kd, zero)  # masked entries never leak
-                chunk = ((1.0 - w_kd) * ce + w_kd * kd).sum() / denom
-                leaves = [x for x, want in zip((h, w_in, b_in), wants) if want]
-                grads = iter(torch.autograd.grad(chunk, leaves)) if leaves else iter(())
-            if wants[0]:
-                grad_h[sl] = next(grads)
-            if wants[1]:
-                grad_w += next(grads)
-            if wants[2]:
-                grad_b += next(grads)
+            if temperature == 1.0:  # the gradient w.r.t. the logits in closed form, then the head's two matmuls
+                h = hidden[sl].detach()
+                ce, kd, g = _logit_gradient(F.linear(h, w_in.detach(), None if b_in is None else b_in.detach()),
+                                            gold[sl], tgt, fn, kwargs, mask[sl], w_kd, denom)
+                g = g.to(weight.dtype)
+                if wants[0]:
+                    grad_h[sl] = (g @ weight.detach()).to(hidden.dtype)
+                if wants[1]:
+                    grad_w += (g.t() @ h.to(weight.dtype)).float()
+                if wants[2]:
+                    grad_b += g.sum(0).float()
+            else:
+                with torch.enable_grad():
+                    h = hidden[sl].detach().requires_grad_(wants[0])
+                    ce, kd = _per_position(F.linear(h, w_in, b_in), gold[sl], tgt, fn, temperature, kwargs)
+                    m = mask[sl]
+                    zero = torch.zeros_like(ce)
+                    ce, kd = torch.where(m, ce, zero), torch.where(m, kd, zero)  # masked entries never leak
+                    chunk = ((1.0 - w_kd) * ce + w_kd * kd).sum() / denom
+                    leaves = [x for x, want in zip((h, w_in, b_in), wants) if want]
+                    grads = iter(torch.autograd.grad(chunk, leaves)) if leaves else iter(())
+                if wants[0]:
+                    grad_h[sl] = next(grads)
+                if wants[1]:
+                    grad_w += next(grads)
+                if wants[2]:
+                    grad_b += next(grads)
             ce_sum += ce.detach().sum()
             kd_sum += kd.detach().sum()
         ctx.save_for_backward(grad_h, grad_w, grad_b)
