@@ -114,3 +114,36 @@ def test_collectives_reduce_on_the_device_through_nccl(tmp_path):
         assert out == [{"rank": 0}]
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_loss_on_the_gpu_matches_the_dense_loss(temperature, dtype):
+    """The GPU's loss path (4096-position chunks by default; at T = 1 the gradient w.r.t. the logits in closed
+    form) against autograd over the full logits, on the device, for every divergence."""
+    import torch.nn.functional as F
+
+    from chorus.trainer.losses import LOSSES, chunked_distill_loss, distill_loss_from_logits
+    from chorus.trainer.sparse import from_topk
+
+    g = torch.Generator().manual_seed(0)
+    n, h, v, k = 5000, 64, 3000, 16
+    hidden, weight = torch.randn(n, h, generator=g), torch.randn(v, h, generator=g) * 0.3
+    top = (torch.randn(n, v, generator=g) * 2).log_softmax(-1).topk(k)
+    gold = torch.randint(0, v, (n,), generator=g)
+    gold[::7] = -100
+    cuda = torch.device("cuda")
+    targets = from_topk(top.indices.to(cuda), top.values.half().to(cuda), v)
+    gold = gold.to(cuda)
+    tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 1e-3}
+    for name in sorted(LOSSES):
+        kw = dict(loss_fn=name, kd_weight=0.6, temperature=temperature)
+        h1, w1 = (x.to(cuda, dtype).requires_grad_() for x in (hidden, weight))
+        loss1, _ = chunked_distill_loss(h1, w1, gold, targets, **kw)
+        loss1.backward()
+        h2, w2 = (x.to(cuda, dtype).requires_grad_() for x in (hidden, weight))
+        loss2, _ = distill_loss_from_logits(F.linear(h2, w2), gold, targets, **kw)
+        loss2.backward()
+        torch.testing.assert_close(loss1.float(), loss2.float(), **tol, msg=name)
+        torch.testing.assert_close(h1.grad.float(), h2.grad.float(), **tol, msg=name)
+        torch.testing.assert_close(w1.grad.float(), w2.grad.float(), **tol, msg=name)

@@ -270,24 +270,27 @@ def distill_loss_from_logits(
     return _combine(ce, kd, gold, kd_weight, targets is not None)
 
 
-def _logit_gradient(logits: Tensor, gold: Tensor, targets: SparseDist | None, fn: Divergence, kwargs: dict,
-                    mask: Tensor, w_kd: float, denom: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """One chunk of :class:`_FusedHeadLoss` at T = 1: (N,) masked CE and KD and the fp32 gradient of their share
-    of the loss w.r.t. the (N, V) ``logits``. The T = 1 losses read the log-probs only at :func:`_support_index`
-    (``picked``), so with g = ∂loss/∂picked (autograd over (N, 1 + S) values) and log s = z − logsumexp(z):
-    ∂loss/∂z = scatter(g) − softmax(z)·Σg. Written into the fp32 logits in place: one (N, V) fp32 buffer, not
-    autograd's log-probs, their gradient and a scatter target (less memory, fewer passes over V)."""
-    z = logits.float()  # the only fp32 (N, V) buffer (the logits themselves for an fp32 head)
-    lse = torch.logsumexp(z, -1, keepdim=True)
+def _logit_gradient(h: Tensor, weight: Tensor, bias: Tensor | None, gold: Tensor, targets: SparseDist | None,
+                    fn: Divergence, kwargs: dict, mask: Tensor, w_kd: float,
+                    denom: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One chunk of :class:`_FusedHeadLoss` at T = 1: the chunk's (N, V) logits ``F.linear(h, weight, bias)``, then
+    (N,) masked CE and KD and the fp32 gradient of their share of the loss w.r.t. the logits. The T = 1 losses read
+    the log-probs only at :func:`_support_index` (``picked``), so with g = ∂loss/∂picked (autograd over (N, 1 + S)
+    values) and log s = z − logsumexp(z): ∂loss/∂z = scatter(g) − softmax(z)·Σg, written into the log-probs in
+    place: one fp32 (N, V) buffer and four passes over it, where autograd keeps the log-probs, a scatter target and
+    their gradient (measured: CPU 0.92x the time of HF's full-logits CE step, was 1.03x)."""
+    logits = F.linear(h, weight, bias)
+    log_s = torch.log_softmax(logits, -1, dtype=torch.float32)  # one fused kernel, straight from the model's dtype
+    del logits
     idx = _support_index(gold, targets)
-    picked = (z.gather(-1, idx) - lse).requires_grad_()
+    picked = log_s.gather(-1, idx).requires_grad_()
     with torch.enable_grad():
         ce, kd = _support_losses(picked, gold, targets, fn, kwargs)
         zero = torch.zeros_like(ce)
         ce, kd = torch.where(mask, ce, zero), torch.where(mask, kd, zero)  # masked entries never leak
         (g,) = torch.autograd.grad(((1.0 - w_kd) * ce + w_kd * kd).sum() / denom, picked)
-    z.sub_(lse).exp_().mul_(-g.sum(-1, keepdim=True)).scatter_add_(-1, idx, g)
-    return ce.detach(), kd.detach(), z
+    log_s.exp_().mul_(-g.sum(-1, keepdim=True)).scatter_add_(-1, idx, g)
+    return ce.detach(), kd.detach(), log_s
 
 
 class _FusedHeadLoss(torch.autograd.Function):
@@ -321,8 +324,8 @@ class _FusedHeadLoss(torch.autograd.Function):
             tgt = targets.rows(sl) if targets is not None else None
             if temperature == 1.0:  # the gradient w.r.t. the logits in closed form, then the head's two matmuls
                 h = hidden[sl].detach()
-                ce, kd, g = _logit_gradient(F.linear(h, w_in.detach(), None if b_in is None else b_in.detach()),
-                                            gold[sl], tgt, fn, kwargs, mask[sl], w_kd, denom)
+                ce, kd, g = _logit_gradient(h, w_in.detach(), None if b_in is None else b_in.detach(), gold[sl],
+                                            tgt, fn, kwargs, mask[sl], w_kd, denom)
                 g = g.to(weight.dtype)
                 if wants[0]:
                     grad_h[sl] = (g @ weight.detach()).to(hidden.dtype)
