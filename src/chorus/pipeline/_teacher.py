@@ -61,7 +61,7 @@ class Teacher:
     # the per-position math through torch.compile (compiled_targets); None: on a GPU (logit_statistics), not on a CPU
     compiled: bool | None = None
     from_logits: bool | None = None  # logit_targets on the chunk's logits (None: on a GPU; position_targets on a CPU)
-    scratch: dict = field(default_factory=dict, repr=False)  # chunked_targets' reused head output (CPU)
+    scratch: dict = field(default_factory=dict, repr=False, compare=False)  # chunked_targets' reused head output (CPU)
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, L) token ids → (B, L, V) logits in the model's dtype (a view: padded columns are dropped).
