@@ -17,8 +17,12 @@ from chorus.errors import ChorusError
 from chorus.pipeline._cross import CrossMap, align
 from chorus.pipeline._position import position_targets
 from chorus.pipeline._sampler import row_uniforms
-from chorus.pipeline._teacher import CHUNK_BYTES, Teacher, _apply_ops, chunk_positions
+from chorus.pipeline._teacher import Teacher, _apply_ops, chunk_positions
 from chorus.storage._manifest import NO_TARGET_ENTROPY
+
+# head chunks of the cross-tokenizer pass: its fp32 passes over whole chunks hold ~4 (chunk, V) buffers, so on a GPU it
+# keeps 256 MiB chunks (the same-tokenizer pass's 1 GiB ones were measured for that pass only, on an H200)
+CROSS_CHUNK_BYTES = {"cpu": 1 << 21, "cuda": 1 << 28}
 
 
 def project(logits: torch.Tensor, *, matrix: torch.Tensor, vocab: int, chain: torch.Tensor, gold: torch.Tensor,
@@ -99,7 +103,7 @@ def cross_targets(teacher: Teacher, cmap: CrossMap, ids: np.ndarray, segs: np.nd
     x = torch.from_numpy(al.teacher_ids).to(device)
     weight, bias, ops = teacher.head(x)
     flat = teacher.hidden_states(x).reshape(b * lt, -1).to(weight.device)
-    step = chunk_positions(teacher.vocab_size, teacher.chunk_size, CHUNK_BYTES.get(device.type, CHUNK_BYTES["cuda"]))
+    step = chunk_positions(teacher.vocab_size, teacher.chunk_size, CROSS_CHUNK_BYTES.get(device.type, CROSS_CHUNK_BYTES["cuda"]))
 
     def logits(s: int, e: int) -> torch.Tensor:  # the same-tokenizer path's chunks (same bits for one token table)
         return _apply_ops(F.linear(flat[s:e], weight, bias), ops).float()
