@@ -128,7 +128,7 @@ class TrainConfig:
                                               "(memory: that many decoded shards; default max(8, shuffle_buffer / rows "
                                               "per shard))")
     chunk_size: Optional[int] = opt(None, "positions per chunk of the loss (bounds fp32 logits memory; default 1024 "
-                                          "on a CPU, on a GPU up to 4096 within 2 GiB of fp32 logits)")
+                                          "on a CPU, on a GPU at T = 1 up to 4096 within 2 GiB of fp32 logits)")
     resume: bool = opt(False, "continue from the last checkpoint in --out")
     overwrite: bool = opt(False, "replace a run directory that holds another run")
     storage_options: dict = opt({}, "fsspec options for the store URL")

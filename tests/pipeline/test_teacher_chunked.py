@@ -72,6 +72,21 @@ def test_chunked_targets_equal_full_logits_targets_bit_for_bit(chunk):
     _assert_equal(got, _reference(t, x, row_start=5))
 
 
+def test_the_reused_head_buffer_changes_no_bit_and_leaves_other_modes_alone():
+    """On a CPU the head's output goes into a buffer the teacher keeps (inference mode only: it is an inference
+    tensor): a second batch, another chunk size and a call under no_grad give the same targets as fresh buffers."""
+    t = _teacher(_llama())
+    x = torch.randint(0, VOCAB, (2, 100), generator=torch.Generator().manual_seed(3))
+    first = _chunked(t, x, 64)
+    assert t.scratch  # kept for the next call
+    _chunked(t, torch.randint(0, VOCAB, (3, 90), generator=torch.Generator().manual_seed(4)), 64)  # other data
+    _assert_equal(_chunked(t, x, 64), first)  # through the reused buffer
+    _assert_equal(_chunked(t, x, 128), first)
+    with torch.no_grad():  # outside inference mode: plain F.linear (no inference tensor written in place)
+        _assert_equal(t.targets(x, row_start=0, **ARGS), first)
+    _assert_equal(_chunked(_teacher(t.model), x, 64), first)  # a new teacher: a new buffer
+
+
 def test_chunked_targets_in_bf16_match_the_full_logits_targets():
     t = _teacher(_llama(), torch.bfloat16)
     x = torch.randint(0, VOCAB, (2, 96), generator=torch.Generator().manual_seed(2))

@@ -334,8 +334,8 @@ def _head_chunk(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     """``F.linear(x, weight, bias)``, on a CPU into a (step, V) buffer kept in ``scratch`` across chunks and calls:
     a fresh one is new pages from the kernel every chunk (at V = 49 152, 256 positions: 900 µs per position for
     the GEMM into fresh memory, 770 into a reused buffer). The same kernel (mm / addmm), so the same bits."""
-    if scratch is None or x.device.type != "cpu":
-        return F.linear(x, weight, bias)
+    if scratch is None or x.device.type != "cpu" or not torch.is_inference_mode_enabled():
+        return F.linear(x, weight, bias)  # the buffer is an inference tensor: only inside inference mode (as cached)
     key = (step, weight.shape[0], weight.dtype)
     if key not in scratch:
         scratch.clear()

@@ -373,14 +373,16 @@ CPU_LOSS_CHUNK = 1024
 GPU_LOSS_CHUNK_BYTES, GPU_LOSS_CHUNK_MAX = 2 << 30, 4096
 
 
-def loss_chunk_size(vocab_size: int, device: torch.device, chunk_size: int | None = None) -> int:
-    """Positions per chunk of :func:`chunked_distill_loss`: ``chunk_size``, else 1024 on a CPU and on a GPU as many
-    as one (chunk, V) fp32 buffer of 2 GiB holds, at most 4096 (measured on an H200, student 1024 x 8, 8 x 2048
-    tokens: the KD step took 82 → 65 ms from 1024 to 4096 positions at V = 50k, 104 → 94 ms at V = 128k; every
-    chunk is a dozen kernel launches from Python, which 1024-position chunks did not hide)."""
+def loss_chunk_size(vocab_size: int, device: torch.device, chunk_size: int | None = None, *,
+                    closed_form: bool = True) -> int:
+    """Positions per chunk of :func:`chunked_distill_loss`: ``chunk_size``, else 1024 on a CPU and on a GPU, for the
+    fused path at T = 1 (``closed_form``: one fp32 (chunk, V) buffer), as many as one such buffer of 2 GiB holds,
+    at most 4096 (measured on an H200, student 1024 x 8, 8 x 2048 tokens: the KD step took 82 → 65 ms from 1024 to
+    4096 positions at V = 50k, 104 → 94 ms at V = 128k; every chunk is a dozen kernel launches from Python, which
+    1024-position chunks did not hide). Other paths keep several (chunk, V) buffers through autograd: 1024."""
     if chunk_size is not None:
         return chunk_size
-    if device.type == "cpu":
+    if device.type == "cpu" or not closed_form:
         return CPU_LOSS_CHUNK
     return max(CPU_LOSS_CHUNK, min(GPU_LOSS_CHUNK_MAX, GPU_LOSS_CHUNK_BYTES // (4 * vocab_size) // 64 * 64))
 
@@ -407,14 +409,15 @@ def chunked_distill_loss(
     (:class:`_FusedHeadLoss`: the logits are computed once); ``fused=False`` runs each chunk under
     activation checkpointing instead (the logits are recomputed in backward: the reference path)."""
     _check_weight(kd_weight)
-    chunk_size = loss_chunk_size(lm_head_weight.shape[0], hidden.device, chunk_size)
+    wants_grad = hidden.requires_grad or lm_head_weight.requires_grad or (lm_head_bias is not None and lm_head_bias.requires_grad)
+    closed_form = fused and torch.is_grad_enabled() and wants_grad and temperature == 1.0
+    chunk_size = loss_chunk_size(lm_head_weight.shape[0], hidden.device, chunk_size, closed_form=closed_form)
     if chunk_size < 1:
         raise ChorusError(f"chunk_size must be >= 1, got {chunk_size}")
     if hidden.shape[0] == 0:
         raise ChorusError("chunked_distill_loss got zero positions")
     fn = _resolve(loss_fn)
     kwargs = divergence_kwargs or {}
-    wants_grad = hidden.requires_grad or lm_head_weight.requires_grad or (lm_head_bias is not None and lm_head_bias.requires_grad)
     if fused and torch.is_grad_enabled() and wants_grad:
         loss, ce, kd = _FusedHeadLoss.apply(hidden, lm_head_weight, lm_head_bias, gold, targets, fn, temperature,
                                             kwargs, kd_weight, chunk_size)
