@@ -160,7 +160,7 @@ def test_two_level_draws_are_the_inverse_cdf_of_the_full_distribution(block):
     """Against a float64 inverse CDF of a Zipf-like distribution over 5000 tokens (a short last block; masked ids
     never drawn): the same token for every draw whose uniform is not within rounding of a boundary, and counts that
     fit the probabilities (chi-square)."""
-    from chorus.pipeline._sampler import block_sums, draw_ids_blocked
+    from chorus.pipeline._sampler import block_stats, draw_ids_blocked, scale_block_sums
 
     v, n, m = 5000, 512, 64
     rng = np.random.default_rng(1)
@@ -171,7 +171,7 @@ def test_two_level_draws_are_the_inverse_cdf_of_the_full_distribution(block):
         z = torch.from_numpy(np.log(p) + 3.0).float().expand(n, v).contiguous()
     u = row_uniforms(5, 0, 1, n, m)
     mx = z.amax(-1, keepdim=True)
-    got = draw_ids_blocked(z, mx, u, block_sums(z, mx, block), block).numpy().reshape(-1)
+    got = draw_ids_blocked(z, mx, u, scale_block_sums(*block_stats(z, block), mx), block).numpy().reshape(-1)
     assert (p[got] > 0).all()
     cdf = np.cumsum(p)
     uu = u.double().numpy().reshape(-1)

@@ -112,17 +112,11 @@ def scale_block_sums(maxima: torch.Tensor, sums: torch.Tensor, m: torch.Tensor) 
     return sums * scale
 
 
-def block_sums(z: torch.Tensor, m: torch.Tensor, block: int = SAMPLE_BLOCK) -> torch.Tensor:
-    """(N, V) logits and (N, 1) fp32 values ≥ their max → (N, ⌈V / block⌉) fp32 sums of exp(z − m) over blocks of
-    ``block`` consecutive ids (the last one short)."""
-    return scale_block_sums(*block_stats(z, block), m)
-
-
 def draw_ids_blocked(z: torch.Tensor, m: torch.Tensor, uniforms: torch.Tensor, sums: torch.Tensor,
                      block: int = SAMPLE_BLOCK) -> torch.Tensor:
-    """(N, V) logits, (N, 1) fp32 m, (N, M) uniforms and their :func:`block_sums` → (N, M) int64 ids drawn with
-    replacement: :func:`draw_ids`' inverse CDF in two levels, for a GPU, where a scan over all of V is ~3 passes
-    through memory: the block of each draw from the running sum of the block sums, then the id inside from the
+    """(N, V) logits, (N, 1) fp32 m, (N, M) uniforms and the blocks' sums of exp(z − m) (:func:`block_stats`,
+    :func:`scale_block_sums`) → (N, M) int64 ids drawn with replacement: :func:`draw_ids`' inverse CDF in two levels,
+    for a GPU, where a scan over all of V is ~3 passes through memory: the block of each draw from the running sum of the block sums, then the id inside from the
     running sum of exp(z − m) over that block alone (M · block entries per position instead of V).
 
     The same distribution; a draw differs from the one-level search only where its uniform is within fp32 rounding

@@ -270,6 +270,14 @@ def distill_loss_from_logits(
     return _combine(ce, kd, gold, kd_weight, targets is not None)
 
 
+def _chunk_loss(ce: Tensor, kd: Tensor, mask: Tensor, w_kd: float, denom: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One chunk's masked (N,) CE and KD (masked entries never leak, even inf/NaN ones) and its share of the loss,
+    ((1 − w)·ΣCE + w·ΣKD) / denom."""
+    zero = torch.zeros_like(ce)
+    ce, kd = torch.where(mask, ce, zero), torch.where(mask, kd, zero)
+    return ce, kd, ((1.0 - w_kd) * ce + w_kd * kd).sum() / denom
+
+
 def _logit_gradient(h: Tensor, weight: Tensor, bias: Tensor | None, gold: Tensor, targets: SparseDist | None,
                     fn: Divergence, kwargs: dict, mask: Tensor, w_kd: float,
                     denom: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -286,10 +294,8 @@ def _logit_gradient(h: Tensor, weight: Tensor, bias: Tensor | None, gold: Tensor
     idx = _support_index(gold, targets)
     picked = log_s.gather(-1, idx).requires_grad_()
     with torch.enable_grad():
-        ce, kd = _support_losses(picked, gold, targets, fn, kwargs)
-        zero = torch.zeros_like(ce)
-        ce, kd = torch.where(mask, ce, zero), torch.where(mask, kd, zero)  # masked entries never leak
-        (g,) = torch.autograd.grad(((1.0 - w_kd) * ce + w_kd * kd).sum() / denom, picked)
+        ce, kd, chunk = _chunk_loss(*_support_losses(picked, gold, targets, fn, kwargs), mask, w_kd, denom)
+        (g,) = torch.autograd.grad(chunk, picked)
     log_s.exp_().mul_(-g.sum(-1, keepdim=True)).scatter_add_(-1, idx, g)
     return ce.detach(), kd.detach(), log_s
 
@@ -324,12 +330,11 @@ class _FusedHeadLoss(torch.autograd.Function):
             sl = slice(start, start + chunk_size)
             tgt = targets.rows(sl) if targets is not None else None
             if temperature == 1.0:  # the gradient w.r.t. the logits in closed form, then the head's two matmuls
-                h = hidden[sl].detach()
-                ce, kd, g = _logit_gradient(h, w_in.detach(), None if b_in is None else b_in.detach(), gold[sl],
-                                            tgt, fn, kwargs, mask[sl], w_kd, denom)
+                h = hidden[sl]  # (forward runs without autograd: nothing to detach)
+                ce, kd, g = _logit_gradient(h, weight, bias, gold[sl], tgt, fn, kwargs, mask[sl], w_kd, denom)
                 g = g.to(weight.dtype)
                 if wants[0]:
-                    grad_h[sl] = (g @ weight.detach()).to(hidden.dtype)
+                    grad_h[sl] = (g @ weight).to(hidden.dtype)
                 if wants[1]:
                     grad_w += (g.t() @ h.to(weight.dtype)).float()
                 if wants[2]:
@@ -337,11 +342,8 @@ class _FusedHeadLoss(torch.autograd.Function):
             else:
                 with torch.enable_grad():
                     h = hidden[sl].detach().requires_grad_(wants[0])
-                    ce, kd = _per_position(F.linear(h, w_in, b_in), gold[sl], tgt, fn, temperature, kwargs)
-                    m = mask[sl]
-                    zero = torch.zeros_like(ce)
-                    ce, kd = torch.where(m, ce, zero), torch.where(m, kd, zero)  # masked entries never leak
-                    chunk = ((1.0 - w_kd) * ce + w_kd * kd).sum() / denom
+                    ce, kd, chunk = _chunk_loss(*_per_position(F.linear(h, w_in, b_in), gold[sl], tgt, fn,
+                                                               temperature, kwargs), mask[sl], w_kd, denom)
                     leaves = [x for x, want in zip((h, w_in, b_in), wants) if want]
                     grads = iter(torch.autograd.grad(chunk, leaves)) if leaves else iter(())
                 if wants[0]:
