@@ -171,7 +171,7 @@ def _cache_row(plan: dict, teacher: str, vocab: int, length: int, dtype: torch.d
            "seq_len": length, "batch": batch}
     # chunked: `chorus cache`'s defaults here (a GPU: logit_targets, statistics compiled); eager: nothing compiled;
     # log_probs: the pass before logit_targets (fp32 log-softmax of each chunk, then position_targets);
-    # compiled: --compile (on a CPU, position_targets compiled)
+    # compiled: --compile (on a CPU: logit_targets, its statistics as one exp and powers, compiled)
     runs = [("bare", bare), ("body", body), ("chunked", chunked), ("pipelined", pipelined),
             ("eager", variant(compiled=False)), ("log_probs", variant(compiled=False, from_logits=False))]
     runs += [("per_row", full)] if per_row else []

@@ -3,11 +3,14 @@ full distributions and against the log-prob reference (``position_targets``), ti
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
 
-from chorus.pipeline._position import logit_targets, position_targets
+from chorus.pipeline._position import (chain_statistics, logit_statistics, logit_targets, position_targets, power_plan,
+                                       tail_exps)
 from chorus.pipeline._sampler import row_uniforms
 from chorus.pipeline._teacher import chunked_targets
 from chorus.storage import TAIL_BETAS
@@ -37,10 +40,11 @@ def _call(fn, x: torch.Tensor, next_ids: torch.Tensor, samples: bool = True) -> 
 
 @pytest.mark.parametrize("kind", ["gaussian", "zipf", "ties"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_logit_targets_equal_the_dense_float64_truth(kind, dtype):
+@pytest.mark.parametrize("chain", [False, True])
+def test_logit_targets_equal_the_dense_float64_truth(kind, dtype, chain):
     z = _logits(kind).to(dtype)
     next_ids = torch.randint(0, z.shape[1], (z.shape[0],), generator=torch.Generator().manual_seed(1))
-    got = _call(logit_targets, z, next_ids)
+    got = _call(functools.partial(logit_targets, statistics=chain_statistics if chain else logit_statistics), z, next_ids)
     logp = torch.log_softmax(z.double(), -1).numpy()
     ids = got["topk_ids"].numpy()
     # the top-k: the k largest log-probs (any of tied ones), in descending order, and their values
@@ -53,6 +57,30 @@ def test_logit_targets_equal_the_dense_float64_truth(kind, dtype):
     truth["gold_logprob"][last] = 0.0
     for f in ("log_tail", "entropy", "gold_logprob", "tail_logz"):
         np.testing.assert_allclose(got[f].numpy(), truth[f], rtol=2e-5, atol=2e-5, err_msg=f)
+
+
+def test_the_power_chain_covers_the_default_grid_and_leaves_other_betas_their_own_exp():
+    assert power_plan(tuple(sorted({1.0, *TAIL_BETAS}))) == (84, {0.25: 21, 1 / 3: 28, 0.5: 42, 2 / 3: 56, 1.0: 84,
+                                                                  1 / 0.7: 120, 2.0: 168})
+    d, plan = power_plan((0.123456, 0.5, 1.0, 2.0))
+    assert (d, plan) == (2, {0.5: 1, 1.0: 2, 2.0: 4})  # 0.123456 is no n/d with n ≤ 192: its own exp
+
+
+@pytest.mark.parametrize("betas", [tuple(TAIL_BETAS) + (1.0,), (0.123456, 0.5, 1.0, 2.0)])
+def test_the_power_chain_equals_float64_exps(betas):
+    """exp(β·y) as powers of one exp, against float64 exps, over y from 0 down to where every term underflows and the
+    masked value (the lowest float): within 2e-5 relative where the term is a normal float, 0 where it underflows."""
+    g = torch.Generator().manual_seed(8)
+    y = torch.cat([-torch.rand(4, 4000, generator=g) * torch.tensor([[1.0], [20.0], [100.0], [400.0]]),
+                   torch.full((4, 1), torch.finfo(torch.float32).min), torch.zeros(4, 1)], -1).reshape(2, -1)
+    got = tail_exps(y, betas, chain=True)
+    for b in betas:
+        want = np.exp(b * y.double().numpy())
+        normal = want > 2 * np.finfo(np.float32).tiny
+        np.testing.assert_allclose(got[b].double().numpy()[normal], want[normal], rtol=2e-5, atol=0, err_msg=str(b))
+        assert (got[b].numpy()[~normal] <= 4 * np.finfo(np.float32).tiny).all() and (got[b] >= 0).all()
+        # and the sums, as the statistics take them
+        np.testing.assert_allclose(got[b].double().sum(-1).numpy(), want.sum(-1), rtol=2e-6)
 
 
 @pytest.mark.parametrize("kind", ["gaussian", "zipf", "ties"])

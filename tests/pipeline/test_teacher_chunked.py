@@ -254,18 +254,24 @@ def test_draws_are_the_inverse_cdf_of_the_full_distribution():
 
 
 def test_compiled_math_gives_the_same_targets():
-    """`chorus cache --compile`: ids, top-k log-probs, draws and gold log-probs bit for bit; the statistics' sums
-    (reordered by the compiler) within 1e-5."""
+    """`chorus cache --compile` on a CPU runs the GPU's logit path compiled (its statistics' exps as one exp and
+    powers): against the eager reference, the same ids, top-k log-probs, gold log-probs and statistics within fp32
+    rounding (log Z is summed in another order), and the same draws but where a uniform is within rounding of a CDF
+    boundary."""
+    from chorus.pipeline._position import chain_statistics
+    from chorus.pipeline._sampler import block_stats
+
     t = _teacher(_llama())
     x = torch.randint(0, VOCAB, (3, 100), generator=torch.Generator().manual_seed(5))
     eager = _chunked(t, x, None)
     t.compiled = True
     got = _chunked(t, x, None)
-    assert not compiled_targets().failed  # else this machine has no working compiler: the fallback was tested
-    for k in ("topk_ids", "topk_logprobs", "draws", "gold_logprob"):
-        assert torch.equal(got[k], eager[k]), k
-    for k in ("log_tail", "entropy", "tail_logz"):
-        torch.testing.assert_close(got[k], eager[k], rtol=1e-5, atol=1e-5)
+    # else this machine has no working compiler: the fallback is tested below
+    assert not compiled_targets(chain_statistics).failed and not compiled_targets(block_stats).failed
+    assert sorted(got) == sorted(eager) and torch.equal(got["topk_ids"], eager["topk_ids"])
+    assert (got["draws"] == eager["draws"]).float().mean() > 0.999
+    for k in ("topk_logprobs", "gold_logprob", "log_tail", "entropy", "tail_logz"):
+        torch.testing.assert_close(got[k], eager[k], rtol=1e-5, atol=1e-5, msg=k)
 
 
 def test_a_failing_compile_falls_back_to_the_same_targets(capsys):

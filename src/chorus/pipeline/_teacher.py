@@ -6,8 +6,9 @@ teacher shares the store's tokenizer, its vocabulary, or neither (then ``_cross.
 ``chunked_targets`` applies the LM head over chunks of positions, turning each chunk into top-k log-probs
 (normalized over the full vocabulary, fp32 math), optional sampled ids (``_sampler.py``) and the exact
 per-position statistics of format v2 (log tail mass, entropy, gold log-prob, tail log-partitions), so no
-(B, L, V) logits exist. The per-position math is ``_position.py``'s: ``position_targets`` on a CPU,
-``logit_targets`` (statistics compiled) on a GPU.
+(B, L, V) logits exist. The per-position math is ``_position.py``'s: ``position_targets`` on a CPU (bit for bit
+the reference's), ``logit_targets`` compiled on a GPU and with ``--compile`` on a CPU (its statistics' exps as one
+exp and powers there).
 ``sparse_targets`` is the reference: the same numbers from full logits, one row at a time.
 """
 
@@ -24,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from chorus.errors import ChorusError
-from chorus.pipeline._position import compiled_targets, logit_statistics, logit_targets, position_targets
+from chorus.pipeline._position import (chain_statistics, compiled_targets, logit_statistics, logit_targets,
+                                       position_targets)
 from chorus.pipeline._sampler import block_stats, check_sampler, position_uniforms, row_keys, row_uniforms
 from chorus.pipeline._tokenizer import tokenizer_info
 from chorus.storage import TokenizerInfo
@@ -60,7 +62,7 @@ class Teacher:
     head_checked: bool = False  # the chunked head was compared with the model's own logits once
     # the per-position math through torch.compile (compiled_targets); None: on a GPU (logit_statistics), not on a CPU
     compiled: bool | None = None
-    from_logits: bool | None = None  # logit_targets on the chunk's logits (None: on a GPU; position_targets on a CPU)
+    from_logits: bool | None = None  # logit_targets on the chunk's logits (None: when compiled; else position_targets)
     scratch: dict = field(default_factory=dict, repr=False, compare=False)  # chunked_targets' reused head output (CPU)
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -101,11 +103,13 @@ class Teacher:
         # a teacher placed across devices (device_map) hands its hidden states over on the head's device
         hidden = self.hidden_states(input_ids).to(weight.device)
         gpu = weight.device.type != "cpu"
-        fused = gpu if self.from_logits is None else self.from_logits
         compiled = gpu if self.compiled is None else self.compiled
-        if fused:
-            per_position = (functools.partial(logit_targets, statistics=compiled_targets(logit_statistics),
-                                              blocks=compiled_targets(block_stats)) if compiled else logit_targets)
+        fused = (gpu or compiled) if self.from_logits is None else self.from_logits
+        if fused:  # on a CPU the statistics' exps as one exp and powers (chain_statistics)
+            statistics = logit_statistics if gpu else chain_statistics
+            per_position = functools.partial(
+                logit_targets, statistics=compiled_targets(statistics) if compiled else statistics,
+                blocks=compiled_targets(block_stats) if compiled else None)
         else:
             per_position = compiled_targets() if compiled else position_targets
         return chunked_targets(hidden, weight, bias, input_ids.to(weight.device),
