@@ -316,12 +316,13 @@ def gpu(res: dict) -> str:
     lines = [f"{res['device']}, {res['dtype']}, top-{res['top_k']}, {res['samples']} samples, exact statistics; "
              f"{res['plan']['tokens']:,} tokens per call, median of {res['plan']['repeats']}. chunked: `chorus cache`'s "
              "pass with its defaults on this device; eager: nothing compiled; log-probs: the fp32 log-softmax pass "
-             "before `logit_targets`; per-row: the full-logits reference.", "",
-             md_table(["params M", "V", "L", "B", "bare tok/s", "chunked/bare", "pipelined/bare", "eager/bare",
+             "before `logit_targets`; per-row: the full-logits reference; chain: the statistics' exps as one exp and "
+             "powers (a CPU's choice; - where the run predates it).", "",
+             md_table(["params M", "V", "L", "B", "bare tok/s", "chunked/bare", "pipelined/bare", "chain/bare", "eager/bare",
                        "log-probs/bare", "per-row/bare", "bare MiB", "chunked MiB", "per-row MiB"],
                       [[f"{r['params_m']:,.0f}", str(r["vocab"]), r["seq_len"], r["batch"], f"{r['bare_tok_s']:,.0f}",
                         _f(r.get("cache_vs_bare"), ".3f"), _f(r.get("pipelined_vs_bare"), ".3f"),
-                        _f(r.get("eager_vs_bare"), ".3f"), _f(r.get("log_probs_vs_bare"), ".3f"),
+                        _f(r.get("chain_vs_bare"), ".3f"), _f(r.get("eager_vs_bare"), ".3f"), _f(r.get("log_probs_vs_bare"), ".3f"),
                         _f(r["per_row_tok_s"] / r["bare_tok_s"] if r.get("per_row_tok_s") else None, ".3f"),
                         _f(r["bare_peak_mb"], ".0f"), _f(r["chunked_peak_mb"], ".0f"), _f(r.get("per_row_peak_mb"), ".0f")]
                        for r in c]), "",

@@ -378,10 +378,11 @@ def bench_gpu(quick: bool) -> dict:
 REAL_ENV = "CHORUS_REAL_TEACHER"  # path to a pretrained causal LM as a .gguf file (transformers + gguf + accelerate)
 
 
-def real_teacher_targets(path: str, rows: int, seq_len: int, k: int) -> tuple[np.ndarray, np.ndarray, dict]:
+def real_teacher_targets(path: str, rows: int, seq_len: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     """A real pretrained teacher's top-k over text shipped with Python: 3/4 of the rows standard-library sources,
     1/4 pydoc topics (prose), each row a window of ``seq_len`` tokens spread evenly over the text.
-    → ids [rows, L, k] (uint16/uint32), log-probs float32 [rows, L, k] (descending), and what was run."""
+    → ids [rows, L, k] (uint16/uint32), log-probs float32 [rows, L, k] (descending), the input ids [rows, L], and
+    what was run."""
     import hashlib
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -395,11 +396,12 @@ def real_teacher_targets(path: str, rows: int, seq_len: int, k: int) -> tuple[np
                          "(loading a .gguf needs the `gguf` and `accelerate` packages)") from None
     vocab = model.config.vocab_size
     prose, code = docs_text()
-    ids_all, logp_all, texts = [], [], []
+    ids_all, logp_all, inputs, texts = [], [], [], []
     for label, text, n in (("stdlib sources", code, rows - rows // 4), ("pydoc topics", prose, rows // 4)):
         toks = np.array(tok(text[: n * seq_len * 8])["input_ids"])
         step = max(1, (len(toks) - seq_len) // n)
         x = torch.from_numpy(np.stack([toks[i * step: i * step + seq_len] for i in range(n)]).astype(np.int64))
+        inputs.append(x.numpy())
         with torch.inference_mode():
             for b in range(0, n, 8):
                 lp = model(input_ids=x[b: b + 8], use_cache=False).logits.float().log_softmax(-1)
@@ -413,7 +415,7 @@ def real_teacher_targets(path: str, rows: int, seq_len: int, k: int) -> tuple[np
             "architecture": model.config.model_type, "params": sum(p.numel() for p in model.parameters()),
             "vocab_size": vocab, "text": ", ".join(texts), "seq_len": seq_len,
             "loaded_by": "transformers from_pretrained(gguf_file=...), dequantized to float32"}
-    return np.concatenate(ids_all), np.concatenate(logp_all), info
+    return np.concatenate(ids_all), np.concatenate(logp_all), np.concatenate(inputs), info
 
 
 def _call(fn):
@@ -500,7 +502,7 @@ def bench_real(path: str, rows: int, ks=(32, 64, 128)) -> dict:
     from concurrent.futures import ThreadPoolExecutor
 
     seq_len = 256
-    ids_all, logp_all, info = real_teacher_targets(path, rows, seq_len, max(ks))
+    ids_all, logp_all, inputs, info = real_teacher_targets(path, rows, seq_len, max(ks))
     n = ids_all.shape[0] * ids_all.shape[1]
     p = np.exp(logp_all[..., 0].astype(np.float64))
     out = {"model": info, "rows": ids_all.shape[0], "positions": n, "mean_top1_prob": float(p.mean()),
@@ -541,7 +543,55 @@ def bench_real(path: str, rows: int, ks=(32, 64, 128)) -> dict:
                           "decode_M_per_s_one_core": round(rate, 2), "decode_M_per_s_two_cores_cpu": round(2 * rate, 2),
                           "decode_M_per_s_two_threads_wall": round(n / wall / 1e6, 2)}
         out[f"k{k}"] = row
+    out["k64"]["bounds"] = entropy_bounds(ids_all[..., :64], logp_all[..., :64].astype(np.float16), inputs)
     return out
+
+
+def _entropy_bits(x: np.ndarray) -> float:
+    """Plug-in (empirical) entropy of the values of ``x``, bits per value."""
+    counts = np.unique(x, return_counts=True)[1]
+    p = counts / counts.sum()
+    return float(-(p * np.log2(p)).sum())
+
+
+def entropy_bounds(ids: np.ndarray, values: np.ndarray, inputs: np.ndarray, seed: int = 0) -> dict:
+    """What an ideal entropy coder of each stated model would need, bytes/token (information, not a codec: no
+    dictionary, no table, no header counted), for ids [rows, L, k] in probability order, float16 values [rows, L, k]
+    and the rows' input ids [rows, L]:
+
+    - ids, order 0 (one table for all slots; plug-in entropy, which underestimates on a finite sample), per slot
+      group, and held out: a table fitted on 3/4 of the rows and charged on the others, without and with the
+      position's input token as context (add-α mixing with the order-0 table; α picked on the held-out rows, which
+      flatters it);
+    - values: the first value's bit pattern and each slot's difference from the previous one (the codec's
+      transform), order 0 per slot (plug-in).
+    The smallest ids estimate plus the values' is what these models could reach at best on these outputs."""
+    rows, length, k = ids.shape
+    flat = ids.astype(np.int64)
+    vocab = int(flat.max()) + 1
+    out: dict = {"ids_order0": _entropy_bits(flat) * k / 8}
+    groups = [(0, 1), (1, 4), (4, 16), (16, k)]
+    out["ids_order0_per_slot_group"] = sum(_entropy_bits(flat[..., a:b]) * (b - a) for a, b in groups) / 8
+    order = np.random.default_rng(seed).permutation(rows)
+    fit, test = order[: rows * 3 // 4], order[rows * 3 // 4:]
+    g = np.bincount(flat[fit].ravel(), minlength=vocab) + 0.5
+    p0 = g / g.sum()
+    out["ids_held_out_order0"] = float(-np.log2(p0[flat[test]]).mean()) * k / 8
+    ctx_fit, ctx_test = inputs[fit].astype(np.int64), inputs[test].astype(np.int64)
+    keys = np.unique((ctx_fit[..., None] * vocab + flat[fit]).ravel(), return_counts=True)
+    n_ctx = np.bincount(ctx_fit.ravel(), minlength=int(inputs.max()) + 1) * k
+    want = (ctx_test[..., None] * vocab + flat[test]).ravel()
+    at = np.minimum(np.searchsorted(keys[0], want), len(keys[0]) - 1)
+    seen = np.where(keys[0][at] == want, keys[1][at], 0)
+    total = np.repeat(n_ctx[ctx_test].ravel(), k)
+    prior = p0[flat[test].ravel()]
+    out["ids_held_out_given_input_token"] = min(
+        float(-np.log2((seen + a * prior) / (total + a)).mean()) for a in (4, 16, 64, 256, 1024)) * k / 8
+    bits = values.view(np.uint16).reshape(-1, k).astype(np.int64)
+    diff = (bits[:, 1:] - bits[:, :-1]) % 65536
+    out["values_order0_per_slot"] = (_entropy_bits(bits[:, 0]) + sum(_entropy_bits(diff[:, j]) for j in range(k - 1))) / 8
+    out["best"] = min(out[f] for f in out if f.startswith("ids")) + out["values_order0_per_slot"]
+    return {f: round(v, 2) for f, v in out.items()}
 
 
 def bench_real_throughput(path: str, work: str, rows: int = 24, seq_len: int = 256, batch: int = 8,
@@ -642,6 +692,12 @@ def real_table(r: dict) -> list[str]:
                      f"decode {row['chosen']['decode_M_per_s_two_cores_cpu']:.2f} M tok/s on 2 cores by CPU time "
                      f"(v1 {row['v1']['decode_M_per_s_two_cores_cpu']:.2f}), {row['chosen']['decode_M_per_s_two_threads_wall']:.2f} "
                      f"wall in 2 threads (v1 {row['v1']['decode_M_per_s_two_threads_wall']:.2f})")
+        if "bounds" in row:
+            b = row["bounds"]
+            lines.append(f"      ideal coders of simple models (information, B/token): ids order-0 {b['ids_order0']:.1f}, "
+                         f"per slot group {b['ids_order0_per_slot_group']:.1f}, held out {b['ids_held_out_order0']:.1f}, "
+                         f"held out given the input token {b['ids_held_out_given_input_token']:.1f}; values order-0 "
+                         f"per slot {b['values_order0_per_slot']:.1f}; best sum {b['best']:.1f}")
         for kind in ("ids", "values"):
             for name, c in row[kind].items():
                 lines.append(f"      {kind:<6} {name:<34} {c['bytes_per_token']:7.2f} B/token  {c['decode_M_per_s_per_core']:6.2f} "

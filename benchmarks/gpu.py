@@ -171,8 +171,9 @@ def _cache_row(plan: dict, teacher: str, vocab: int, length: int, dtype: torch.d
            "seq_len": length, "batch": batch}
     # chunked: `chorus cache`'s defaults here (a GPU: logit_targets, statistics compiled); eager: nothing compiled;
     # log_probs: the pass before logit_targets (fp32 log-softmax of each chunk, then position_targets);
-    # compiled: --compile (on a CPU: logit_targets, its statistics as one exp and powers, compiled)
-    runs = [("bare", bare), ("body", body), ("chunked", chunked), ("pipelined", pipelined),
+    # compiled: --compile (on a CPU: logit_targets, its statistics as one exp and powers, compiled);
+    # chain: the GPU's pass with the statistics' exps as one exp and powers (a CPU's choice; not yet measured on a GPU)
+    runs = [("bare", bare), ("body", body), ("chunked", chunked), ("pipelined", pipelined), ("chain", variant(chain=True)),
             ("eager", variant(compiled=False)), ("log_probs", variant(compiled=False, from_logits=False))]
     runs += [("per_row", full)] if per_row else []
     runs += [("compiled", variant(compiled=True))] if compile else []
@@ -186,7 +187,7 @@ def _cache_row(plan: dict, teacher: str, vocab: int, length: int, dtype: torch.d
             torch.cuda.empty_cache()
     if row.get("bare_tok_s") and row.get("chunked_tok_s"):
         row["cache_vs_bare"] = row["chunked_tok_s"] / row["bare_tok_s"]
-    for name in ("pipelined", "eager", "log_probs", "compiled"):
+    for name in ("pipelined", "chain", "eager", "log_probs", "compiled"):
         if row.get("bare_tok_s") and row.get(f"{name}_tok_s"):
             row[f"{name}_vs_bare"] = row[f"{name}_tok_s"] / row["bare_tok_s"]
     print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
@@ -295,12 +296,12 @@ def main(argv: list[str] | None = None) -> dict:
                              big_only=args.big_only)
     print(_common.table(["params M", "V", "L", "B", "bare tok/s", "body tok/s", "chunked tok/s", "pipelined tok/s",
                          "eager tok/s", "log-probs tok/s", "per-row tok/s", "cache/bare", "pipelined/bare",
-                         "eager/bare", "log-probs/bare", "compiled/bare", "bare MB", "chunked MB", "per-row MB"],
+                         "chain/bare", "eager/bare", "log-probs/bare", "compiled/bare", "bare MB", "chunked MB", "per-row MB"],
                         [[r["params_m"], r["vocab"], r["seq_len"], r["batch"], r["bare_tok_s"], r["body_tok_s"],
                           r["chunked_tok_s"], r.get("pipelined_tok_s"), r.get("eager_tok_s"),
                           r.get("log_probs_tok_s"), r.get("per_row_tok_s"), r.get("cache_vs_bare"),
-                          r.get("pipelined_vs_bare"), r.get("eager_vs_bare"), r.get("log_probs_vs_bare"),
-                          r.get("compiled_vs_bare"), r["bare_peak_mb"], r["chunked_peak_mb"], r.get("per_row_peak_mb")]
+                          r.get("pipelined_vs_bare"), r.get("chain_vs_bare"), r.get("eager_vs_bare"),
+                          r.get("log_probs_vs_bare"), r.get("compiled_vs_bare"), r["bare_peak_mb"], r["chunked_peak_mb"], r.get("per_row_peak_mb")]
                          for r in cache_rows]))
     train_rows = [] if args.big_only else bench_train(plan, dtype, device, meter)
     print(_common.table(["V", "L", "B", "KD cache ms", "CE chunked ms", "CE HF ms", "KD/CE", "KD/HF CE", "KD MB",

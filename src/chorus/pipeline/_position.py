@@ -197,21 +197,12 @@ def power_plan(betas: tuple[float, ...], max_power: int = CHAIN_MAX_POWER) -> tu
     return best
 
 
-def tail_exps(y: torch.Tensor, betas: set[float] | Sequence[float], chain: bool = False) -> dict[float, torch.Tensor]:
-    """(N, V) y ≤ 0 → {β: exp(β·y)} for each of ``betas``.
-
-    Without ``chain``: e = exp(y) gives β = 1 and β = 2 (e·e), every other β its own exp(β·y) — on an H200 half the
-    time of roots and powers of e^y. With ``chain`` (a CPU, where the exps are the cost: a compiled pass over V is
-    compute-bound): b = exp(y / d) once and each β = n/d of :func:`power_plan` as bⁿ by repeated squaring, a β the
-    plan misses its own exp — the default grid in one exp, 2.1x faster compiled (146 against 309 µs per position at
-    V = 49 152). bⁿ carries n·(b's rounding) plus a rounding per product: ≤ ~2·10⁻⁵ relative at n = 168, within
-    ~10⁻⁶ measured on a real teacher's logits (the same as the exps' against float64); an exp underflows no earlier
-    than the power it stands for (b ≥ e^(y/d))."""
-    betas = sorted(set(betas))
-    if not chain:
-        e = torch.exp(y)
-        return {b: e if b == 1.0 else e * e if b == 2.0 else torch.mul(y, b).exp_() for b in betas}
-    d, plan = power_plan(tuple(betas))
+def chain_powers(y: torch.Tensor, betas: Sequence[float]) -> dict[float, torch.Tensor]:
+    """(N, V) y ≤ 0 → {β: exp(β·y)} for each of ``betas``: b = exp(y / d) once and each β = n/d of
+    :func:`power_plan` as bⁿ by repeated squaring; a β the plan misses, its own exp. bⁿ carries n·(b's rounding)
+    plus a rounding per product: ≤ ~2·10⁻⁵ relative at n = 168, ~10⁻⁶ measured on a real teacher's logits (as the
+    exps' own against float64); bⁿ underflows where e^(β·y) does. Eager, it holds ~log₂ n (N, V) powers at once."""
+    d, plan = power_plan(tuple(sorted(set(betas))))
     memo: dict[int, torch.Tensor] = {}
 
     def power(n: int) -> torch.Tensor:
@@ -220,6 +211,22 @@ def tail_exps(y: torch.Tensor, betas: set[float] | Sequence[float], chain: bool 
         return memo[n]
 
     return {b: power(plan[b]) if b in plan else torch.mul(y, b).exp_() for b in betas}
+
+
+def exp_sums(y: torch.Tensor, betas: Sequence[float], chain: bool = False) -> tuple[dict[float, torch.Tensor], torch.Tensor]:
+    """(N, V) y ≤ 0 → ({β: Σ exp(β·y)} (N,) for β = 1 and each of ``betas``, Σ e^y·y).
+
+    Without ``chain``: e = exp(y) gives β = 1, β = 2 (e·e) and the moment, every other β its own exp(β·y), summed
+    and dropped one by one (on an H200 half the time of roots and powers of e^y). With ``chain`` (a CPU, where a
+    compiled pass over V is compute-bound and the exps are its cost): :func:`chain_powers` — the default grid in one
+    exp, 2.1x faster compiled (146 against 309 µs per position at V = 49 152)."""
+    betas = sorted({1.0, *betas})
+    if chain:
+        powers = chain_powers(y, betas)
+        return {b: t.sum(-1) for b, t in powers.items()}, (powers[1.0] * y).sum(-1)
+    e = torch.exp(y)
+    sums = {b: (e if b == 1.0 else e * e if b == 2.0 else torch.mul(y, b).exp_()).sum(-1) for b in betas}
+    return sums, (e * y).sum(-1)
 
 
 def block_topk(z: torch.Tensor, maxima: torch.Tensor, k: int, block: int = SAMPLE_BLOCK) -> tuple[torch.Tensor, ...]:
@@ -250,7 +257,7 @@ def logit_statistics(z: torch.Tensor, v: torch.Tensor, next_ids: torch.Tensor, l
       y = 0 and adds 1 to each Σ exp(β·y) and 0 to the moment Σ e^y·y;
     - log Z = v_0 + log(Σ_top exp(v − v_0) + exp(v_k − v_0)·Σ_tail e^y): the log-partition is the top-k's terms
       plus the tail's, all positive (no cancellation), so no separate pass over V;
-    - the exps: :func:`tail_exps` (``chain``: one exp and products, as on a CPU).
+    - the sums: :func:`exp_sums` (``chain``: one exp and products, as on a CPU).
     """
     k = v.shape[-1] - 1
     vf = v.float()
@@ -260,10 +267,7 @@ def logit_statistics(z: torch.Tensor, v: torch.Tensor, next_ids: torch.Tensor, l
     ties = (z.shape[-1] - k) - inside.sum(-1)  # logits equal to the k-th that the top-k left in the tail
     lowest = torch.finfo(torch.float32).min  # exp → 0 and 0·y = 0 (0·−inf is NaN)
     y = torch.where(inside, torch.sub(z, nxt).clamp_(min=lowest), lowest)
-    exps = tail_exps(y, {1.0, *tail_betas}, chain)
-    e = exps[1.0]
-    sums = {beta: t.sum(-1) for beta, t in exps.items()}
-    moment = (e * y).sum(-1)
+    sums, moment = exp_sums(y, tail_betas, chain)
     sums = {b: t + ties for b, t in sums.items()}
     m0 = vf[:, :1]
     log_z = m0 + torch.log(torch.exp(vf[:, :k] - m0).sum(-1, keepdim=True) + torch.exp(nxt - m0) * sums[1.0][:, None])

@@ -63,6 +63,7 @@ class Teacher:
     # the per-position math through torch.compile (compiled_targets); None: on a GPU (logit_statistics), not on a CPU
     compiled: bool | None = None
     from_logits: bool | None = None  # logit_targets on the chunk's logits (None: when compiled; else position_targets)
+    chain: bool | None = None  # logit_targets' exps as one exp and powers (chain_powers; None: on a CPU)
     scratch: dict = field(default_factory=dict, repr=False, compare=False)  # chunked_targets' reused head output (CPU)
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -105,8 +106,8 @@ class Teacher:
         gpu = weight.device.type != "cpu"
         compiled = gpu if self.compiled is None else self.compiled
         fused = (gpu or compiled) if self.from_logits is None else self.from_logits
-        if fused:  # on a CPU the statistics' exps as one exp and powers (chain_statistics)
-            statistics = logit_statistics if gpu else chain_statistics
+        if fused:
+            statistics = chain_statistics if (not gpu if self.chain is None else self.chain) else logit_statistics
             per_position = functools.partial(
                 logit_targets, statistics=compiled_targets(statistics) if compiled else statistics,
                 blocks=compiled_targets(block_stats) if compiled else None)
