@@ -193,6 +193,14 @@ def cache(res: dict) -> str:
                  f"{row['v1']['bytes_per_token']:.1f}", f"{row['chosen']['decode_M_per_s_two_threads_wall']:.2f}"]
                 for k, row in real.items() if k.startswith("k") and k[1:].isdigit()]
         lines.append(md_table(["k", "ids", "values", "B/token", "v1 B/token", "decode M tok/s (2 threads)"], rows))
+        b = real.get("k64", {}).get("bounds")
+        if b:
+            lines += ["", "What an ideal entropy coder of simple models would need at k = 64, B/token (information, no codec: "
+                          "`entropy_bounds`):", "",
+                      md_table(["ids order-0", "ids per slot group", "ids held out", "ids held out, given the input token",
+                                "values order-0 per slot", "best sum"],
+                               [[f"{b[f]:.1f}" for f in ("ids_order0", "ids_order0_per_slot_group", "ids_held_out_order0",
+                                                         "ids_held_out_given_input_token", "values_order0_per_slot", "best")]])]
         th = real.get("throughput")
         if th:
             lines += ["", f"`chorus cache` on it ({th['rows']} rows × {th['seq_len']}, batch {th['batch_size']}, "

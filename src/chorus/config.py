@@ -67,9 +67,9 @@ class CacheConfig:
     tokenizer: Optional[str] = opt(None, "the teacher's tokenizer, checked against the store's (default: the model's own)")
     trust_remote_code: bool = opt(False, "allow the model's own code to run")
     compile: Optional[bool] = opt(None, "compile the per-position target math with torch.compile (default: on a GPU, "
-                                        "where it fuses the statistics into one pass over the logits; on a CPU ~3x "
-                                        "faster math, needs a C++ compiler; a failed compile falls back with a "
-                                        "warning; compile=false turns it off)")
+                                        "where it fuses the statistics into one pass over the logits; on a CPU it "
+                                        "runs the GPU's logit path compiled, 2-3x faster math, needs a C++ compiler; "
+                                        "a failed compile falls back with a warning; compile=false turns it off)")
     overwrite: bool = opt(False, "replace a cache of this name made with other settings; with the same settings, "
                                  "rewrite this worker's shards whose bytes do not match their commit record")
     storage_options: dict = opt({}, "fsspec options for the store URL")
