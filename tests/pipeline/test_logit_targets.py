@@ -9,8 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from chorus.pipeline._position import (chain_statistics, logit_statistics, logit_targets, position_targets, power_plan,
-                                       chain_powers, exp_sums)
+from chorus.pipeline._position import (
+    chain_powers,
+    chain_statistics,
+    exp_sums,
+    logit_statistics,
+    logit_targets,
+    position_targets,
+    power_plan,
+)
 from chorus.pipeline._sampler import row_uniforms
 from chorus.pipeline._teacher import chunked_targets
 from chorus.storage import TAIL_BETAS

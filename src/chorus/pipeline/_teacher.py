@@ -25,8 +25,13 @@ import torch
 import torch.nn.functional as F
 
 from chorus.errors import ChorusError
-from chorus.pipeline._position import (chain_statistics, compiled_targets, logit_statistics, logit_targets,
-                                       position_targets)
+from chorus.pipeline._position import (
+    chain_statistics,
+    compiled_targets,
+    logit_statistics,
+    logit_targets,
+    position_targets,
+)
 from chorus.pipeline._sampler import block_stats, check_sampler, position_uniforms, row_keys, row_uniforms
 from chorus.pipeline._tokenizer import tokenizer_info
 from chorus.storage import TokenizerInfo
