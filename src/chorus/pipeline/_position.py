@@ -170,10 +170,13 @@ def logit_targets(z: torch.Tensor, next_ids: torch.Tensor, last: torch.Tensor, u
     return out
 
 
+CPU_REDUCE_BLOCK = 4096  # inductor's CPU sums over more than this many elements use a (slower) cascade helper
+
+
 def chain_statistics(*args, **kwargs) -> dict[str, torch.Tensor]:
-    """:func:`logit_statistics` with ``chain``: one exp and powers (the CPU's; a function of its own for
-    :func:`compiled_targets`)."""
-    return logit_statistics(*args, chain=True, **kwargs)
+    """:func:`logit_statistics` as a CPU runs it: ``chain`` (one exp and powers), sums in blocks of CPU_REDUCE_BLOCK
+    (a function of its own for :func:`compiled_targets`)."""
+    return logit_statistics(*args, chain=True, block=CPU_REDUCE_BLOCK, **kwargs)
 
 
 CHAIN_MAX_POWER = 192  # the largest power of the chain's base (its relative error: about this many fp32 roundings)
@@ -250,7 +253,7 @@ def block_topk(z: torch.Tensor, maxima: torch.Tensor, k: int, block: int = SAMPL
 
 
 def logit_statistics(z: torch.Tensor, v: torch.Tensor, next_ids: torch.Tensor, last: torch.Tensor, *,
-                     tail_betas: Sequence[float], chain: bool = False) -> dict[str, torch.Tensor]:
+                     tail_betas: Sequence[float], chain: bool = False, block: int | None = None) -> dict[str, torch.Tensor]:
     """(N, V) logits and their (N, k+1) largest ``v`` (descending) → ``topk_logprobs`` (N, k) and the statistics of
     :func:`tail_statistics`, from sums over the tail only:
 
@@ -259,17 +262,26 @@ def logit_statistics(z: torch.Tensor, v: torch.Tensor, next_ids: torch.Tensor, l
       y = 0 and adds 1 to each Σ exp(β·y) and 0 to the moment Σ e^y·y;
     - log Z = v_0 + log(Σ_top exp(v − v_0) + exp(v_k − v_0)·Σ_tail e^y): the log-partition is the top-k's terms
       plus the tail's, all positive (no cancellation), so no separate pass over V;
-    - the sums: :func:`exp_sums` (``chain``: one exp and products, as on a CPU).
+    - the sums: :func:`exp_sums` (``chain``: one exp and products, as on a CPU); with ``block``, over blocks of
+      that many ids, then over the blocks (a CPU's: inductor sums a reduction longer than 4096 through a cascade
+      helper, which was 10 % slower there and, at V = 49 152, 1.6e-5 off float64 in log τ against 2e-6 in blocks).
     """
     k = v.shape[-1] - 1
     vf = v.float()
     kth, nxt = v[:, k - 1: k], vf[:, k:]
     nxt = torch.where(torch.isfinite(nxt), nxt, torch.zeros_like(nxt))  # an empty tail: every sum is 0
-    inside = z < kth
-    ties = (z.shape[-1] - k) - inside.sum(-1)  # logits equal to the k-th that the top-k left in the tail
+    n, vocab = z.shape
+    if block:  # (N, V / block, block), padded with −inf (below the k-th: a tail entry adding 0 to every sum)
+        zb = torch.nn.functional.pad(z, (0, -vocab % block), value=float("-inf")).view(n, -1, block)
+        kth, nxt = kth[..., None], nxt[..., None]
+    inside = ((zb if block else z) < kth).view(n, -1)
+    ties = (inside.shape[-1] - k) - inside.sum(-1)  # logits equal to the k-th that the top-k left in the tail
+    inside = inside.view((zb if block else z).shape)
     lowest = torch.finfo(torch.float32).min  # exp → 0 and 0·y = 0 (0·−inf is NaN)
-    y = torch.where(inside, torch.sub(z, nxt).clamp_(min=lowest), lowest)
+    y = torch.where(inside, torch.sub(zb if block else z, nxt).clamp_(min=lowest), lowest)
     sums, moment = exp_sums(y, tail_betas, chain)
+    if block:
+        sums, moment, nxt = {b: t.sum(-1) for b, t in sums.items()}, moment.sum(-1), nxt[..., 0]
     sums = {b: t + ties for b, t in sums.items()}
     m0 = vf[:, :1]
     log_z = m0 + torch.log(torch.exp(vf[:, :k] - m0).sum(-1, keepdim=True) + torch.exp(nxt - m0) * sums[1.0][:, None])
