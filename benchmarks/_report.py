@@ -209,7 +209,8 @@ def cache(res: dict) -> str:
                                   [["bare HF forward", f"{th['bare_tokens_per_s']:,.0f}", "1.000", "1.000"]]
                                   + [[k, f"{th[k]['tokens_per_s']:,.0f}", f"{th[k]['ratio']:.3f}",
                                       f"{th[k]['cpu_time_ratio']:.3f}"] for k in ("cache_k64", "cache_k64_samples64",
-                                                                                  "cache_k64_compiled") if k in th]))
+                                                                                  "cache_k64_compiled", "pass_k64",
+                                                                                  "pass_k64_compiled") if k in th]))
     g = res.get("gpu", {})
     without = f" ({g['tokens_per_s_without_stats']:,.0f} without statistics)" if "tokens_per_s_without_stats" in g else ""
     lines += ["", "(c) GPU bf16: " + (f"{g['tokens_per_s']:,.0f} tok/s{without}, {g['params'] / 1e6:.0f}M params on {g['gpu']}"
@@ -324,8 +325,8 @@ def gpu(res: dict) -> str:
     lines = [f"{res['device']}, {res['dtype']}, top-{res['top_k']}, {res['samples']} samples, exact statistics; "
              f"{res['plan']['tokens']:,} tokens per call, median of {res['plan']['repeats']}. chunked: `chorus cache`'s "
              "pass with its defaults on this device; eager: nothing compiled; log-probs: the fp32 log-softmax pass "
-             "before `logit_targets`; per-row: the full-logits reference; chain: the statistics' exps as one exp and "
-             "powers (a CPU's choice; - where the run predates it).", "",
+             "before `logit_targets`; per-row: the full-logits reference; chain: a CPU's statistics (one exp and its "
+             "powers, sums in blocks of 4096 ids; - where the run predates it).", "",
              md_table(["params M", "V", "L", "B", "bare tok/s", "chunked/bare", "pipelined/bare", "chain/bare", "eager/bare",
                        "log-probs/bare", "per-row/bare", "bare MiB", "chunked MiB", "per-row MiB"],
                       [[f"{r['params_m']:,.0f}", str(r["vocab"]), r["seq_len"], r["batch"], f"{r['bare_tok_s']:,.0f}",

@@ -654,9 +654,26 @@ def bench_real_throughput(path: str, work: str, rows: int = 24, seq_len: int = 2
             cache._cache_shards = inner
         return loop[-1]
 
-    times: dict[str, list] = {"bare": [], "cache_k64": [], "cache_k64_samples64": [], "cache_k64_compiled": []}
+    from chorus.pipeline._teacher import Teacher
+
+    passes = {c: Teacher(model, torch.device("cpu"), torch.float32, model.config.vocab_size, "real", "local", "-",
+                         "tokenizer", compiled=c) for c in (False, True)}
+
+    def teacher_pass(compiled: bool) -> tuple[float, float]:  # the pass alone: no store, no writer thread
+        t, c = time.perf_counter(), time.process_time()
+        with torch.inference_mode():
+            for ids in shards:
+                passes[compiled].targets(torch.from_numpy(ids.astype(np.int64)), top_k=64, num_samples=0, seed=0,
+                                         row_start=0, tail_betas=TAIL_BETAS)
+        return time.perf_counter() - t, time.process_time() - c
+
+    teacher_pass(True)  # compiles (as the first compiled cache repeat does)
+    times: dict[str, list] = {"bare": [], "cache_k64": [], "cache_k64_samples64": [], "cache_k64_compiled": [],
+                              "pass_k64": [], "pass_k64_compiled": []}
     for r in range(repeats):  # a new cache each time (an existing one with the same settings is left as it is)
         times["bare"].append(bare())
+        times["pass_k64"].append(teacher_pass(False))
+        times["pass_k64_compiled"].append(teacher_pass(True))
         times["cache_k64"].append(run_cache(f"real-k64-{r}", 0))
         times["cache_k64_samples64"].append(run_cache(f"real-k64-s64-{r}", 64))
         times["cache_k64_compiled"].append(run_cache(f"real-k64-compiled-{r}", 0, compiled=True))  # 1st: + compiling
@@ -666,8 +683,9 @@ def bench_real_throughput(path: str, work: str, rows: int = 24, seq_len: int = 2
            "repeats": repeats, "torch_threads": torch.get_num_threads(), "wall_and_cpu_s": times,
            "note": ("the loop of `chorus cache` (read, forward, targets and statistics, background encode + write; "
                     "model loading and store set-up excluded) against the bare HF forward over the same batches; "
-                    "best of interleaved repeats; compiled: `--compile` (its first repeat includes compiling)")}
-    for k in ("cache_k64", "cache_k64_samples64", "cache_k64_compiled"):
+                    "best of interleaved repeats; compiled: `--compile` (its first repeat includes compiling); pass: "
+                    "Teacher.targets alone over the same batches (no store, no writer thread), eager and compiled")}
+    for k in ("cache_k64", "cache_k64_samples64", "cache_k64_compiled", "pass_k64", "pass_k64_compiled"):
         out[k] = {"tokens_per_s": tokens / best[k][0], "ratio": best["bare"][0] / best[k][0],
                   "cpu_time_ratio": best["bare"][1] / best[k][1]}
     out["bare_tokens_per_s"] = tokens / best["bare"][0]
@@ -685,7 +703,9 @@ def real_table(r: dict) -> list[str]:
                      f"(ratio {th['cache_k64']['ratio']:.3f}, CPU time {th['cache_k64']['cpu_time_ratio']:.3f}); + 64 samples "
                      f"{th['cache_k64_samples64']['tokens_per_s']:.0f} (ratio {th['cache_k64_samples64']['ratio']:.3f})"
                      + (f"; --compile {th['cache_k64_compiled']['tokens_per_s']:.0f} (ratio "
-                        f"{th['cache_k64_compiled']['ratio']:.3f})" if "cache_k64_compiled" in th else ""))
+                        f"{th['cache_k64_compiled']['ratio']:.3f})" if "cache_k64_compiled" in th else "")
+                     + (f"; the pass alone {th['pass_k64']['ratio']:.3f}, compiled {th['pass_k64_compiled']['ratio']:.3f}"
+                        if "pass_k64" in th else ""))
     for k in (key for key in r if key.startswith("k") and key[1:].isdigit()):
         row = r[k]
         lines.append(f"    {k}: chosen {row['chosen']['bytes_per_token']:.1f} B/token (v1 {row['v1']['bytes_per_token']:.1f}); "

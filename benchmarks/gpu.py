@@ -172,7 +172,8 @@ def _cache_row(plan: dict, teacher: str, vocab: int, length: int, dtype: torch.d
     # chunked: `chorus cache`'s defaults here (a GPU: logit_targets, statistics compiled); eager: nothing compiled;
     # log_probs: the pass before logit_targets (fp32 log-softmax of each chunk, then position_targets);
     # compiled: --compile (on a CPU: logit_targets, its statistics as one exp and powers, compiled);
-    # chain: the GPU's pass with the statistics' exps as one exp and powers (a CPU's choice; not yet measured on a GPU)
+    # chain: the GPU's pass with a CPU's statistics (chain_statistics: one exp and powers, sums in blocks of 4096 ids;
+    # not yet measured on a GPU)
     runs = [("bare", bare), ("body", body), ("chunked", chunked), ("pipelined", pipelined), ("chain", variant(chain=True)),
             ("eager", variant(compiled=False)), ("log_probs", variant(compiled=False, from_logits=False))]
     runs += [("per_row", full)] if per_row else []

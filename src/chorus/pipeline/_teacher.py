@@ -68,7 +68,7 @@ class Teacher:
     # the per-position math through torch.compile (compiled_targets); None: on a GPU (logit_statistics), not on a CPU
     compiled: bool | None = None
     from_logits: bool | None = None  # logit_targets on the chunk's logits (None: when compiled; else position_targets)
-    chain: bool | None = None  # logit_targets' exps as one exp and powers (chain_powers; None: on a CPU)
+    chain: bool | None = None  # logit_targets' statistics as a CPU's (chain_statistics; None: on a CPU)
     scratch: dict = field(default_factory=dict, repr=False, compare=False)  # chunked_targets' reused head output (CPU)
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
