@@ -7,8 +7,9 @@ top-k among the best blocks, then ``logit_statistics``, reductions only (the log
 every tail sum), which ``torch.compile`` fuses — the GPU pass, where every eager op is a trip through memory (measured
 on an H200 at V = 128 256: the log-prob pass took ~10 µs per position, over 3x the forward of a 1B teacher). On a
 CPU eager it was 1.2–1.6x slower than ``position_targets``; compiled, with the statistics' exps as one exp and
-powers (:func:`chain_powers`), it is the CPU's ``--compile`` pass: ~240 against ~400 µs per position for
-``position_targets`` compiled and ~600 eager at V = 49 152 on one core.
+powers (:func:`chain_powers`) and its sums in blocks (:func:`chain_statistics`), it is the CPU's ``--compile`` pass:
+190–250 µs per position against 400–500 for ``position_targets`` compiled and 470–770 eager at V = 49 152 on one
+core.
 ``compiled_targets`` runs a function through ``torch.compile``, falling back to it eager.
 """
 
