@@ -272,14 +272,14 @@ def logit_statistics(z: torch.Tensor, v: torch.Tensor, next_ids: torch.Tensor, l
     kth, nxt = v[:, k - 1: k], vf[:, k:]
     nxt = torch.where(torch.isfinite(nxt), nxt, torch.zeros_like(nxt))  # an empty tail: every sum is 0
     n, vocab = z.shape
+    x = z
     if block:  # (N, V / block, block), padded with −inf (below the k-th: a tail entry adding 0 to every sum)
-        zb = torch.nn.functional.pad(z, (0, -vocab % block), value=float("-inf")).view(n, -1, block)
+        x = torch.nn.functional.pad(z, (0, -vocab % block), value=float("-inf")).view(n, -1, block)
         kth, nxt = kth[..., None], nxt[..., None]
-    inside = ((zb if block else z) < kth).view(n, -1)
-    ties = (inside.shape[-1] - k) - inside.sum(-1)  # logits equal to the k-th that the top-k left in the tail
-    inside = inside.view((zb if block else z).shape)
+    inside = x < kth
+    ties = (inside[0].numel() - k) - inside.view(n, -1).sum(-1)  # logits equal to the k-th left in the tail
     lowest = torch.finfo(torch.float32).min  # exp → 0 and 0·y = 0 (0·−inf is NaN)
-    y = torch.where(inside, torch.sub(zb if block else z, nxt).clamp_(min=lowest), lowest)
+    y = torch.where(inside, torch.sub(x, nxt).clamp_(min=lowest), lowest)
     sums, moment = exp_sums(y, tail_betas, chain)
     if block:
         sums, moment, nxt = {b: t.sum(-1) for b, t in sums.items()}, moment.sum(-1), nxt[..., 0]
