@@ -116,8 +116,9 @@ def draw_ids_blocked(z: torch.Tensor, m: torch.Tensor, uniforms: torch.Tensor, s
                      block: int = SAMPLE_BLOCK) -> torch.Tensor:
     """(N, V) logits, (N, 1) fp32 m, (N, M) uniforms and the blocks' sums of exp(z − m) (:func:`block_stats`,
     :func:`scale_block_sums`) → (N, M) int64 ids drawn with replacement: :func:`draw_ids`' inverse CDF in two levels,
-    for a GPU, where a scan over all of V is ~3 passes through memory: the block of each draw from the running sum of the block sums, then the id inside from the
-    running sum of exp(z − m) over that block alone (M · block entries per position instead of V).
+    for a GPU, where a scan over all of V is ~3 passes through memory: the block of each draw from the running sum
+    of the block sums, then the id inside from the running sum of exp(z − m) over that block alone (M · block
+    entries per position instead of V).
 
     The same distribution; a draw differs from the one-level search only where its uniform is within fp32 rounding
     of a boundary (the sums are added in another order). Row-wise: independent of the other positions."""

@@ -27,7 +27,7 @@ from chorus.storage import Store
 from chorus.trainer import ensemble
 from chorus.trainer.calibration import expected_calibration_error, top1_confidence
 from chorus.trainer.data import CachedRows, Positions, check_teachers, complete_teachers, positions
-from chorus.trainer.losses import forward_kl
+from chorus.trainer.losses import CPU_LOSS_CHUNK, forward_kl
 from chorus.trainer.sparse import gold_log_prob
 from chorus.trainer.targets import TargetBuilder, pool
 
@@ -161,7 +161,7 @@ def evaluate_model(model, store: str, *, split: str = "valid", batch_size: int =
             continue
         dists = [builder.teacher(i, batch["teachers"][t], pos.select, device) for i, t in enumerate(teachers)]
         for sl, s_logp in student.log_probs_chunks(batch["input_ids"].to(device), pos.attention_mask, pos.select,
-                                                   chunk_size or 1024):
+                                                   chunk_size or CPU_LOSS_CHUNK):
             gold, dom = pos.gold[sl], pos.domain[sl]
             top_logp, pred = s_logp.max(-1)
             loss.add(-s_logp.gather(1, gold[:, None])[:, 0], dom, nd)
