@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from chorus import rundir
 from chorus._progress import say
 from chorus.compress import importance, structured
 from chorus.compress import masks as masks_mod
@@ -76,9 +77,7 @@ def _prepare_out(cfg: CompressConfig) -> Path:
         if changed:
             raise ChorusError(f"'{cfg.out}' holds another compression (its config differs in: {', '.join(changed)}); "
                               "pass --overwrite to replace it, or choose another --out")
-    elif cfg.overwrite and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    (rundir.replace if cfg.overwrite else rundir.claim)(out, "compress")
     saved.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     return out
 

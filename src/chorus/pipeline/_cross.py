@@ -19,23 +19,25 @@ teacher token extends, or whose text the teacher does not see (padding, a row's 
 UTF-8 character), has no target: it is cached as the hard label with entropy ``NO_TARGET_ENTROPY`` and the trainer
 falls back to the hard label or the other teachers there (trainer/targets.py).
 
-Vocabulary (METHOD "first-piece+gold-chain"). A teacher token's probability goes to the store token its text begins
-with (its first store piece: the store token with that text, else the longest store token that is a prefix of it;
-special tokens by content, EOS to EOS) — when that is the token the store emits whatever text follows. When a longer
-store token extends the teacher token's text (the teacher's token is shorter than the store's word, and the teacher
-has no token of its own for that longer text), which store token comes next depends on text the teacher has not
-predicted yet: that mass is *unplaced*. Along the text itself, though, the teacher's probability of the gold store
-token's whole text is known — the chain p(t_1)·p(t_2|t_1)··· of the teacher tokens through the one holding its last
-byte, whose term is, when the gold token ends inside it, the probability that the teacher's text there starts with
-the gold's bytes (the summed probability of the teacher tokens that do) — and goes to the gold token (leaving t_1's
-place, if it had one). Chained along the store's positions these probabilities multiply to the teacher's own
-likelihood of the text but for the segmentations they ignore (tests/pipeline/test_cross_tokenizer.py measures it). Unplaced mass goes to the gold token too: the
-hard label stands in for what the teacher did not say, so the target is the teacher where it is explicit and the
-label elsewhere (measured: the gold token's probability is optimistic by the unplaced mass). When the teacher's
-vocabulary is the store's under another id order (one token table), the teacher reads the store's tokens, every
-position is a boundary, and the logits are gathered into the store's order before the same log-softmax as a
-same-tokenizer teacher: the targets are bit-identical. Statistics (tail mass, entropy, gold log-prob, tail
-log-partitions) are those of the mapped full distribution, so softening, calibration and pooling stay exact for it.
+Vocabulary (METHOD "first-piece+gold-path+bucket", version 2). A teacher token's probability goes to the store token
+its text begins with (its first store piece: the store token with that text, else the longest store token that is a
+prefix of it; special tokens by content, EOS to EOS) — when that is the token the store emits whatever text follows.
+When a longer store token extends the teacher token's text (the teacher's token is shorter than the store's word, and
+the teacher has no token of its own for that longer text), which store token comes next depends on text the teacher
+has not predicted yet: that mass is *unplaced* and stays in a bucket of its own, which the statistics and the losses
+treat as part of the tail. It never goes to the gold token: a target holds what the teacher said and nothing of the
+label. One lookahead the forward pass already holds is used: where the gold store token's text spans several teacher
+tokens, the teacher's probability of that whole text along its own tokens (the chain p(t_1)·p(t_2|t_1)···) moves from
+t_1's place to the gold token. The gold statistic is that chain at every position — the teacher's own probability of
+the gold token's text, whose last term, when the gold ends inside a teacher token, is the probability that the
+teacher's next token strictly extends the gold's bytes there (the set the next, inside, position normalizes by). So
+the gold statistics of a document telescope to the teacher's own log-likelihood of its tokens, and bits per byte
+compare across tokenizers (tests/pipeline/test_cross_tokenizer.py checks both against brute force from the teacher).
+Tail mass, entropy and tail log-partitions are those of the mapped distribution with the bucket as one atom, so
+softening, calibration and pooling stay exact for it. When the teacher's vocabulary is the store's under another id
+order (one token table), the teacher reads the store's tokens, every position is a boundary, and the logits are
+gathered into the store's order before the same log-softmax as a same-tokenizer teacher: the targets are
+bit-identical.
 """
 
 from __future__ import annotations
@@ -49,9 +51,10 @@ from typing import Any
 import numpy as np
 
 from chorus.errors import ChorusError
+from chorus.storage import CROSS_MAPPING_VERSION
 
-METHOD = "first-piece+gold-chain"
-METHOD_VERSION = 1
+METHOD = "first-piece+gold-path+bucket"
+METHOD_VERSION = CROSS_MAPPING_VERSION
 _BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 
@@ -210,7 +213,7 @@ class CrossMap:
         self._by_prefix: dict[bytes, list[int]] | None = None
         self._by_surface: dict[bytes, list[int]] = {}
         self.starting: list[np.ndarray] = [np.zeros(0, np.int64)]  # 0: none
-        self._starting_ids: dict[bytes, int] = {}
+        self._starting_ids: dict = {}
         self.prefixes: dict[bytes, int] = {b"": 0}  # prefix → id (0: none, a boundary position)
         self.extensions: list[tuple[np.ndarray, np.ndarray]] = [(np.zeros(0, np.int64), np.zeros(0, np.int64))]
         self._matrix: dict[str, object] = {}
@@ -250,8 +253,8 @@ class CrossMap:
         """Where the teacher's mass for a token whose text is ``before`` + ``rest`` goes, the position being after
         ``before``: the store token ``rest`` begins with — unless a longer store token extends ``rest`` whose text
         (after ``before``) the teacher has no token of its own for. Then the store may emit that longer token, and
-        which one depends on text the teacher has not predicted yet: the mass is *unplaced* (id 0) and goes to the
-        hard label (see _cross_targets.project). An id into ``spreads`` ((ids, weights); 0: unplaced)."""
+        which one depends on text the teacher has not predicted yet: the mass is *unplaced* (id 0) and stays in the
+        unplaced bucket (see _cross_targets.project). An id into ``spreads`` ((ids, weights); 0: unplaced)."""
         key = (before, rest)
         if key in self._spread_ids:
             return self._spread_ids[key]
@@ -274,14 +277,36 @@ class CrossMap:
         return self._by_prefix
 
     def starting_id(self, text: bytes) -> int:
-        """An id into ``starting`` for the teacher tokens whose text starts with ``text`` (their total probability is
-        the teacher's probability that its next text starts with ``text``, up to multi-token spellings)."""
+        """An id into ``starting`` for the teacher tokens whose text strictly extends ``text``: the same set as the
+        normalizer of the next (inside) position, so the chain telescopes to the teacher's own token log-probs."""
         if text not in self._starting_ids:
             by_prefix = self._index_prefixes()
-            ids = np.array(sorted(by_prefix.get(text, []) + self._by_surface.get(text, [])), dtype=np.int64)
+            ids = np.array(sorted(by_prefix.get(text, [])), dtype=np.int64)
             self.starting.append(ids)
             self._starting_ids[text] = len(self.starting) - 1
         return self._starting_ids[text]
+
+    def continuing_id(self, store_id: int) -> int:
+        """An id into ``starting`` for the teacher tokens that could carry the text on past store token
+        ``store_id`` into a longer store token (their text starts with the rest of one, or is a prefix of it): the
+        complement of their mass, after a teacher token that spelled the store token exactly, is the teacher's
+        probability that the store emits that token there (0: no longer store token, nothing to look ahead for)."""
+        key = ("continuing", store_id)
+        if key not in self._starting_ids:
+            surf = self.store_text.surfaces[store_id] or b""
+            by_prefix = self._index_prefixes()
+            ids: set[int] = set()
+            for longer, _ in self.index.extending(surf) if surf else ():
+                rest = longer[len(surf):]
+                ids.update(by_prefix.get(rest, []), self._by_surface.get(rest, []))
+                for n in range(1, len(rest)):
+                    ids.update(self._by_surface.get(rest[:n], []))
+            if not ids:
+                self._starting_ids[key] = 0
+            else:
+                self.starting.append(np.array(sorted(ids), dtype=np.int64))
+                self._starting_ids[key] = len(self.starting) - 1
+        return self._starting_ids[key]
 
     def prefix_id(self, prefix: bytes) -> int:
         """An id for the teacher tokens that extend ``prefix`` (0 when none does: no target)."""
@@ -321,7 +346,7 @@ class CrossMap:
     def measurements(self) -> dict:
         """What :attr:`measured` says, as rates: coverage, the share of covered positions inside a teacher token,
         the teacher's bits per byte of the gold text along the store's positions (compare with its own bits per
-        byte on its own tokens: the alignment's error), the mean mass the map could not place (hard label)."""
+        byte on its own tokens: the alignment's error), the mean mass the map could not place (the bucket)."""
         m = self.measured
         return {"positions": m["positions"], "coverage": m["covered"] / max(m["positions"], 1),
                 "inside_share": m["inside"] / max(m["covered"], 1),

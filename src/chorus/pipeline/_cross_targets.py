@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 from chorus.errors import ChorusError
 from chorus.pipeline._cross import CrossMap, align
-from chorus.pipeline._position import position_targets
-from chorus.pipeline._sampler import row_uniforms
+from chorus.pipeline._position import position_targets, tail_statistics
+from chorus.pipeline._sampler import draw_ids, row_uniforms
 from chorus.pipeline._teacher import Teacher, _apply_ops, chunk_positions
 from chorus.storage._manifest import NO_TARGET_ENTROPY
 
@@ -25,19 +25,25 @@ from chorus.storage._manifest import NO_TARGET_ENTROPY
 CROSS_CHUNK_BYTES = {"cpu": 1 << 21, "cuda": 1 << 28}
 
 
-def project(logits: torch.Tensor, *, matrix: torch.Tensor, vocab: int, chain: torch.Tensor, gold: torch.Tensor,
-            moves: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-            extensions: tuple[torch.Tensor, ...] | None = None, inside: torch.Tensor | None = None) -> torch.Tensor:
-    """(C, Vt) fp32 teacher logits → (C, Vs) log-probs over the store's vocabulary.
+def project(logits: torch.Tensor, *, matrix: torch.Tensor, vocab: int, chain: torch.Tensor,
+            moves: tuple[torch.Tensor, torch.Tensor, torch.Tensor], gold: torch.Tensor, spans: torch.Tensor,
+            stop: torch.Tensor,
+            extensions: tuple[torch.Tensor, ...] | None = None,
+            inside: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(C, Vt) fp32 teacher logits → ((C, Vs + 1) log-probs over the store's vocabulary and, last, the unplaced
+    bucket; (C,) float64 log-prob of the gold token's text; (C,) the bucket's mass).
 
     Boundary rows: q = p · matrixᵀ, every teacher token's probability placed on the store token its text begins
     with (CrossMap.spread_id). Rows ``inside`` a teacher token: the teacher's distribution conditioned on the bytes
     before the position — only the teacher tokens that extend them (``extensions``: (row, teacher id, store id,
     weight) of the placed ones, then (row, teacher id) of all, for the normalizer), each placed by the rest of its
-    text. Then ``exp(chain)`` — the teacher's probability of the gold store token's whole text along its own tokens
-    (conditioned likewise) — leaves the place of the actual next teacher token (``moves``: (row, store id, weight))
-    for ``gold``. Mass the map could not place (a teacher token shorter than the store's word, a token no store
-    token spells) goes to ``gold`` too: the hard label stands in for what the teacher did not say."""
+    text. Where the gold token's text ``spans`` several teacher tokens (the next teacher token is a strict prefix of
+    it), the teacher's probability of that whole text along its own tokens, ``exp(chain)``, is a lookahead the
+    teacher itself made: it leaves the place of the next teacher token (``moves``: (row, store id, weight)) for the
+    gold id. Where the next teacher token spells the gold exactly but is unplaced (a longer store token extends it),
+    its probability times ``stop`` — the teacher's own probability, at its next position, that the text does not go
+    on into a longer store token — goes to the gold id. Mass the map could not place stays the teacher's, in the bucket, never on the gold token; the gold
+    text's log-prob is the teacher's own ``chain`` (conditioned likewise), whatever the target holds at the id."""
     p = torch.softmax(logits, dim=-1)
     q = torch.sparse.mm(matrix, p.t()).t().contiguous()
     scale = torch.ones(len(q), device=q.device)
@@ -48,16 +54,32 @@ def project(logits: torch.Tensor, *, matrix: torch.Tensor, vocab: int, chain: to
         z = torch.zeros(len(q), device=q.device).index_add_(0, all_rows, p[all_rows, all_tids])
         scale = torch.where(inside, 1.0 / z.clamp_min(torch.finfo(torch.float32).tiny), scale)
         q *= scale[:, None]
-    gold_text = torch.exp(chain).float() * scale
+    gold_text = torch.exp(chain).float() * scale * torch.where(spans, 1.0, stop)
     rows, sids, w = moves
     flat = rows * vocab + sids
     removed = torch.minimum(gold_text[rows] * w, q.view(-1)[flat])
     q.view(-1).index_add_(0, flat, -removed)
-    r = torch.arange(len(q), device=q.device)
-    q[r, gold] += gold_text
-    unplaced = (1.0 - q.sum(-1)).clamp_min(0.0)
-    q[r, gold] += unplaced  # the hard label
-    return torch.log(q) - torch.log(q.sum(-1, keepdim=True)), chain + torch.log(scale).double(), unplaced
+    q[torch.arange(len(q), device=q.device), gold] += gold_text
+    bucket = (1.0 - q.sum(-1)).clamp_min(0.0)
+    logq = torch.log(torch.cat([q, bucket[:, None]], -1))
+    return logq, chain + torch.log(scale).double(), bucket
+
+
+def bucket_targets(logq: torch.Tensor, gold: torch.Tensor, gold_logprob: torch.Tensor, uniforms: torch.Tensor | None,
+                   *, top_k: int, tail_betas: Sequence[float]) -> dict[str, torch.Tensor]:
+    """``position_targets`` of (N, V + 1) log-probs whose last column is the unplaced bucket: the top-k and the
+    draws over the V store ids only, the statistics over all of it (the bucket is one atom of the tail, so τ,
+    entropy and the tail sums hold it, as the losses' tail bucket does), the gold log-prob the given one.
+    Draws come from the placed mass (renormalized): a draw cannot name the bucket. Overwrites ``logq``."""
+    v, i = torch.topk(logq[:, :-1], top_k, dim=-1, sorted=True)
+    out = {"topk_ids": i, "topk_logprobs": v}
+    if uniforms is not None:
+        out["draws"] = draw_ids(logq[:, :-1].contiguous(), uniforms)
+    if tail_betas:
+        last = torch.zeros(len(logq), dtype=torch.bool, device=logq.device)
+        out.update(tail_statistics(logq, i, v, gold, tail_betas, last))
+        out["gold_logprob"] = gold_logprob.float()
+    return out
 
 
 def _spread_rows(cmap: CrossMap, ids: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -115,6 +137,7 @@ def cross_targets(teacher: Teacher, cmap: CrossMap, ids: np.ndarray, segs: np.nd
     move = al.move.reshape(-1)[sel]
     prefix = al.prefix.reshape(-1)[sel]
     chain = torch.zeros(len(sel), dtype=torch.float64, device=device)
+    stop = torch.zeros(len(sel), dtype=torch.float32, device=device)  # > 0: looked ahead (pass 1)
     perm = None if cmap.permutation is None else torch.from_numpy(cmap.permutation).to(device)
     if perm is None and len(sel):  # pass 1: the teacher's log-prob of its own next tokens, summed along each chain
         nxt = torch.roll(x, -1, dims=1).reshape(-1, 1)
@@ -122,6 +145,14 @@ def cross_targets(teacher: Teacher, cmap: CrossMap, ids: np.ndarray, segs: np.nd
         inner = np.flatnonzero(ends > 0)  # chains whose gold token ends inside their last teacher token
         last = torch.from_numpy(end[inner] - 1).to(device)
         starts = torch.zeros(len(inner), dtype=torch.float64, device=device)
+        # a next teacher token whose text is the gold's, unplaced (a longer store token extends it): its own next
+        # distribution, at the following teacher position, says whether the store stops at the gold there
+        gold_np = np.roll(ids, -1, axis=1).reshape(-1)[sel]
+        goes_on = np.zeros(len(sel), dtype=np.int64)
+        cand = np.flatnonzero((end - src == 1) & (ends == 0) & (move == 0))
+        goes_on[cand] = [cmap.continuing_id(int(u)) for u in gold_np[cand]]
+        look = np.flatnonzero(goes_on > 0)
+        look_t, ahead = torch.from_numpy(look).to(device), torch.from_numpy(end[look]).to(device)
         own = []
         for s in range(0, b * lt, step):
             logp_t = torch.log_softmax(logits(s, min(b * lt, s + step)), -1)
@@ -132,6 +163,12 @@ def cross_targets(teacher: Teacher, cmap: CrossMap, ids: np.ndarray, segs: np.nd
                 mass = torch.zeros(len(here), dtype=torch.float64, device=device)
                 mass.index_add_(0, rows, logp_t[last[here][rows] - s, tids].double().exp())
                 starts[here] = mass.log()
+            here = torch.nonzero((ahead >= s) & (ahead < s + step))[:, 0]
+            if len(here):  # after a teacher token that spelled the gold exactly: P(it goes on into a longer one)
+                rows, tids = _sets(cmap, goes_on[look[here.cpu().numpy()]], device)
+                mass = torch.zeros(len(here), dtype=torch.float32, device=device)
+                mass.index_add_(0, rows, logp_t[ahead[here][rows] - s, tids].exp())
+                stop[look_t[here]] = (1.0 - mass).clamp_min(0.0)
         own = torch.cat(own).double()
         cum = torch.cat([torch.zeros(1, dtype=torch.float64, device=device), own.cumsum(0)])
         chain = cum[torch.from_numpy(end).to(device)] - cum[torch.from_numpy(src).to(device)]
@@ -154,20 +191,25 @@ def cross_targets(teacher: Teacher, cmap: CrossMap, ids: np.ndarray, segs: np.nd
             gold_text, unplaced = logp.gather(-1, gold[pick, None])[:, 0].double(), torch.zeros(len(pick), device=device)
         else:
             rows = pick.cpu().numpy()
-            logp, gold_text, unplaced = project(z, matrix=matrix, vocab=cmap.store_vocab, chain=chain[pick], gold=gold[pick],
-                               moves=_spread_rows(cmap, move[rows], device),
-                               extensions=_extensions(cmap, prefix[rows], device),
-                               inside=torch.from_numpy(prefix[rows] > 0).to(device))
-        part = position_targets(logp, gold[pick], no_last[pick], None if uniforms is None else uniforms[sel_t[pick]],
-                                top_k=top_k, tail_betas=tail_betas)
+            logq, gold_text, unplaced = project(
+                z, matrix=matrix, vocab=cmap.store_vocab, chain=chain[pick], gold=gold[pick],
+                spans=torch.from_numpy(end[rows] - src[rows] > 1).to(device), stop=stop[pick],
+                moves=_spread_rows(cmap, move[rows], device), extensions=_extensions(cmap, prefix[rows], device),
+                inside=torch.from_numpy(prefix[rows] > 0).to(device))
+        draws = None if uniforms is None else uniforms[sel_t[pick]]
+        part = (position_targets(logp, gold[pick], no_last[pick], draws, top_k=top_k, tail_betas=tail_betas)
+                if perm is not None else
+                bucket_targets(logq, gold[pick], gold_text, draws, top_k=top_k, tail_betas=tail_betas))
+        keep = torch.isfinite(part["topk_logprobs"][:, 0])  # the teacher placed nothing there: no target
         for k, t in part.items():
-            out[k][sel_t[pick]] = t.to(out[k].dtype)
-        measured["gold_text_nats"] -= float(gold_text.sum())
-        measured["gold_bytes"] += int(cmap.store_bytes[gold[pick].cpu().numpy()].sum())
-        measured["unplaced_mass"] += float(unplaced.double().sum())
+            out[k][sel_t[pick[keep]]] = t[keep].to(out[k].dtype)
+        kept = pick[keep].cpu().numpy()
+        measured["gold_text_nats"] -= float(gold_text[keep].sum())
+        measured["gold_bytes"] += int(cmap.store_bytes[gold[pick[keep]].cpu().numpy()].sum())
+        measured["unplaced_mass"] += float(unplaced[keep].double().sum())
+        measured["covered"] += len(kept)
+        measured["inside"] += int((prefix[kept] > 0).sum())
     measured["positions"] += int(al.real.sum())
-    measured["covered"] += len(sel)
-    measured["inside"] += int((prefix > 0).sum())
     return {k: t.reshape(b, length, *t.shape[1:]) for k, t in out.items()}
 
 

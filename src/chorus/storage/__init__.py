@@ -4,6 +4,7 @@ per-position statistics, still read). Imports numpy/zarr/fsspec, never torch."""
 from chorus.storage._fingerprint import StreamHasher, checksum, fingerprint
 from chorus.storage._lease import ShardLeases, describe, live_writers
 from chorus.storage._manifest import (
+    CROSS_MAPPING_VERSION,
     FORMAT_VERSION,
     TEACHER_FORMAT_VERSION,
     CorpusManifest,
@@ -34,8 +35,11 @@ from chorus.storage._targets import (
     target_specs,
     value_params,
 )
+from chorus.storage._tokenizer_files import token_byte_lengths
 
 __all__ = [
+    "token_byte_lengths",
+    "CROSS_MAPPING_VERSION",
     "FORMAT_VERSION",
     "STATS_FIELDS",
     "TAIL_BETAS",

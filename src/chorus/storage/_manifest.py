@@ -19,6 +19,9 @@ from chorus.errors import ChorusError
 
 FORMAT_VERSION = 1  # corpus manifest and commit records
 TEACHER_FORMAT_VERSION = 2  # teacher manifests: v2 adds per-position statistics (``tail_betas``); v1 caches still read
+# cross-tokenizer mapping: v2 keeps the mass the map cannot place in a tail bucket and stores the teacher's own
+# probability of the gold text; v1 gave that mass to the gold token (the label inside the target): refused on read
+CROSS_MAPPING_VERSION = 2
 
 # A position of a cross-tokenizer teacher with no sound target (the store's token starts inside a teacher token)
 # is stored as the hard label (the next token with probability 1) with this entropy, which no distribution has:

@@ -74,3 +74,50 @@ def tokenizer_problems(store: Store, fingerprint: str) -> list[str]:
         return [f"the store's tokenizer copy is of tokenizer {got[1]}, its corpus of {fingerprint}; "
                 f"`chorus prepare --overwrite` writes it again"]
     return []
+
+
+def _byte_level_table() -> dict[str, int]:
+    """GPT-2's byte ↔ printable-unicode table (inverse): the character of a byte-level token → its byte."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, n = list(keep), 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(keep, chars)}
+
+
+def _kinds(node) -> set[str]:
+    if isinstance(node, dict):
+        return ({node["type"]} if isinstance(node.get("type"), str) else set()).union(*map(_kinds, node.values()))
+    if isinstance(node, list):
+        return set().union(*map(_kinds, node)) if node else set()
+    return set()
+
+
+def token_byte_lengths(store: Store, vocab_size: int) -> list[int] | None:
+    """(V,) how many bytes of text each store token stands for (special tokens 0), read from the store's copy of its
+    ``tokenizer.json``: bits per byte need them, to compare models whose tokens differ. None: no copy."""
+    got = read_tokenizer_files(store)
+    if got is None or "tokenizer.json" not in got[0]:
+        return None
+    spec = json.loads(got[0]["tokenizer.json"])
+    kinds = _kinds(spec.get("pre_tokenizer")) | _kinds(spec.get("decoder"))
+    table = _byte_level_table() if "ByteLevel" in kinds else None
+    vocab = spec.get("model", {}).get("vocab", {})
+    pairs = vocab.items() if isinstance(vocab, dict) else ((p[0], i) for i, p in enumerate(vocab))  # BPE / Unigram
+    out = [0] * vocab_size
+    for piece, i in pairs:
+        if not 0 <= i < vocab_size:
+            continue
+        if table is not None and all(c in table for c in piece):
+            out[i] = len(piece)
+        elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">") and "ByteFallback" in kinds:
+            out[i] = 1
+        else:
+            out[i] = len(piece.replace("▁", " ").encode())
+    for added in spec.get("added_tokens", []):
+        if 0 <= added["id"] < vocab_size:
+            out[added["id"]] = 0 if added.get("special") else len(added["content"].encode())
+    return out

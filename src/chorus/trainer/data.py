@@ -34,7 +34,15 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from chorus._progress import say
 from chorus.errors import ChorusError
-from chorus.storage import STATS_FIELDS, CorpusManifest, Store, TeacherManifest, decode_stats, decode_values
+from chorus.storage import (
+    CROSS_MAPPING_VERSION,
+    STATS_FIELDS,
+    CorpusManifest,
+    Store,
+    TeacherManifest,
+    decode_stats,
+    decode_values,
+)
 from chorus.storage._check import check_store
 from chorus.storage._index import row_index
 from chorus.trainer._order import last_use, shuffled, spread, stratified
@@ -66,6 +74,11 @@ def check_teachers(store: Store, names: Sequence[str], *, need_samples: bool = F
         if m.tokenizer_fingerprint != corpus.tokenizer.fingerprint or m.vocab_size != corpus.tokenizer.vocab_size:
             raise ChorusError(f"teacher '{name}' uses another tokenizer (vocab {m.vocab_size}, store vocab "
                               f"{corpus.tokenizer.vocab_size}); teachers and students must share the store's tokenizer")
+        mapping = m.tokenizer_mapping
+        if mapping and mapping.get("version", 0) < CROSS_MAPPING_VERSION and not mapping.get("vocab", {}).get("permutation"):
+            raise ChorusError(f"teacher '{name}' is a cross-tokenizer cache of mapping version "
+                              f"{mapping.get('version', 0)}, whose targets and gold log-probs hold the hard label; "
+                              f"recache it with `chorus cache --name {name} ... --overwrite`")
         if need_samples and m.num_samples == 0:
             raise ChorusError(f"teacher '{name}' has no sampled targets (cached with --samples 0); "
                               "use target=topk_tail or recache it with --samples M")

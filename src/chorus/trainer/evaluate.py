@@ -23,7 +23,7 @@ import torch
 from chorus._progress import say
 from chorus.config import EvalConfig
 from chorus.errors import ChorusError
-from chorus.storage import Store
+from chorus.storage import Store, token_byte_lengths
 from chorus.trainer import ensemble
 from chorus.trainer.calibration import expected_calibration_error, top1_confidence
 from chorus.trainer.data import CachedRows, Positions, check_teachers, complete_teachers, positions
@@ -100,12 +100,30 @@ class _Sums:
         return {names[d]: self.sum[d] / self.n[d] for d in sorted(self.n)}
 
 
-def _summary(loss: _Sums, names, conf: list, correct: list) -> dict:
+def _bits_per_byte(loss: _Sums, nbytes: _Sums | None, names) -> dict:
+    """Per domain, mean and worst bits per byte of text: a unit that does not depend on the tokenizer, so models
+    and teachers of other tokenizers compare (the same nats over the same text's bytes)."""
+    if nbytes is None:
+        return {}
+    per = {names[d]: loss.sum[d] / math.log(2) / nbytes.sum[d] for d in sorted(loss.n) if nbytes.sum[d] > 0}
+    if not per:
+        return {}
+    worst = max(per, key=per.get)
+    return {"bits_per_byte": per, "bpb_mean": sum(per.values()) / len(per), "bpb_worst": per[worst],
+            "bpb_worst_domain": worst}
+
+
+def _byte_sums(st: Store) -> torch.Tensor | None:
+    lengths = token_byte_lengths(st, st.manifest.tokenizer.vocab_size)
+    return None if lengths is None else torch.tensor(lengths, dtype=torch.float64)
+
+
+def _summary(loss: _Sums, names, conf: list, correct: list, nbytes: _Sums | None = None) -> dict:
     per = loss.per_domain(names)
     if not per:
         raise ChorusError("no held-out tokens to evaluate (every selected row is padding)")
     worst = max(per, key=per.get)
-    return {
+    return {**_bits_per_byte(loss, nbytes, names),
         "per_domain": per,
         "ppl": {d: math.exp(min(v, 700.0)) for d, v in per.items()},
         "tokens": {names[d]: n for d, n in sorted(loss.n.items())},
@@ -150,6 +168,8 @@ def evaluate_model(model, store: str, *, split: str = "valid", batch_size: int =
     v, nd = m.tokenizer.vocab_size, len(names)
     builder = TargetBuilder(manifests, v, calibrated=False, warn=False) if teachers else None
     loss, conf, correct = _Sums(), [], []
+    lengths = _byte_sums(st)
+    nbytes = None if lengths is None else _Sums()
     kl = {t: _Sums() for t in teachers}
     agree = {t: _Sums() for t in teachers}
     jsd, differs, weights = _Sums(), {t: _Sums() for t in teachers}, {t: _Sums() for t in teachers}
@@ -165,6 +185,8 @@ def evaluate_model(model, store: str, *, split: str = "valid", batch_size: int =
             gold, dom = pos.gold[sl], pos.domain[sl]
             top_logp, pred = s_logp.max(-1)
             loss.add(-s_logp.gather(1, gold[:, None])[:, 0], dom, nd)
+            if nbytes is not None:
+                nbytes.add(lengths[gold.cpu()], dom, nd)
             conf.append(top_logp.exp().cpu())
             correct.append((pred == gold).cpu())
             chunk = [d.rows(sl) for d in dists]
@@ -180,7 +202,8 @@ def evaluate_model(model, store: str, *, split: str = "valid", batch_size: int =
                     differs[t].add((ensemble.top1(d) != top).double(), dom, nd)
                     weights[t].add(w[:, i], dom, nd)
     student.train(was_training)
-    out = {"split": split, "rows": rows, **_summary(loss, names, conf, correct), "teachers": {}, "kl_label": KL_LABEL}
+    out = {"split": split, "rows": rows, **_summary(loss, names, conf, correct, nbytes), "teachers": {},
+           "kl_label": KL_LABEL}
     for t in teachers:
         out["teachers"][t] = {"kl": kl[t].total(), "top1_agreement": agree[t].total(),
                               "per_domain": {d: {"kl": kl[t].per_domain(names)[d],
@@ -209,6 +232,8 @@ def evaluate_teacher_cache(store: str, name: str, *, split: str = "valid", batch
                            storage_options=storage_options)
     builder = TargetBuilder([tm], m.tokenizer.vocab_size, calibrated=False, warn=False)
     loss, conf, correct, in_topk, rows = _Sums(), [], [], _Sums(), 0
+    lengths = _byte_sums(st)
+    nbytes = None if lengths is None else _Sums()
     for batch in data:
         rows += len(batch["row"])
         pos = _predictable(positions(batch))
@@ -217,12 +242,14 @@ def evaluate_teacher_cache(store: str, name: str, *, split: str = "valid", batch
         arrays = batch["teachers"][name]
         d = builder.teacher(0, arrays, pos.select)
         loss.add(-gold_log_prob(d, pos.gold).clamp_min(-1e4), pos.domain, len(names))
+        if nbytes is not None:
+            nbytes.add(lengths[pos.gold], pos.domain, len(names))
         ids = arrays["topk_ids"][:, :-1].reshape(-1, tm.top_k)[pos.select].long()
         in_topk.add((ids == pos.gold[:, None]).any(-1).double(), pos.domain, len(names))
         c, ok = top1_confidence(d, pos.gold)
         conf.append(c)
         correct.append(ok)
-    out = {"split": split, "rows": rows, **_summary(loss, names, conf, correct), "teachers": {},
+    out = {"split": split, "rows": rows, **_summary(loss, names, conf, correct, nbytes), "teachers": {},
            "source": "cache", "temperature": tm.temperature, "gold_in_topk": in_topk.total(),
            "exact": tm.has_stats,
            "note": ("exact gold log-probs cached with the teacher's statistics; the teacher was not loaded"
@@ -234,11 +261,15 @@ def evaluate_teacher_cache(store: str, name: str, *, split: str = "valid", batch
 
 
 def _table(res: dict, title: str) -> str:
-    lines = [title, f"{'domain':<16}{'loss':>9}{'ppl':>11}{'tokens':>9}"]
+    bpb = res.get("bits_per_byte", {})
+    lines = [title, f"{'domain':<16}{'loss':>9}{'ppl':>11}{'tokens':>9}" + (f"{'bits/byte':>11}" if bpb else "")]
     for d, v in res["per_domain"].items():
-        lines.append(f"{d:<16}{v:>9.4f}{res['ppl'][d]:>11.2f}{res['tokens'][d]:>9}")
-    lines.append(f"{'mean':<16}{res['mean']:>9.4f}{math.exp(min(res['mean'], 700)):>11.2f}")
-    lines.append(f"{'worst':<16}{res['worst']:>9.4f}   ({res['worst_domain']})")
+        lines.append(f"{d:<16}{v:>9.4f}{res['ppl'][d]:>11.2f}{res['tokens'][d]:>9}"
+                     + (f"{bpb[d]:>11.4f}" if d in bpb else ""))
+    lines.append(f"{'mean':<16}{res['mean']:>9.4f}{math.exp(min(res['mean'], 700)):>11.2f}"
+                 + (f"{'':>9}{res['bpb_mean']:>11.4f}" if bpb else ""))
+    lines.append(f"{'worst':<16}{res['worst']:>9.4f}   ({res['worst_domain']})"
+                 + (f"; bits/byte {res['bpb_worst']:.4f} ({res['bpb_worst_domain']})" if bpb else ""))
     lines.append(f"ECE (top-1, 15 bins): {res['ece']:.4f}")
     if res.get("note"):
         lines.append(f"note: {res['note']}")

@@ -14,7 +14,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 import yaml
 
-from chorus import __version__
+from chorus import __version__, rundir
 from chorus._progress import Progress, say
 from chorus.config import TrainConfig, to_dict
 from chorus.errors import ChorusError
@@ -135,9 +134,7 @@ def _prepare_run_dir(cfg: TrainConfig, dist: Dist) -> tuple[bool, Path | None]:
             say(f"resuming with changed settings: {', '.join(changed)}")
     dist.barrier()  # every rank has looked before rank 0 writes
     if dist.main:
-        if cfg.overwrite and out.exists():
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
+        (rundir.replace if cfg.overwrite else rundir.claim)(out, "train")
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     dist.barrier()
     return False, (ckpt.latest(out) if cfg.resume else None)
