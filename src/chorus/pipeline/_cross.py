@@ -398,11 +398,15 @@ def _segment_text(surfaces: list[bytes], store: TokenText, teacher: TokenText, r
     got = b"".join(t_surf)
     phantom = 0 if got == text else 1 if got == b" " + text else -1
     if phantom < 0:
+        if got.startswith(b" ") and not text.startswith(b" "):
+            got = got[1:]  # its dummy prefix is not what differs: compare the text after it
         at = next((i for i, (a, b) in enumerate(zip(got, text)) if a != b), min(len(got), len(text)))
+        unknown = any(teacher.surfaces[i] is None for i in t_ids)
         raise ChorusError(
             f"the teacher's tokenizer cannot reproduce the store's text (row {row}, byte {at}: {text[at:at + 12]!r} "
-            f"came back as {got[at:at + 12]!r}); a lossy normalizer or unknown characters: use a teacher whose "
-            "tokenizer round-trips text exactly")
+            f"came back as {got[at:at + 12]!r}); "
+            + ("it has no token for some of these characters (an unknown-token id, no byte fallback)" if unknown else
+               "a normalizer changes the text") + ": use a teacher whose tokenizer round-trips text exactly")
     s_len = np.array([len(s) for s in surfaces], dtype=np.int64)
     s_end = np.cumsum(s_len) - strip
     t_len = np.array([len(s) for s in t_surf], dtype=np.int64)
