@@ -360,6 +360,72 @@ def test_lossy_teacher_tokenizer_is_refused(cross_store, tmp_path, teachers):
     shutil.copytree(cross_store, url)
     with pytest.raises(ChorusError, match="cannot reproduce the store's text"):
         _cache(url, lossy, "lossy")
+    assert "lossy" not in Store.open(url, "r").teacher_names()  # refused by the pre-check: nothing written
+
+
+def test_every_row_is_checked_before_the_first_forward_pass(cross_store, tmp_path, teachers, monkeypatch):
+    """A row the teacher's tokenizer cannot reproduce near the end of the store stops the cache before the teacher
+    runs once: no forward pass, no unit, no shard."""
+    from tokenizers import Tokenizer, normalizers
+
+    from chorus.pipeline import _teacher
+
+    lossy = str(tmp_path / "lossy")
+    shutil.copytree(teachers["bpe520"], lossy)
+    tok = Tokenizer.from_file(os.path.join(lossy, "tokenizer.json"))
+    tok.normalizer = normalizers.Replace("LATIN", "latin")  # only rows of the "names" domain break
+    tok.save(os.path.join(lossy, "tokenizer.json"))
+    url = str(tmp_path / "store.zarr")
+    shutil.copytree(cross_store, url)
+    calls = []
+    real = _teacher.Teacher.hidden_states
+    monkeypatch.setattr(_teacher.Teacher, "hidden_states", lambda self, x: calls.append(x.shape) or real(self, x))
+    with pytest.raises(ChorusError, match="cannot reproduce the store's text"):
+        _cache(url, lossy, "lossy")
+    assert calls == [] and "lossy" not in Store.open(url, "r").teacher_names()
+
+
+def test_a_teacher_with_a_shorter_context_reads_long_rows_in_overlapping_windows(teachers):
+    """Rows longer than the teacher's context run in windows of at most that many tokens: every position's hidden
+    state is the model's own on a suffix of the row ending there, at least half the context long — found by brute
+    force over every suffix length — and the first window's positions see the whole row before them."""
+    from chorus.pipeline._cross_targets import windowed_hidden_states
+    from chorus.pipeline._teacher import load_teacher
+
+    vocab = json.loads(open(os.path.join(teachers["sp"], "config.json")).read())["vocab_size"]
+    teacher = load_teacher(teachers["sp"], vocab_size=vocab, device=torch.device("cpu"), dtype=torch.float32,
+                           revision=None, trust_remote_code=False, tokenizer_match="cross")
+    x = torch.randint(3, vocab, (2, 37), generator=torch.Generator().manual_seed(0))
+    limit = 10
+    seen = []
+    real = teacher.hidden_states
+    teacher.hidden_states = lambda ids: seen.append(ids.shape[1]) or real(ids)
+    with torch.inference_mode():
+        got = windowed_hidden_states(teacher, x, limit)
+        assert got.shape[:2] == x.shape and max(seen) <= limit
+        torch.testing.assert_close(got[:, :limit], real(x[:, :limit]), rtol=0, atol=0)
+        for p in range(limit, x.shape[1]):
+            lengths = [c for c in range(1, limit + 1) if p + 1 >= c and torch.allclose(
+                real(x[:, p + 1 - c: p + 1])[:, -1], got[:, p], atol=1e-5)]
+            assert lengths and min(lengths) >= limit // 2 + 1, (p, lengths)
+
+
+def test_long_rows_in_teacher_tokens_cache_to_the_end(cross_store, tmp_path, teachers):
+    """A teacher whose context (24 positions) is shorter than rows in its own tokens caches every shard (it used to
+    stop with "prepare a store with a shorter seq_len"), with the coverage of the same teacher without the limit."""
+    short = str(tmp_path / "short")
+    shutil.copytree(teachers["unigram"], short)
+    cfg_path = os.path.join(short, "config.json")
+    cfg = json.loads(open(cfg_path).read())
+    cfg["max_position_embeddings"] = 24
+    open(cfg_path, "w").write(json.dumps(cfg))
+    url = str(tmp_path / "store.zarr")
+    shutil.copytree(cross_store, url)
+    _cache(url, short, "short")
+    store = Store.open(url, "r")
+    m, full = store.teacher_manifest("short"), store.teacher_manifest("unigram")
+    assert m.status == "complete"
+    assert m.tokenizer_mapping["coverage"] == pytest.approx(full.tokenizer_mapping["coverage"])
 
 
 def test_surfaces_of_both_conventions(teachers, tokenizer_dir):

@@ -414,6 +414,30 @@ def _segment_text(surfaces: list[bytes], store: TokenText, teacher: TokenText, r
     return np.maximum(s_end - s_len, 0), s_end, t_ids, t_surf, t_end - t_len, t_end
 
 
+def _pieces(ids: np.ndarray, segs: np.ndarray):
+    """(start, end) of each run of one segment id in a row."""
+    p = 0
+    while p < len(ids):
+        q = p + 1
+        while q < len(ids) and segs[q] == segs[p]:
+            q += 1
+        yield p, q
+        p = q
+
+
+def check_text(ids: np.ndarray, segs: np.ndarray, cmap: CrossMap, *, row_start: int) -> None:
+    """Raise the one-line error :func:`align` would raise on any of these store rows (B, L), without aligning
+    them: the pre-check `chorus cache` runs over every row before the teacher's first forward pass."""
+    store = cmap.store_text
+    for r in range(len(ids)):
+        for p, q in _pieces(ids[r], segs[r]):
+            piece = ids[r, p:q]
+            text_ids = piece[:-1] if int(piece[-1]) == store.eos_id else piece
+            surfaces = [store.surfaces[int(i)] for i in text_ids]
+            if segs[r, p] > 0 and len(text_ids) and all(s is not None for s in surfaces):
+                _segment_text(surfaces, store, cmap.teacher_text, row_start + r)
+
+
 def _row(ids: np.ndarray, segs: np.ndarray, cmap: CrossMap, row: int):
     """One store row → (teacher ids, tpos, tend, move, prefix (L,) each); see :class:`Alignment`."""
     teacher, store = cmap.teacher_text, cmap.store_text
@@ -421,11 +445,7 @@ def _row(ids: np.ndarray, segs: np.ndarray, cmap: CrossMap, row: int):
     out: list[int] = []
     tpos, tend, move, prefix, ends = (np.full(length, -1, dtype=np.int64) for _ in range(5))
     after_eos = -1  # the teacher position of the EOS that ended the previous piece (its next token starts a text)
-    p = 0
-    while p < length:
-        q = p + 1
-        while q < length and segs[q] == segs[p]:
-            q += 1
+    for p, q in _pieces(ids, segs):
         piece = ids[p:q]
         has_eos = int(piece[-1]) == store.eos_id
         text_ids = piece[:-1] if has_eos else piece
@@ -435,7 +455,7 @@ def _row(ids: np.ndarray, segs: np.ndarray, cmap: CrossMap, row: int):
             seg = _segment_text(surfaces, store, teacher, row)
         if seg is None:  # padding, a piece with special tokens inside, or no readable text: masked
             out += [teacher.pad_id] * (q - p)
-            after_eos, p = -1, q
+            after_eos = -1
             continue
         s_start, s_end, t_ids, t_surf, t_start, t_end = seg
         q0 = len(out)
@@ -466,7 +486,6 @@ def _row(ids: np.ndarray, segs: np.ndarray, cmap: CrossMap, row: int):
             tpos[last], tend[last], move[last], prefix[last], ends[last] = (
                 len(out) - 2, len(out) - 1, cmap.teacher_spread[teacher.eos_id], 0, 0)
             after_eos = len(out) - 1
-        p = q
     return out, tpos, tend, move, prefix, ends
 
 

@@ -13,7 +13,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from chorus.errors import ChorusError
 from chorus.pipeline._cross import CrossMap, align
 from chorus.pipeline._position import position_targets, tail_statistics
 from chorus.pipeline._sampler import draw_ids, row_uniforms
@@ -109,22 +108,35 @@ def _extensions(cmap: CrossMap, prefix: np.ndarray, device) -> tuple[torch.Tenso
     return tuple(torch.from_numpy(x).to(device) for x in (rows[entry], tids[entry], sids, w.astype(np.float32), rows, tids))
 
 
+def windowed_hidden_states(teacher: Teacher, x: torch.Tensor, limit: int | None) -> torch.Tensor:
+    """(B, Lt) teacher ids → (B, Lt, H) hidden states. Rows longer than the teacher's context (``limit`` tokens: a row
+    of the store can be more tokens in the teacher's) run in windows of ``limit`` that overlap by half: the first
+    window's positions see everything before them, each later position at least ``limit // 2`` tokens."""
+    lt = x.shape[1]
+    if limit is None or lt <= limit:
+        return teacher.hidden_states(x)
+    keep = max(limit // 2, 1)  # new positions per later window
+    parts, done = [teacher.hidden_states(x[:, :limit])], limit
+    while done < lt:
+        start = done + keep - limit
+        end = min(lt, start + limit)
+        parts.append(teacher.hidden_states(x[:, start:end])[:, done - start:])
+        done = end
+    return torch.cat(parts, 1)
+
+
 def cross_targets(teacher: Teacher, cmap: CrossMap, ids: np.ndarray, segs: np.ndarray, *, top_k: int, num_samples: int,
                   seed: int, row_start: int, tail_betas: Sequence[float]) -> dict[str, torch.Tensor]:
     """Store rows (B, L) and their segment ids → the targets of ``chunked_targets`` over the store's vocabulary,
     from a teacher with its own tokenizer; positions with no target hold the hard label (``NO_TARGET_ENTROPY``)."""
     al = align(ids, segs, cmap, row_start=row_start)
-    max_pos = getattr(teacher.model.config, "max_position_embeddings", None)
-    if max_pos is not None and al.teacher_ids.shape[1] > max_pos:
-        raise ChorusError(f"rows {row_start}..{row_start + len(ids) - 1} are {al.teacher_ids.shape[1]} teacher tokens "
-                          f"but teacher '{teacher.model_id}' handles at most {max_pos}; prepare a store with a shorter "
-                          "seq_len")
     device = teacher.device
     b, length = ids.shape
     lt = al.teacher_ids.shape[1]
     x = torch.from_numpy(al.teacher_ids).to(device)
     weight, bias, ops = teacher.head(x)
-    flat = teacher.hidden_states(x).reshape(b * lt, -1).to(weight.device)
+    limit = getattr(teacher.model.config, "max_position_embeddings", None)
+    flat = windowed_hidden_states(teacher, x, limit).reshape(b * lt, -1).to(weight.device)
     step = chunk_positions(teacher.vocab_size, teacher.chunk_size, CROSS_CHUNK_BYTES.get(device.type, CROSS_CHUNK_BYTES["cuda"]))
 
     def logits(s: int, e: int) -> torch.Tensor:  # the same-tokenizer path's chunks (same bits for one token table)

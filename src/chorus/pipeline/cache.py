@@ -27,7 +27,7 @@ from chorus import __version__
 from chorus._progress import Progress, say
 from chorus.config import CacheConfig
 from chorus.errors import ChorusError
-from chorus.pipeline._cross import METHOD, METHOD_VERSION, CrossMap, TokenText
+from chorus.pipeline._cross import METHOD, METHOD_VERSION, CrossMap, TokenText, check_text
 from chorus.pipeline._cross_targets import cross_targets
 from chorus.pipeline._sampler import check_sampler
 from chorus.pipeline._teacher import (
@@ -230,12 +230,14 @@ def run(cfg: CacheConfig) -> TeacherManifest:
     max_pos = getattr(teacher.model.config, "max_position_embeddings", None)
     if max_pos is not None and corpus.seq_len > max_pos and cmap is None:
         raise ChorusError(f"store rows are {corpus.seq_len} tokens but teacher '{cfg.teacher}' handles at most {max_pos}")
+    mine = [s for s in range(corpus.num_shards) if s % workers == worker]
+    if cmap is not None:
+        _check_text(store, corpus, cmap, mine)
     params = value_params(cfg.value_codec)
     manifest = _manifest(cfg, name, corpus, teacher, params, cross=_mapping_record(teacher_info, cmap))
     specs = target_specs(corpus.seq_len, cfg.top_k, cfg.samples, corpus.tokenizer.vocab_size, cfg.value_codec, params,
                          tail_betas=manifest.tail_betas)
     _claim_unit(store, manifest, specs, corpus, worker=worker, overwrite=cfg.overwrite)
-    mine = [s for s in range(corpus.num_shards) if s % workers == worker]
     if cfg.overwrite:
         _rewrite_corrupt(store, unit, mine)
     done = {s: c for s, c in store.commits(unit).items() if c.fingerprint in ("", manifest.fingerprint)}
@@ -315,6 +317,18 @@ def _cross_map(store: Store, corpus: CorpusManifest, teacher_tok, teacher_info: 
     store_text = TokenText.of(store_tok, corpus.tokenizer.name)
     teacher_text = TokenText.of(teacher_tok, teacher_info.name)
     return CrossMap(teacher_text, store_text, corpus.tokenizer.vocab_size)
+
+
+def _check_text(store: Store, corpus: CorpusManifest, cmap: CrossMap, shards: list[int]) -> None:
+    """Every row this worker will cache, read back into text by the teacher's tokenizer before its first forward
+    pass: a row it cannot reproduce is refused now, with nothing written, not after hours of caching."""
+    t0 = time.perf_counter()
+    for shard in shards:
+        lo, _ = corpus.shard_rows(shard)
+        got = store.read_shard("corpus", shard, ["input_ids", "segment_ids"])
+        check_text(got["input_ids"], got["segment_ids"], cmap, row_start=lo)
+    say(f"the teacher's tokenizer reproduces the text of every row of {len(shards)} shard(s) "
+        f"({time.perf_counter() - t0:.1f} s)")
 
 
 def _mapping_record(info: TokenizerInfo, cmap: CrossMap | None) -> dict:
