@@ -43,8 +43,10 @@ bit-identical.
 from __future__ import annotations
 
 import bisect
+import functools
 import json
 import re
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -192,6 +194,16 @@ def first_pieces(teacher: TokenText, store: TokenText, index: StoreIndex | None 
     return out
 
 
+def _locked(method):
+    """The tables a CrossMap grows (spreads, starting sets, prefixes) are appended to, then indexed: one thread at a
+    time, since `chorus cache` aligns the next shard in its reader thread while the main thread maps this one."""
+    @functools.wraps(method)
+    def run(self, *args):
+        with self._lock:
+            return method(self, *args)
+    return run
+
+
 @dataclass
 class CrossMap:
     """Everything fixed for one teacher × store pair (built once per run): where each piece of teacher text goes."""
@@ -203,6 +215,7 @@ class CrossMap:
     permutation: np.ndarray | None = field(init=False, default=None)  # (Vs,) teacher id per store id: one token table
 
     def __post_init__(self) -> None:
+        self._lock = threading.RLock()
         self.index = StoreIndex(self.store_text)
         self.first = first_pieces(self.teacher_text, self.store_text, self.index)
         self.permutation = self._permutation()
@@ -249,6 +262,7 @@ class CrossMap:
         self._spread_ids[key] = len(self.spreads) - 1
         return self._spread_ids[key]
 
+    @_locked
     def spread_id(self, before: bytes, rest: bytes) -> int:
         """Where the teacher's mass for a token whose text is ``before`` + ``rest`` goes, the position being after
         ``before``: the store token ``rest`` begins with — unless a longer store token extends ``rest`` whose text
@@ -276,6 +290,7 @@ class CrossMap:
                     self._by_surface.setdefault(surf, []).append(v)
         return self._by_prefix
 
+    @_locked
     def starting_id(self, text: bytes) -> int:
         """An id into ``starting`` for the teacher tokens whose text strictly extends ``text``: the same set as the
         normalizer of the next (inside) position, so the chain telescopes to the teacher's own token log-probs."""
@@ -286,6 +301,7 @@ class CrossMap:
             self._starting_ids[text] = len(self.starting) - 1
         return self._starting_ids[text]
 
+    @_locked
     def continuing_id(self, store_id: int) -> int:
         """An id into ``starting`` for the teacher tokens that could carry the text on past store token
         ``store_id`` into a longer store token (their text starts with the rest of one, or is a prefix of it): the
@@ -308,6 +324,7 @@ class CrossMap:
                 self._starting_ids[key] = len(self.starting) - 1
         return self._starting_ids[key]
 
+    @_locked
     def prefix_id(self, prefix: bytes) -> int:
         """An id for the teacher tokens that extend ``prefix`` (0 when none does: no target)."""
         if prefix in self.prefixes:
@@ -331,16 +348,16 @@ class CrossMap:
         return (np.repeat(np.arange(len(parts)), lens), np.concatenate([p[0] for p in parts]),
                 np.concatenate([p[1] for p in parts]))
 
-    def matrix(self, device) -> object:
-        """(Vs, Vt) sparse float32: column v = where teacher token v's mass goes at a boundary position."""
-        key = str(device)
+    def columns(self, device) -> tuple:
+        """(store ids, teacher ids, weights or None when all are 1) of the teacher tokens placed at a boundary
+        position: q[:, store id] += w · p[:, teacher id]."""
+        key = ("columns", str(device))
         if key not in self._matrix:
             import torch
 
             v, u, w = self.triples(self.teacher_spread)
-            self._matrix[key] = torch.sparse_coo_tensor(
-                torch.from_numpy(np.stack([u, v])), torch.from_numpy(w).float(),
-                (self.store_vocab, len(self.first)), check_invariants=True).coalesce().to(device)
+            weights = None if np.all(w == 1.0) else torch.from_numpy(w).float().to(device)
+            self._matrix[key] = (torch.from_numpy(u).to(device), torch.from_numpy(v).to(device), weights)
         return self._matrix[key]
 
     def measurements(self) -> dict:

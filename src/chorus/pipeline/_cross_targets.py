@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from chorus.pipeline._cross import CrossMap, align
+from chorus.pipeline._cross import Alignment, CrossMap, align
 from chorus.pipeline._position import position_targets, tail_statistics
 from chorus.pipeline._sampler import draw_ids, row_uniforms
 from chorus.pipeline._teacher import Teacher, _apply_ops, chunk_positions
@@ -22,9 +22,11 @@ from chorus.storage._manifest import NO_TARGET_ENTROPY
 # head chunks of the cross-tokenizer pass: its fp32 passes over whole chunks hold ~4 (chunk, V) buffers, so on a GPU it
 # keeps 256 MiB chunks (the same-tokenizer pass's 1 GiB ones were measured for that pass only, on an H200)
 CROSS_CHUNK_BYTES = {"cpu": 1 << 21, "cuda": 1 << 28}
+MAPPED_CPU_CHUNK_BYTES = 1 << 28  # the mapped pass on a CPU: 256 positions at V = 262 144 (2 MiB would be 2 rows:
+# too few for the head's GEMM); the one-token-table path keeps CROSS_CHUNK_BYTES (bit-identical chunks)
 
 
-def project(logits: torch.Tensor, *, matrix: torch.Tensor, vocab: int, chain: torch.Tensor,
+def project(logits: torch.Tensor, *, columns: tuple, vocab: int, chain: torch.Tensor,
             moves: tuple[torch.Tensor, torch.Tensor, torch.Tensor], gold: torch.Tensor, spans: torch.Tensor,
             stop: torch.Tensor,
             extensions: tuple[torch.Tensor, ...] | None = None,
@@ -32,8 +34,8 @@ def project(logits: torch.Tensor, *, matrix: torch.Tensor, vocab: int, chain: to
     """(C, Vt) fp32 teacher logits → ((C, Vs + 1) log-probs over the store's vocabulary and, last, the unplaced
     bucket; (C,) float64 log-prob of the gold token's text; (C,) the bucket's mass).
 
-    Boundary rows: q = p · matrixᵀ, every teacher token's probability placed on the store token its text begins
-    with (CrossMap.spread_id). Rows ``inside`` a teacher token: the teacher's distribution conditioned on the bytes
+    Boundary rows: every teacher token's probability placed on the store token its text begins with
+    (``columns``: the store id and the teacher id of each placed teacher token, CrossMap.columns). Rows ``inside`` a teacher token: the teacher's distribution conditioned on the bytes
     before the position — only the teacher tokens that extend them (``extensions``: (row, teacher id, store id,
     weight) of the placed ones, then (row, teacher id) of all, for the normalizer), each placed by the rest of its
     text. Where the gold token's text ``spans`` several teacher tokens (the next teacher token is a strict prefix of
@@ -44,7 +46,8 @@ def project(logits: torch.Tensor, *, matrix: torch.Tensor, vocab: int, chain: to
     on into a longer store token — goes to the gold id. Mass the map could not place stays the teacher's, in the bucket, never on the gold token; the gold
     text's log-prob is the teacher's own ``chain`` (conditioned likewise), whatever the target holds at the id."""
     p = torch.softmax(logits, dim=-1)
-    q = torch.sparse.mm(matrix, p.t()).t().contiguous()
+    dest, cols, w = columns
+    q = torch.zeros(len(p), vocab, device=p.device).index_add_(1, dest, p[:, cols] if w is None else p[:, cols] * w)
     scale = torch.ones(len(q), device=q.device)
     if inside is not None and bool(inside.any()):
         rows, tids, sids, w, all_rows, all_tids = extensions
@@ -125,11 +128,87 @@ def windowed_hidden_states(teacher: Teacher, x: torch.Tensor, limit: int | None)
     return torch.cat(parts, 1)
 
 
+def _mapped_pass(cmap: CrossMap, logits, x: torch.Tensor, ids: np.ndarray, sel: np.ndarray, src: np.ndarray,
+                 end: np.ndarray, move: np.ndarray, prefix: np.ndarray, ends: np.ndarray, gold: torch.Tensor,
+                 uniforms: torch.Tensor | None, write, *, n: int, step: int, top_k: int,
+                 tail_betas: Sequence[float]) -> None:
+    """One pass of the LM head over the teacher's ``n`` flat positions, in chunks of ``step``: each chunk's
+    log-partition gives the teacher's log-prob of its own next tokens (the chains) and the lookahead masses; a store
+    position is projected as soon as every teacher position its chain and lookahead read is done (its logits row
+    is kept until then), so the head runs once, not once for the chains and again for the targets."""
+    device = x.device
+    nxt = torch.roll(x, -1, dims=1).reshape(-1, 1)
+    own = torch.zeros(n, dtype=torch.float64, device=device)  # log p(own next token) at each teacher position
+    inner = np.flatnonzero(ends > 0)  # chains whose gold token ends inside their last teacher token
+    last = torch.from_numpy(end[inner] - 1).to(device)
+    starts = torch.zeros(len(inner), dtype=torch.float64, device=device)
+    at_inner = torch.full((len(sel),), -1, dtype=torch.long, device=device)
+    at_inner[torch.from_numpy(inner).to(device)] = torch.arange(len(inner), device=device)
+    # a next teacher token whose text is the gold's, unplaced (a longer store token extends it): its own next
+    # distribution, at the following teacher position, says whether the store stops at the gold there
+    goes_on = np.zeros(len(sel), dtype=np.int64)
+    cand = np.flatnonzero((end - src == 1) & (ends == 0) & (move == 0))
+    goes_on[cand] = [cmap.continuing_id(int(u)) for u in np.roll(ids, -1, axis=1).reshape(-1)[sel][cand]]
+    look = np.flatnonzero(goes_on > 0)
+    look_t, ahead = torch.from_numpy(look).to(device), torch.from_numpy(end[look]).to(device)
+    stop = torch.zeros(len(sel), dtype=torch.float32, device=device)
+    src_t, end_t = torch.from_numpy(src).to(device), torch.from_numpy(end).to(device)
+    spans_t = end_t - src_t > 1
+    pend_idx, pend_z = torch.zeros(0, dtype=torch.long, device=device), None
+
+    def project_rows(pick: torch.Tensor, z: torch.Tensor) -> None:
+        rows = pick.cpu().numpy()
+        cum = torch.cat([torch.zeros(1, dtype=torch.float64, device=device), own.cumsum(0)])
+        chain = cum[end_t[pick]] - cum[src_t[pick]]
+        k = at_inner[pick]
+        has = k >= 0  # the last token's own log-prob → P(its text strictly extends the gold's bytes there)
+        chain[has] += starts[k[has]] - own[end_t[pick][has] - 1]
+        logq, gold_text, unplaced = project(
+            z, columns=cmap.columns(device), vocab=cmap.store_vocab, chain=chain, gold=gold[pick], spans=spans_t[pick],
+            stop=stop[pick], moves=_spread_rows(cmap, move[rows], device),
+            extensions=_extensions(cmap, prefix[rows], device), inside=torch.from_numpy(prefix[rows] > 0).to(device))
+        part = bucket_targets(logq, gold[pick], gold_text, None if uniforms is None else uniforms[pick_sel(pick)],
+                              top_k=top_k, tail_betas=tail_betas)
+        write(pick, part, gold_text, unplaced)
+
+    sel_t = torch.from_numpy(sel).to(device)
+
+    def pick_sel(pick: torch.Tensor) -> torch.Tensor:
+        return sel_t[pick]
+
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        z_all = logits(s, e)
+        lse = torch.logsumexp(z_all, -1)
+        own[s:e] = (z_all.gather(-1, nxt[s:e])[:, 0] - lse).double()
+        for where, sets, fill in ((last, ends[inner], "starts"), (ahead, goes_on[look], "stop")):
+            here = torch.nonzero((where >= s) & (where < e))[:, 0]
+            if not len(here):
+                continue
+            rows, tids = _sets(cmap, sets[here.cpu().numpy()], device)
+            at = where[here][rows] - s
+            mass = torch.zeros(len(here), dtype=torch.float64, device=device)
+            mass.index_add_(0, rows, (z_all[at, tids] - lse[at]).double().exp())
+            if fill == "starts":  # log Σ p(v) over the teacher tokens that strictly extend the gold's bytes there
+                starts[here] = mass.log()
+            else:  # after a teacher token that spelled the gold exactly: P(the text stops at the gold)
+                stop[look_t[here]] = (1.0 - mass).clamp_min(0.0).float()
+        new = torch.nonzero((src_t >= s) & (src_t < e))[:, 0]
+        z_new = z_all[src_t[new] - s]
+        idx = torch.cat([pend_idx, new])
+        z = z_new if pend_z is None else torch.cat([pend_z, z_new])
+        ready = (end_t[idx] < e) | (e == n)  # every position its chain and lookahead read is done
+        if bool(ready.any()):
+            project_rows(idx[ready], z[ready])
+        pend_idx, pend_z = idx[~ready], z[~ready]
+
+
 def cross_targets(teacher: Teacher, cmap: CrossMap, ids: np.ndarray, segs: np.ndarray, *, top_k: int, num_samples: int,
-                  seed: int, row_start: int, tail_betas: Sequence[float]) -> dict[str, torch.Tensor]:
+                  seed: int, row_start: int, tail_betas: Sequence[float],
+                  alignment: Alignment | None = None) -> dict[str, torch.Tensor]:
     """Store rows (B, L) and their segment ids → the targets of ``chunked_targets`` over the store's vocabulary,
     from a teacher with its own tokenizer; positions with no target hold the hard label (``NO_TARGET_ENTROPY``)."""
-    al = align(ids, segs, cmap, row_start=row_start)
+    al = alignment if alignment is not None else align(ids, segs, cmap, row_start=row_start)
     device = teacher.device
     b, length = ids.shape
     lt = al.teacher_ids.shape[1]
@@ -148,80 +227,40 @@ def cross_targets(teacher: Teacher, cmap: CrossMap, ids: np.ndarray, segs: np.nd
     gold = torch.from_numpy(np.roll(ids, -1, axis=1).reshape(-1).astype(np.int64)[sel]).to(device)
     move = al.move.reshape(-1)[sel]
     prefix = al.prefix.reshape(-1)[sel]
-    chain = torch.zeros(len(sel), dtype=torch.float64, device=device)
-    stop = torch.zeros(len(sel), dtype=torch.float32, device=device)  # > 0: looked ahead (pass 1)
     perm = None if cmap.permutation is None else torch.from_numpy(cmap.permutation).to(device)
-    if perm is None and len(sel):  # pass 1: the teacher's log-prob of its own next tokens, summed along each chain
-        nxt = torch.roll(x, -1, dims=1).reshape(-1, 1)
-        ends = al.ends.reshape(-1)[sel]
-        inner = np.flatnonzero(ends > 0)  # chains whose gold token ends inside their last teacher token
-        last = torch.from_numpy(end[inner] - 1).to(device)
-        starts = torch.zeros(len(inner), dtype=torch.float64, device=device)
-        # a next teacher token whose text is the gold's, unplaced (a longer store token extends it): its own next
-        # distribution, at the following teacher position, says whether the store stops at the gold there
-        gold_np = np.roll(ids, -1, axis=1).reshape(-1)[sel]
-        goes_on = np.zeros(len(sel), dtype=np.int64)
-        cand = np.flatnonzero((end - src == 1) & (ends == 0) & (move == 0))
-        goes_on[cand] = [cmap.continuing_id(int(u)) for u in gold_np[cand]]
-        look = np.flatnonzero(goes_on > 0)
-        look_t, ahead = torch.from_numpy(look).to(device), torch.from_numpy(end[look]).to(device)
-        own = []
-        for s in range(0, b * lt, step):
-            logp_t = torch.log_softmax(logits(s, min(b * lt, s + step)), -1)
-            own.append(logp_t.gather(-1, nxt[s: s + step])[:, 0])
-            here = torch.nonzero((last >= s) & (last < s + step))[:, 0]
-            if len(here):  # log Σ p(v) over the teacher tokens whose text starts with the gold's bytes in that token
-                rows, tids = _sets(cmap, ends[inner[here.cpu().numpy()]], device)
-                mass = torch.zeros(len(here), dtype=torch.float64, device=device)
-                mass.index_add_(0, rows, logp_t[last[here][rows] - s, tids].double().exp())
-                starts[here] = mass.log()
-            here = torch.nonzero((ahead >= s) & (ahead < s + step))[:, 0]
-            if len(here):  # after a teacher token that spelled the gold exactly: P(it goes on into a longer one)
-                rows, tids = _sets(cmap, goes_on[look[here.cpu().numpy()]], device)
-                mass = torch.zeros(len(here), dtype=torch.float32, device=device)
-                mass.index_add_(0, rows, logp_t[ahead[here][rows] - s, tids].exp())
-                stop[look_t[here]] = (1.0 - mass).clamp_min(0.0)
-        own = torch.cat(own).double()
-        cum = torch.cat([torch.zeros(1, dtype=torch.float64, device=device), own.cumsum(0)])
-        chain = cum[torch.from_numpy(end).to(device)] - cum[torch.from_numpy(src).to(device)]
-        inner_t = torch.from_numpy(inner).to(device)
-        chain[inner_t] += starts - own[last]  # the last token's own log-prob → P(its text starts with the gold's)
     uniforms = row_uniforms(seed, row_start, b, length, num_samples, device) if num_samples else None
-    matrix = cmap.matrix(device) if perm is None else None
-
     out = _masked(ids, top_k, num_samples, tail_betas, device)
-    measured = cmap.measured
     src_t, sel_t = torch.from_numpy(src).to(device), torch.from_numpy(sel).to(device)
-    no_last = torch.zeros(len(sel), dtype=torch.bool, device=device)
-    for s in range(0, b * lt, step):  # pass 2: each chunk's logits, then the store positions that read them
-        pick = torch.nonzero((src_t >= s) & (src_t < s + step))[:, 0]
-        if not len(pick):
-            continue
-        z = logits(s, min(b * lt, s + step))[src_t[pick] - s]
-        if perm is not None:  # one token table: the same-tokenizer teacher's log-softmax, op for op
-            logp = torch.log_softmax(z[:, perm], dim=-1)
-            gold_text, unplaced = logp.gather(-1, gold[pick, None])[:, 0].double(), torch.zeros(len(pick), device=device)
-        else:
-            rows = pick.cpu().numpy()
-            logq, gold_text, unplaced = project(
-                z, matrix=matrix, vocab=cmap.store_vocab, chain=chain[pick], gold=gold[pick],
-                spans=torch.from_numpy(end[rows] - src[rows] > 1).to(device), stop=stop[pick],
-                moves=_spread_rows(cmap, move[rows], device), extensions=_extensions(cmap, prefix[rows], device),
-                inside=torch.from_numpy(prefix[rows] > 0).to(device))
-        draws = None if uniforms is None else uniforms[sel_t[pick]]
-        part = (position_targets(logp, gold[pick], no_last[pick], draws, top_k=top_k, tail_betas=tail_betas)
-                if perm is not None else
-                bucket_targets(logq, gold[pick], gold_text, draws, top_k=top_k, tail_betas=tail_betas))
+    n = b * lt
+
+    def write(pick: torch.Tensor, part: dict, gold_text: torch.Tensor, unplaced: torch.Tensor) -> None:
         keep = torch.isfinite(part["topk_logprobs"][:, 0])  # the teacher placed nothing there: no target
         for k, t in part.items():
             out[k][sel_t[pick[keep]]] = t[keep].to(out[k].dtype)
         kept = pick[keep].cpu().numpy()
+        measured = cmap.measured
         measured["gold_text_nats"] -= float(gold_text[keep].sum())
         measured["gold_bytes"] += int(cmap.store_bytes[gold[pick[keep]].cpu().numpy()].sum())
         measured["unplaced_mass"] += float(unplaced[keep].double().sum())
         measured["covered"] += len(kept)
         measured["inside"] += int((prefix[kept] > 0).sum())
-    measured["positions"] += int(al.real.sum())
+
+    if perm is not None:  # one token table: the same-tokenizer teacher's chunks and log-softmax, op for op
+        no_last = torch.zeros(len(sel), dtype=torch.bool, device=device)
+        for s in range(0, n, step):
+            pick = torch.nonzero((src_t >= s) & (src_t < s + step))[:, 0]
+            if len(pick):
+                logp = torch.log_softmax(logits(s, min(n, s + step))[src_t[pick] - s][:, perm], dim=-1)
+                gold_text = logp.gather(-1, gold[pick, None])[:, 0].double()
+                part = position_targets(logp, gold[pick], no_last[pick], None if uniforms is None else
+                                        uniforms[sel_t[pick]], top_k=top_k, tail_betas=tail_betas)
+                write(pick, part, gold_text, torch.zeros(len(pick), device=device))
+    elif len(sel):
+        _mapped_pass(cmap, logits, x, ids, sel, src, end, move, prefix, al.ends.reshape(-1)[sel], gold, uniforms,
+                     write, n=n, step=chunk_positions(teacher.vocab_size, teacher.chunk_size, MAPPED_CPU_CHUNK_BYTES)
+                     if device.type == "cpu" else step,
+                     top_k=top_k, tail_betas=tail_betas)
+    cmap.measured["positions"] += int(al.real.sum())
     return {k: t.reshape(b, length, *t.shape[1:]) for k, t in out.items()}
 
 

@@ -27,7 +27,7 @@ from chorus import __version__
 from chorus._progress import Progress, say
 from chorus.config import CacheConfig
 from chorus.errors import ChorusError
-from chorus.pipeline._cross import METHOD, METHOD_VERSION, CrossMap, TokenText, check_text
+from chorus.pipeline._cross import METHOD, METHOD_VERSION, CrossMap, TokenText, align, check_text
 from chorus.pipeline._cross_targets import cross_targets
 from chorus.pipeline._sampler import check_sampler
 from chorus.pipeline._teacher import (
@@ -377,7 +377,14 @@ def _cache_shards(store: Store, unit: str, corpus: CorpusManifest, teacher: Teac
     tensors; returns the shards skipped because a live writer holds them."""
     reader = ThreadPoolExecutor(1, thread_name_prefix="chorus-read")
     names = ["input_ids", "segment_ids"] if cmap is not None else ["input_ids"]
-    read = lambda s: store.read_shard("corpus", s, names)  # noqa: E731
+
+    def read(shard: int) -> dict:  # a cross-tokenizer teacher's rows are aligned here too, a shard ahead
+        got = store.read_shard("corpus", shard, names)
+        if cmap is not None:
+            row_start, _ = corpus.shard_rows(shard)
+            got["alignments"] = [align(got["input_ids"][o: o + cfg.batch_size], got["segment_ids"][o: o + cfg.batch_size],
+                                       cmap, row_start=row_start + o) for o in range(0, len(got["input_ids"]), cfg.batch_size)]
+        return got
     pending = reader.submit(read, todo[0])
     skipped: list[int] = []
     try:
@@ -405,7 +412,8 @@ def _cache_shards(store: Store, unit: str, corpus: CorpusManifest, teacher: Teac
                                 segs = rows["segment_ids"][offset: offset + cfg.batch_size]
                                 targets = cross_targets(teacher, cmap, ids[offset: offset + cfg.batch_size], segs, top_k=cfg.top_k,
                                                         num_samples=cfg.samples, seed=cfg.seed,
-                                                        row_start=row_start + offset, tail_betas=tail_betas)
+                                                        row_start=row_start + offset, tail_betas=tail_betas,
+                                                        alignment=rows["alignments"][offset // cfg.batch_size])
                     except OutOfMemory:
                         raise ChorusError(
                             f"out of memory on {teacher.device} at --batch-size {cfg.batch_size} (shard {shard}); "
