@@ -12,9 +12,9 @@ from the same-tokenizer teacher, KD from the cross-tokenizer teacher. Reported, 
 
 - coverage: the share of real positions where the cross teacher's target exists (else the hard label), and the
   share of those inside one of its tokens (the prefix-conditioned approximation, see pipeline/_cross.py);
-- bits per byte of the gold text: each teacher natively on its own tokens, and the cross teacher's mapped targets
-  (over covered positions, divided by the bytes of those positions' gold tokens; the mass the map cannot place goes
-  to the gold token, so this is optimistic by that mass);
+- bits per byte of the gold text: each teacher natively on its own tokens, and the cross teacher's gold statistics
+  (over covered positions, divided by the bytes of those positions' gold tokens: the teacher's own probability of
+  the gold text, chained along its tokens; the mass the map cannot place stays in a tail bucket);
 - gap closed = (CE − cross) / (CE − same-tokenizer KD) on the students' mean held-out loss, per seed.
 """
 
@@ -218,7 +218,7 @@ def main() -> None:
                   f"{v.get('bits_per_byte_inside', float('nan')):.4f}"] for k, v in held_out.items()]))
     print()
     print(table(["all rows", "teacher's own bits/byte", "its gold-text bits/byte at store positions",
-                 "unplaced mass (→ hard label)"],
+                 "unplaced mass (tail bucket)"],
                 [[d, f"{v['native_bits_per_byte_all_rows']:.4f}", f"{v['measured']['gold_text_bits_per_byte']:.4f}",
                   f"{v['measured']['unplaced_mass']:.3f}"] for d, v in coverage_all.items()]))
     print()

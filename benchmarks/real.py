@@ -38,7 +38,7 @@ from fetch_models import convert  # noqa: E402
 from chorus.config import CacheConfig, EvalConfig, PrepareConfig  # noqa: E402
 from chorus.pipeline import cache, prepare  # noqa: E402
 from chorus.pipeline._cross import CrossMap, TokenText, align  # noqa: E402
-from chorus.storage import Store, decode_stats, decode_topk  # noqa: E402
+from chorus.storage import Store, decode_stats, decode_topk, token_byte_lengths  # noqa: E402
 from chorus.storage._manifest import no_target  # noqa: E402
 from chorus.trainer import evaluate  # noqa: E402
 
@@ -82,61 +82,57 @@ def _pieces(ids: np.ndarray, segs: np.ndarray):
 
 
 @torch.inference_mode()
-def own_chain(teacher_dir: Path, store_url: str, name: str) -> dict:
-    """The teacher's own bits per byte, a plain forward pass over each row piece in its own tokens (+ EOS where the
-    piece ends a document), against the bits its cache's gold statistics give over the same piece, from the store
-    position whose gold token starts after the teacher's first token (that token has no prediction)."""
+def own_chain(teacher_dir: Path, store_url: str, name: str, batch: int = 8) -> dict:
+    """The teacher's own bits per byte — a plain HF forward pass over exactly the rows its cache pass read, in its
+    own tokens, the log-probs of its own next tokens summed — against the bits its cache's gold statistics give, per
+    row piece, from the piece's first store position that starts where a teacher token does (the first teacher
+    token has no prediction) to its end. Pieces with a position without a target are left out (the chain breaks)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     st = Store.open(store_url, "r")
     m = st.manifest
-    ids = st.read_rows("corpus", "input_ids", 0, m.num_rows)
-    segs = st.read_rows("corpus", "segment_ids", 0, m.num_rows)
     tm = st.teacher_manifest(name)
-    arrays = {k: np.concatenate([st.read_shard(f"teachers/{name}", s, [k])[k] for s in range(m.num_shards)])
-              for k in ("topk_ids", "topk_logprobs", "stats", "tail_logz")}
-    _, logp = decode_topk(arrays, tm)
-    stats = decode_stats(arrays, tm, logp[..., -1])
-    tok = AutoTokenizer.from_pretrained(teacher_dir)
     model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
-    s_tok = AutoTokenizer.from_pretrained(STORE_DIR)
-    t_text, s_text = TokenText.of(tok, name), TokenText.of(s_tok, "store")
+    cmap = None
+    if tm.tokenizer_mapping:
+        tok, s_tok = AutoTokenizer.from_pretrained(teacher_dir), AutoTokenizer.from_pretrained(STORE_DIR)
+        cmap = CrossMap(TokenText.of(tok, name), TokenText.of(s_tok, "store"), m.tokenizer.vocab_size)
+    s_bytes = np.array(token_byte_lengths(st, m.tokenizer.vocab_size))
     own = stored = 0.0
-    nbytes = pieces = complete = masked = 0
-    for r, p, q in _pieces(ids, segs):
-        piece = ids[r, p:q]
-        eos = int(piece[-1]) == s_text.eos_id
-        surf = [s_text.surfaces[int(u)] for u in (piece[:-1] if eos else piece)]
-        if not surf or any(s is None for s in surf):
-            continue
-        try:
-            text = b"".join(surf).decode("utf-8")
-        except UnicodeDecodeError:
-            continue  # a piece cut inside a character: no target anywhere (the cache masks it too)
-        t_ids = t_text.encode(text) + ([t_text.eos_id] if eos else [])
-        if len(t_ids) < 2:
-            continue
-        t_len = [len(t_text.surfaces[v] or b"") for v in t_ids]
-        phantom = sum(t_len) - len(text.encode())
-        first_end = t_len[0] - phantom  # bytes of the text inside the teacher's first token
-        out = model(input_ids=torch.tensor([t_ids])).logits[0].double().log_softmax(-1)
-        nll = -out[:-1].gather(-1, torch.tensor(t_ids[1:])[:, None]).sum().item()
-        ends = np.cumsum([len(s) for s in surf])
-        first = int(np.searchsorted(ends, first_end, side="left"))  # the store token holding that token's last byte
-        last = q - p - 1 if eos else q - p - 2  # the last position of the piece with a prediction inside it
-        gold = stats["gold_logprob"][r, p + first: p + last + 1].astype(np.float64)
-        hole = no_target(stats["entropy"][r, p + first: p + last + 1])
-        pieces += 1
-        masked += int(hole.sum())
-        if hole.any():
-            continue  # a position without a statistic: the chain is broken there
-        complete += 1
-        own += nll
-        stored -= gold.sum()
-        nbytes += len(text.encode()) - max(first_end, 0)
+    nbytes = pieces = complete = 0
+    for shard in range(m.num_shards):
+        lo, _ = m.shard_rows(shard)
+        got = st.read_shard("corpus", shard, ["input_ids", "segment_ids"])
+        arrays = st.read_shard(f"teachers/{name}", shard, ["topk_ids", "topk_logprobs", "stats", "tail_logz"])
+        stats = decode_stats(arrays, tm, decode_topk(arrays, tm)[1][..., -1])
+        for o in range(0, len(got["input_ids"]), batch):
+            ids, segs = got["input_ids"][o: o + batch], got["segment_ids"][o: o + batch]
+            if cmap is None:
+                x = ids.astype(np.int64)
+                tpos = np.broadcast_to(np.arange(ids.shape[1]), ids.shape)
+                tend, prefix = tpos + 1, np.zeros_like(tpos)
+            else:
+                al = align(ids, segs, cmap, row_start=lo + o)
+                x, tpos, tend, prefix = al.teacher_ids, al.tpos, al.tend, al.prefix
+            logp = model(input_ids=torch.from_numpy(x)).logits.double().log_softmax(-1)
+            mine = logp[:, :-1].gather(-1, torch.from_numpy(x[:, 1:])[..., None])[..., 0].numpy()  # (B, Lt - 1)
+            cum = np.concatenate([np.zeros((len(x), 1)), np.cumsum(mine, 1)], 1)
+            for r, p, q in _pieces(ids, segs):
+                last = q - 2  # the position that predicts the piece's last token (its EOS, where it has one)
+                starts = [i for i in range(p, last + 1) if tpos[r, i] >= 0 and prefix[r, i] == 0]
+                if not starts or last < starts[0]:
+                    continue
+                span = range(starts[0], last + 1)
+                pieces += 1
+                if no_target(stats["entropy"][o + r, list(span)]).any() or (tpos[r, list(span)] < 0).any():
+                    continue
+                complete += 1
+                own -= cum[r, tend[r, last]] - cum[r, tpos[r, starts[0]]]
+                stored -= stats["gold_logprob"][o + r, list(span)].astype(np.float64).sum()
+                nbytes += int(s_bytes[ids[r, starts[0] + 1: last + 2]].sum())
     return {"own_bits_per_byte": own / math.log(2) / max(nbytes, 1),
             "stored_bits_per_byte": stored / math.log(2) / max(nbytes, 1),
-            "pieces": pieces, "complete_pieces": complete, "masked_positions_in_pieces": masked}
+            "pieces": pieces, "complete_pieces": complete}
 
 
 @torch.inference_mode()
@@ -165,11 +161,48 @@ def bare_forward_s(teacher_dir: Path, store_url: str, batch: int, cross: bool) -
     return total
 
 
+STUDENT = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 512,
+           "tie_word_embeddings": True}
+
+
+def students(url: str, work: Path, *, seeds: list[int], steps: int) -> dict:
+    """The README's default flow on the real caches — calibrate each teacher, blend them (stored), train — and one
+    student of one size, steps, rows and seed per row: CE only, KD from each teacher alone, KD from the blend."""
+    import yaml
+
+    from chorus.config import BlendConfig, CalibrateConfig, TrainConfig
+    from chorus.trainer import blend, calibrate, train
+
+    for name in (STORE_TEACHER, OTHER):
+        calibrate.run(CalibrateConfig(store=url, teacher=name))
+    fitted = blend.run(BlendConfig(store=url, teachers=[STORE_TEACHER, OTHER]))
+    student = work / "student.yaml"
+    student.write_text(yaml.safe_dump(STUDENT))
+    kinds = {"ce": [], f"kd-{STORE_TEACHER}": [STORE_TEACHER], f"kd-{OTHER}": [OTHER], "blend": [STORE_TEACHER, OTHER]}
+    out: dict = {"blend": fitted, "runs": {}}
+    for seed in seeds:
+        for label, teachers in kinds.items():
+            res = train.run(TrainConfig(store=url, student=str(student), out=str(work / "runs" / f"{label}-s{seed}"),
+                                        teachers=teachers, kd_weight=0.8 if teachers else 0.0, steps=steps,
+                                        batch_size=8, lr=3e-3, warmup_steps=steps // 10, seed=seed, eval_every=0,
+                                        save_every=0, overwrite=True))
+            ev = evaluate.run(EvalConfig(store=url, model=str(work / "runs" / f"{label}-s{seed}" / "model"),
+                                         teachers=[]))
+            out["runs"][f"{label}-s{seed}"] = {k: ev[k] for k in ("bits_per_byte", "bpb_mean", "bpb_worst",
+                                                                   "per_domain", "mean", "worst", "ece")}
+            del res
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=48, help="store rows of 256 tokens (a quarter held out)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", default="/tmp/chorus-real")
+    ap.add_argument("--seeds", default="0,1", help="student seeds")
+    ap.add_argument("--steps", type=int, default=150, help="student steps")
+    ap.add_argument("--skip-students", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     global STORE_DIR
@@ -206,6 +239,11 @@ def main() -> None:
     domains = list(next(iter(out["teachers"].values()))["eval"]["bits_per_byte"])
     print(table(["teacher", "tokenizer", "own bpb", "gold-stat bpb", "pieces", *(f"{d} bpb" for d in domains),
                  "worst bpb", "coverage", "unplaced", "cache/bare"], rows))
+    if not args.skip_students:
+        out["students"] = students(url, work, seeds=[int(x) for x in args.seeds.split(",")], steps=args.steps)
+        srows = [[k, *(f"{v:.3f}" for v in r["bits_per_byte"].values()), f"{r['bpb_mean']:.3f}", f"{r['bpb_worst']:.3f}",
+                  f"{100 * r['ece']:.2f}"] for k, r in out["students"]["runs"].items()]
+        print(table(["student", *(f"{d} bpb" for d in domains), "mean bpb", "worst bpb", "ECE %"], srows))
     write("real", out)
 
 
