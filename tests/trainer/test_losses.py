@@ -251,6 +251,25 @@ def test_pure_cross_entropy_without_targets():
     assert float(metrics["ce"]) == pytest.approx(float(ref), rel=1e-5)
 
 
+def test_pure_kd_with_an_impossible_gold_token_logs_no_nan():
+    """kd_weight 1 and a gold token the student gives −inf (a banned token the data still holds) while the teacher
+    puts all its mass elsewhere: the CE term (infinite) has weight 0 and stays out of the loss, which is the KD
+    alone — finite, with finite gradients; the logged CE is inf, never NaN (0·inf was)."""
+    torch.manual_seed(0)
+    n, v = 6, 11
+    logits = torch.randn(n, v)
+    gold = torch.randint(1, v, (n,))
+    logits[torch.arange(n), gold] = float("-inf")
+    logits.requires_grad_(True)
+    targets = from_topk_renormalized(torch.zeros(n, 1, dtype=torch.long), torch.zeros(n, 1), v)  # all on id 0
+    loss, metrics = distill_loss_from_logits(logits, gold, targets, loss_fn="forward_kl", kd_weight=1.0)
+    ref = masked_mean(-logits.log_softmax(-1)[:, 0], gold != -100)
+    torch.testing.assert_close(loss, ref)
+    assert float(metrics["ce"]) == float("inf") and torch.isfinite(metrics["kd"])
+    loss.backward()
+    assert torch.isfinite(logits.grad).all()
+
+
 def test_temperature_one_is_the_plain_divergence():
     hidden, weight, _, gold, targets = _problem()
     logits = hidden @ weight.T

@@ -34,7 +34,7 @@ from chorus.compress import masks as masks_mod
 from chorus.compress.masks import Masks
 from chorus.config import CompressConfig, TrainConfig, build_config, to_dict
 from chorus.errors import ChorusError
-from chorus.storage import Store
+from chorus.storage import Store, store_vocabulary
 from chorus.trainer import train as train_recipe
 from chorus.trainer._student import load_student
 from chorus.trainer.evaluate import evaluate_model
@@ -173,13 +173,14 @@ def run(cfg: CompressConfig) -> dict:
     # every stage's distillation settings, validated now (errors name the key)
     base = build_config(TrainConfig, {"store": cfg.store, "student": cfg.model, "out": cfg.out, "eval_every": 0,
                                       "save_every": 0}, cfg.train)
-    out = _prepare_out(cfg)
     device = "cuda" if base.device == "cuda" or (base.device == "auto" and torch.cuda.is_available()) else "cpu"
+    model = load_student(cfg.model, vocab_size=m.tokenizer.vocab_size, seq_len=m.seq_len, seed=cfg.seed,
+                         tokenizer_fingerprint=m.tokenizer.fingerprint, store_tokens=store_vocabulary(store)).to(device)
+    out = _prepare_out(cfg)  # after the start model loads: a model that cannot be used leaves no directory
     calib = importance.calibration_batches(cfg.store, rows=cfg.calibration_rows, batch_size=base.batch_size,
                                            storage_options=cfg.storage_options)
     bench_ids = calib[0]["input_ids"]
 
-    model = load_student(cfg.model, vocab_size=m.tokenizer.vocab_size, seq_len=m.seq_len, seed=cfg.seed).to(device)
     p0 = n_params(model)
     start = out / "stage-00.json"
     if start.is_file():

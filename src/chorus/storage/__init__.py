@@ -35,9 +35,11 @@ from chorus.storage._targets import (
     target_specs,
     value_params,
 )
-from chorus.storage._tokenizer_files import token_byte_lengths
+from chorus.storage._tokenizer_files import store_vocabulary, token_byte_lengths, tokenizer_vocabulary
 
 __all__ = [
+    "store_vocabulary",
+    "tokenizer_vocabulary",
     "token_byte_lengths",
     "CROSS_MAPPING_VERSION",
     "FORMAT_VERSION",

@@ -96,6 +96,24 @@ def _kinds(node) -> set[str]:
     return set()
 
 
+def tokenizer_vocabulary(tokenizer_json: bytes | str) -> dict[str, int]:
+    """Token string → id of a ``tokenizer.json`` (its model's vocabulary and its added tokens): what two tokenizers
+    must share for one's ids to mean the other's text."""
+    spec = json.loads(tokenizer_json)
+    vocab = spec.get("model", {}).get("vocab", {})
+    out = dict(vocab) if isinstance(vocab, dict) else {p[0]: i for i, p in enumerate(vocab)}
+    out.update({a["content"]: a["id"] for a in spec.get("added_tokens", [])})
+    return out
+
+
+def store_vocabulary(store: Store) -> dict[str, int] | None:
+    """:func:`tokenizer_vocabulary` of the store's copy of its tokenizer (None: no copy)."""
+    got = read_tokenizer_files(store)
+    if got is None or "tokenizer.json" not in got[0]:
+        return None
+    return tokenizer_vocabulary(got[0]["tokenizer.json"])
+
+
 def token_byte_lengths(store: Store, vocab_size: int) -> list[int] | None:
     """(V,) how many bytes of text each store token stands for (special tokens 0), read from the store's copy of its
     ``tokenizer.json``: bits per byte need them, to compare models whose tokens differ. None: no copy."""

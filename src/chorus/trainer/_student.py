@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from chorus.errors import ChorusError
+from chorus.storage import tokenizer_vocabulary
 from chorus.trainer.losses import chunked_distill_loss, distill_loss_from_logits
 from chorus.trainer.sparse import SparseDist
 
@@ -34,12 +35,13 @@ def _read_model_yaml(path: str) -> dict:
 
 
 def load_student(spec: str, *, vocab_size: int, seq_len: int, seed: int = 0, trust_remote_code: bool = False,
-                 tokenizer_fingerprint: str | None = None) -> nn.Module:
+                 tokenizer_fingerprint: str | None = None, store_tokens: dict[str, int] | None = None) -> nn.Module:
     """A causal LM from a directory / hub id (pretrained) or a model-config YAML (random init, seeded).
 
     The model must have at least ``vocab_size`` embedding rows (padded rows are cut from the softmax)
     and room for ``seq_len`` positions; a YAML without ``vocab_size`` gets the store's. A chorus model
-    directory recording another ``tokenizer_fingerprint`` than the store's is refused."""
+    directory recording another ``tokenizer_fingerprint`` than the store's is refused, and so is any model directory
+    whose ``tokenizer.json`` maps a token to another id than the store's tokenizer (``store_tokens``)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if spec.endswith(YAML_SUFFIXES):
@@ -63,6 +65,7 @@ def load_student(spec: str, *, vocab_size: int, seq_len: int, seed: int = 0, tru
         if spec.startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(spec)):
             raise ChorusError(f"student '{spec}' not found: no such directory or model-config YAML")
         _check_tokenizer(spec, tokenizer_fingerprint)
+        _check_tokens(spec, store_tokens)
         try:
             model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(spec), trust_remote_code=trust_remote_code)
         except Exception as e:  # OSError, hub errors, unknown architectures
@@ -113,6 +116,24 @@ def _check_tokenizer(spec: str, fingerprint: str | None) -> None:
     if recorded is not None and recorded != fingerprint:
         raise ChorusError(f"student '{spec}' was trained with another tokenizer (fingerprint {recorded}, the store's "
                           f"is {fingerprint}); use a model trained on this store's tokenizer")
+
+
+def _check_tokens(spec: str, store_tokens: dict[str, int] | None) -> None:
+    """A model directory that ships a tokenizer (a plain Hugging Face checkpoint, no ``chorus.json``) must map every
+    token to the store's id: the same fingerprint is not needed, the same vocabulary is."""
+    path = Path(os.path.expanduser(spec)) / "tokenizer.json"
+    if store_tokens is None or not path.is_file():
+        return
+    try:
+        mine = tokenizer_vocabulary(path.read_bytes())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise ChorusError(f"student '{spec}': its tokenizer.json is unreadable; restore it or remove it") from None
+    if mine != store_tokens:
+        diff = sorted(set(mine.items()) ^ set(store_tokens.items()), key=lambda kv: (kv[1], kv[0]))
+        token, _ = diff[0]
+        raise ChorusError(f"student '{spec}' has another tokenizer than the store's (token {token!r} is id "
+                          f"{mine.get(token)} in the student's, {store_tokens.get(token)} in the store's; "
+                          f"{len(mine)} and {len(store_tokens)} tokens); student and store must share the tokenizer")
 
 
 def _check_vocab(spec: str, rows: int, vocab_size: int) -> None:

@@ -23,7 +23,7 @@ import torch
 from chorus._progress import say
 from chorus.config import EvalConfig
 from chorus.errors import ChorusError
-from chorus.storage import Store, token_byte_lengths
+from chorus.storage import Store, store_vocabulary, token_byte_lengths
 from chorus.trainer import ensemble
 from chorus.trainer.calibration import expected_calibration_error, top1_confidence
 from chorus.trainer.data import CachedRows, Positions, check_teachers, complete_teachers, positions
@@ -311,7 +311,7 @@ def run(cfg: EvalConfig) -> dict:
 
         device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device)
         model = load_student(_model_dir(cfg.model), vocab_size=m.tokenizer.vocab_size, seq_len=m.seq_len,
-                             tokenizer_fingerprint=m.tokenizer.fingerprint).to(device)
+                             tokenizer_fingerprint=m.tokenizer.fingerprint, store_tokens=store_vocabulary(st)).to(device)
         teachers = cfg.teachers or complete_teachers(st)
         res = evaluate_model(Student(model, m.tokenizer.vocab_size), cfg.store, split=cfg.split, batch_size=cfg.batch_size,
                              max_rows=cfg.max_rows, teachers=teachers, chunk_size=cfg.chunk_size,

@@ -239,7 +239,9 @@ def _combine(
     them into numbers is the caller's choice: a host sync, which a training step makes only on log steps)."""
     mask = gold != IGNORE_INDEX
     w = kd_weight if has_targets else 0.0
-    loss = masked_mean((1.0 - w) * ce + w * kd, mask)
+    # a term of weight 0 is left out, not multiplied by 0: an infinite CE (the gold's student logit −inf) is a
+    # valid state of pure KD, and 0·inf would be NaN
+    loss = masked_mean(kd if w == 1.0 else ce if w == 0.0 else (1.0 - w) * ce + w * kd, mask)
     metrics = {"ce": masked_mean(ce.detach(), mask), "kd": masked_mean(kd.detach(), mask)}
     return loss, metrics
 

