@@ -140,6 +140,66 @@ def test_overlapping_shard_specs_never_mix(small_store, teacher_dir, where, refe
         np.testing.assert_array_equal(arrays[n], ref, err_msg=n)
 
 
+@pytest.mark.slow
+def test_overlapping_writers_of_other_bytes_leave_each_shard_whole(small_store, teacher_dir, tmp_path, monkeypatch):
+    """Two overlapping writers (``--shard 0/2`` and ``0/4``) whose teachers give other bytes — writer B's top-k
+    log-probs shifted, a stand-in for any setting the fingerprint cannot see — so that a shard written by both would
+    mix them: every committed shard is wholly A's or wholly B's, its checksum verifies, and each shard B committed is
+    one A left to it. Both writers meet in their first batch, so without leases they compute one shard at once: with
+    the lease claim and its re-check disabled, this test fails every time (a mixed shard or a conflicting commit)."""
+    from chorus.pipeline import _teacher
+
+    real = _teacher.Teacher.targets
+    first = threading.Barrier(2, timeout=60)  # both writers in their first batch at once: overlap guaranteed
+    started: set[str] = set()
+
+    def targets(self, *args, **kw):
+        name = threading.current_thread().name
+        if name not in started:
+            started.add(name)
+            first.wait()
+        out = real(self, *args, **kw)
+        if threading.current_thread().name == "B":
+            out["topk_logprobs"] = out["topk_logprobs"] - 0.25
+        return out
+
+    monkeypatch.setattr(_teacher.Teacher, "targets", targets)
+    url = str(tmp_path / "w.zarr")
+    shutil.copytree(small_store, url)
+    errors = []
+
+    def go(**kw):
+        try:
+            cache.run(_cfg(url, teacher_dir, {}, samples=0, **kw))
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=go, name=n, kwargs={"shard": spec, "batch_size": 2})
+               for n, spec in (("A", "0/2"), ("B", "0/4"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    store = Store.open(url, "r")
+    assert store.verify("teachers/tiny") == []
+    ref = str(tmp_path / "ref.zarr")
+    shutil.copytree(small_store, ref)
+    monkeypatch.setattr(_teacher.Teacher, "targets", real)
+    cache.run(_cfg(ref, teacher_dir, {}, samples=0))
+    want = Store.open(ref, "r")
+    by = {"A": 0, "B": 0}
+    for shard in sorted(store.commits("teachers/tiny")):
+        got = store.read_shard("teachers/tiny", shard, ["topk_logprobs"])["topk_logprobs"].astype(np.float64)
+        a = want.read_shard("teachers/tiny", shard, ["topk_logprobs"])["topk_logprobs"].astype(np.float64)
+        finite = np.isfinite(a)
+        d = got[finite] - a[finite]  # fp16 values: each within a few ulps of its writer's shift
+        whole = {w: bool((np.abs(d - shift) < 0.02).all()) for w, shift in (("A", 0.0), ("B", -0.25))}
+        assert sum(whole.values()) == 1, (shard, np.unique(np.round(d, 2)))  # one writer's bytes, never a mix
+        by[next(w for w, ok in whole.items() if ok)] += 1
+    assert by["A"] and sum(by.values()) == len(store.commits("teachers/tiny"))
+
+
 @pytest.fixture(scope="module")
 def reference_cache(tmp_path_factory, small_store, teacher_dir):
     out = str(tmp_path_factory.mktemp("ref") / "store.zarr")
