@@ -93,7 +93,16 @@ def _storage_options(text: str | None) -> dict:
     return value
 
 
+def _quiet_libraries() -> None:
+    """chorus shows its own progress, one line per stage; a library's progress bars (Hugging Face's "Loading weights",
+    once per model) would interleave with it on stderr, where an error must be the one line."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:  # imported already (a Python caller): its switch was read at import
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
+    _quiet_libraries()
     args = build_parser().parse_args(argv)
     try:
         if args.command in ("inspect", "verify"):

@@ -50,6 +50,7 @@ def load_student(spec: str, *, vocab_size: int, seq_len: int, seed: int = 0, tru
         data = _read_model_yaml(spec)
         model_type = data.pop("model_type")
         data.setdefault("vocab_size", vocab_size)
+        _check_heads(spec, data.get("hidden_size"), data.get("num_attention_heads"), "head_dim" in data)
         try:
             config = AutoConfig.for_model(model_type, **data)
         except Exception as e:  # ValueError, TypeError, KeyError, transformers' strict-dataclass validation errors
@@ -94,8 +95,13 @@ def _check_config_keys(spec: str, model_type: str, data: dict, config: Any) -> N
         close = difflib.get_close_matches(unknown[0], sorted(known), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise ChorusError(f"student config '{spec}': unknown key '{unknown[0]}' for model_type {model_type}{hint}")
-    hidden, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
-    if isinstance(hidden, int) and isinstance(heads, int) and "head_dim" not in data:
+    _check_heads(spec, getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None),
+                 "head_dim" in data)
+
+
+def _check_heads(spec: str, hidden: Any, heads: Any, has_head_dim: bool) -> None:
+    """Before transformers' own validation, whose message is many lines: the widths the heads must split."""
+    if isinstance(hidden, int) and isinstance(heads, int) and not has_head_dim:
         if heads < 1 or hidden < 1 or hidden % heads:
             raise ChorusError(f"student config '{spec}': hidden_size {hidden} is not a positive multiple of "
                               f"num_attention_heads {heads}")

@@ -108,6 +108,8 @@ def stored_blend(store: Store, teachers: list[str]) -> dict | None:
 
 
 def run(cfg: BlendConfig) -> dict:
+    if cfg.max_rows is not None and cfg.max_rows < 1:
+        raise ChorusError(f"--max-rows must be a positive number of rows, got {cfg.max_rows}")
     store = Store.open(cfg.store, "a", cfg.storage_options)
     names = list(cfg.teachers) or complete_teachers(store)
     if len(names) < 2:
