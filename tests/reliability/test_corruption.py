@@ -1,5 +1,6 @@
 """Each kind of store damage is named by `chorus verify` (exit 2, one line: the problem and the fix) and refused
-by `chorus train` before step 1 with one line, never a raw FileNotFoundError/JSONDecodeError traceback."""
+by `chorus train` before step 1 and by `chorus eval` (of a cached teacher and of a model) with one line, never a raw
+FileNotFoundError/JSONDecodeError traceback."""
 
 from __future__ import annotations
 
@@ -103,3 +104,9 @@ def test_damage_is_named_by_verify_and_refused_by_train(kind, cached_small, tmp_
     errors = [line for line in err.splitlines() if "error" in line]
     assert rc == 2 and len(errors) == 1 and "Traceback" not in err, err  # progress lines may precede it
     assert not (tmp_path / "run" / "model").exists()
+    for model in ("teacher:tiny", student):  # eval of the cached teacher, and of a model compared with it
+        rc = cli.main(["eval", "--store", root, "--model", model, "--teachers", "tiny", "--out", str(tmp_path / "m.json")])
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if "error" in line]
+        assert rc == 2 and len(errors) == 1 and "Traceback" not in err, (model, err)
+        assert not (tmp_path / "m.json").exists()

@@ -313,6 +313,10 @@ def run(cfg: EvalConfig) -> dict:
         model = load_student(_model_dir(cfg.model), vocab_size=m.tokenizer.vocab_size, seq_len=m.seq_len,
                              tokenizer_fingerprint=m.tokenizer.fingerprint, store_tokens=store_vocabulary(st)).to(device)
         teachers = cfg.teachers or complete_teachers(st)
+        left_out = sorted(set(st.teacher_names()) - set(teachers)) if not cfg.teachers else []
+        if left_out:  # incomplete, of another corpus, damaged or of an old mapping: `chorus verify` names why
+            say(f"warning: not comparing with teacher(s) {', '.join(left_out)}, which cannot be read as complete "
+                "caches (pass --teachers NAME to see why, or run `chorus verify`)")
         res = evaluate_model(Student(model, m.tokenizer.vocab_size), cfg.store, split=cfg.split, batch_size=cfg.batch_size,
                              max_rows=cfg.max_rows, teachers=teachers, chunk_size=cfg.chunk_size,
                              operator=cfg.aggregate, weighting=cfg.weighting, alpha=cfg.alpha, beta=cfg.beta,
