@@ -93,6 +93,20 @@ def unigram_tokenizer(out: str, texts: list[str], vocab_size: int = 400) -> str:
     return _save_fast(Tokenizer.from_str(json.dumps(spec)), out)
 
 
+def bos_tokenizer(src: str, out: str) -> str:
+    """The tokenizer in ``src`` with a BOS its post-processor puts before every text, as Gemma's and Llama's do."""
+    from tokenizers import Tokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer.from_file(os.path.join(src, "tokenizer.json"))
+    tok.add_special_tokens(["<bos>"])
+    bos = tok.token_to_id("<bos>")
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>",
+                            bos_token="<bos>").save_pretrained(out)
+    return out
+
+
 def _teacher(out: str, tokenizer: str, seed: int) -> str:
     from transformers import AutoTokenizer
 
@@ -121,8 +135,10 @@ def teachers(tmp_path_factory, documents, tokenizer_dir, teacher_model) -> dict:
     sp = sentencepiece_tokenizer(str(root / "sp-tok"), texts)
     bpe = build_tokenizer(str(root / "bpe-tok"), texts, vocab_size=520)
     uni = unigram_tokenizer(str(root / "uni-tok"), texts)
+    bos = bos_tokenizer(bpe, str(root / "bos-tok"))
     return {"permuted": permuted, "perm": perm, "sp": _teacher(str(root / "sp"), sp, 1),
-            "bpe520": _teacher(str(root / "bpe520"), bpe, 2), "unigram": _teacher(str(root / "unigram"), uni, 3)}
+            "bpe520": _teacher(str(root / "bpe520"), bpe, 2), "unigram": _teacher(str(root / "unigram"), uni, 3),
+            "bos": _teacher(str(root / "bos"), bos, 4)}
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +155,7 @@ def cross_store(tmp_path_factory, documents, tokenizer_dir, teacher_model, teach
     prepare.run(PrepareConfig(dataset=str(data), tokenizer=tokenizer_dir, out=url, seq_len=32, domain_field="domain",
                               valid_fraction=0.2, rows_per_shard=8))
     _cache(url, teacher_model, "tiny")
-    for name, key in (("perm", "permuted"), ("sp", "sp"), ("bpe520", "bpe520"), ("unigram", "unigram")):
+    for name, key in (("perm", "permuted"), ("sp", "sp"), ("bpe520", "bpe520"), ("unigram", "unigram"), ("bos", "bos")):
         _cache(url, teachers[key], name)
     return url
 
@@ -229,16 +245,17 @@ def _document_targets(teachers, tokenizer_dir, documents, kind, n_docs=3):
 
 
 def _teacher_tokens(cmap: CrossMap, t_tok, doc: str):
-    """The teacher's own tokens of a document (text, then EOS) and where each starts and ends in the document's
-    bytes (a dummy-prefix space before byte 0)."""
-    t_ids = t_tok(doc, add_special_tokens=False)["input_ids"]
+    """The teacher's own tokens of a document (its BOS where its convention has one, the text, then EOS) and where
+    each starts and ends in the document's bytes (a dummy-prefix space before byte 0)."""
+    bos = cmap.teacher_text.bos_id
+    t_ids = ([] if bos is None else [bos]) + t_tok(doc, add_special_tokens=False)["input_ids"]
     t_surf = [cmap.teacher_text.surfaces[v] or b"" for v in t_ids]
     phantom = len(b"".join(t_surf)) - len(doc.encode())
     t_end = np.cumsum([len(x) for x in t_surf]) - phantom
     return t_ids + [t_tok.eos_token_id], t_end - np.array([len(x) for x in t_surf]), t_end
 
 
-@pytest.mark.parametrize("kind", ["sp", "bpe520", "unigram"])
+@pytest.mark.parametrize("kind", ["sp", "bpe520", "unigram", "bos"])
 def test_no_label_mass_enters_a_mapped_target(teachers, tokenizer_dir, documents, kind):
     """Every store token's mapped probability — the gold's included, and its gold statistic — is at most the
     teacher's own probability, by brute force over its tokenizations, that its text goes on with that token's bytes
@@ -282,7 +299,7 @@ def test_no_label_mass_enters_a_mapped_target(teachers, tokenizer_dir, documents
     print(f"{kind}: {checked} probabilities checked ({inside} inside positions), worst excess {worst:.2e}")
 
 
-@pytest.mark.parametrize("kind", ["sp", "bpe520", "unigram"])
+@pytest.mark.parametrize("kind", ["sp", "bpe520", "unigram", "bos"])
 def test_gold_statistics_give_the_teachers_own_bits_per_byte(teachers, tokenizer_dir, documents, kind):
     """Chained along a document's store positions, the stored gold log-probs are the teacher's own log-likelihood
     of its own tokens (from the first store token that starts where a predicted teacher token starts), to float
@@ -304,7 +321,7 @@ def test_gold_statistics_give_the_teachers_own_bits_per_byte(teachers, tokenizer
     assert stored_bits == pytest.approx(own_bits, rel=1e-4)  # exact but for float32 sums
 
 
-@pytest.mark.parametrize("kind", ["sp", "bpe520", "unigram"])
+@pytest.mark.parametrize("kind", ["sp", "bpe520", "unigram", "bos"])
 def test_other_tokenizers_cache_distributions_with_coverage_recorded(cross_store, kind, capsys):
     from chorus.storage.report import inspect_command, verify_command
 

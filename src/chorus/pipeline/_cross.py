@@ -8,7 +8,9 @@ text and its own surfaces must concatenate back to it (or to " " + it: its own d
 (a normalizer, unknown characters) and refused with one line. Both sides then know the byte offset where every
 token starts and ends.
 
-Positions. Store position p predicts the store token starting at byte c. Where a teacher token also starts at c (a
+Positions. A teacher whose tokenizer puts a BOS before every text (Gemma, Llama: it encodes "a" as BOS, a) reads
+each piece after its BOS, as it was trained; the store position before a document's first token then reads the
+distribution at that BOS. Store position p predicts the store token starting at byte c. Where a teacher token also starts at c (a
 *boundary* position), the teacher's next-token distribution after exactly that text exists: the one at the teacher
 position just before that token. Where c falls strictly inside a teacher token T starting at byte a, the teacher's
 distribution before T is conditioned on the bytes text[a:c] already read: only teacher tokens whose surface extends
@@ -94,6 +96,7 @@ class TokenText:
     eos_id: int
     pad_id: int
     dummy_prefix: bool  # encoding "a" gives " a": a phantom space at a document start
+    bos_id: int | None = None  # its convention puts this BOS before every text (it encodes "a" as BOS, a)
 
     @classmethod
     def of(cls, tok, name: str) -> TokenText:
@@ -133,7 +136,10 @@ class TokenText:
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         probe = backend.encode("a", add_special_tokens=False).ids
         dummy = b"".join(surfaces[i] or b"" for i in probe) == b" a"
-        return cls(tok, surfaces, tokens, int(tok.eos_token_id), int(pad), dummy)
+        bos = tok.bos_token_id
+        with_specials = backend.encode("a", add_special_tokens=True).ids
+        uses_bos = bos is not None and bool(with_specials) and with_specials[0] == bos
+        return cls(tok, surfaces, tokens, int(tok.eos_token_id), int(pad), dummy, int(bos) if uses_bos else None)
 
     def encode(self, text: str) -> list[int]:
         return self.tok.backend_tokenizer.encode(text, add_special_tokens=False).ids
@@ -376,7 +382,8 @@ class CrossMap:
                    if s is not None and m >= 0 and s == self.store_text.surfaces[m])
         placed = int((self.teacher_spread > 0).sum())
         return {"teacher_vocab": len(self.first), "mapped_tokens": int(mapped.sum()), "same_text_tokens": same,
-                "placed_tokens": placed, "permutation": self.permutation is not None}
+                "placed_tokens": placed, "permutation": self.permutation is not None,
+                "bos": self.teacher_text.bos_id is not None}
 
 
 @dataclass
@@ -475,6 +482,8 @@ def _row(ids: np.ndarray, segs: np.ndarray, cmap: CrossMap, row: int):
             after_eos = -1
             continue
         s_start, s_end, t_ids, t_surf, t_start, t_end = seg
+        if teacher.bos_id is not None:  # as the teacher was trained: every text after its BOS (Gemma, Llama)
+            out.append(teacher.bos_id)
         q0 = len(out)
         out += t_ids
         j = np.searchsorted(t_end, s_start, side="right")  # the teacher token holding each store token's first byte
@@ -484,8 +493,8 @@ def _row(ids: np.ndarray, segs: np.ndarray, cmap: CrossMap, row: int):
                 continue  # a token with no text of its own (a lone dummy-prefix "▁"): no target
             jk = min(int(j[k]), len(t_ids) - 1)
             pred = q0 + jk - 1  # the teacher position that predicts that teacher token
-            if pred < q0 and not (p > 0 and after_eos == q0 - 1 and pred == q0 - 1):
-                continue  # predicted from before this piece: only through the previous piece's EOS
+            if pred < q0 and not (p > 0 and after_eos >= 0 and pred == q0 - 1):
+                continue  # predicted from before this piece: only through the previous piece's EOS (and BOS)
             cut = int(s_start[k] - t_start[jk])  # bytes of that teacher token before it (a phantom space counts)
             pid = cmap.prefix_id(t_surf[jk][:cut]) if cut > 0 else 0
             if cut > 0 and pid == 0:
