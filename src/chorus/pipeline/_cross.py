@@ -55,35 +55,11 @@ from typing import Any
 import numpy as np
 
 from chorus.errors import ChorusError
-from chorus.storage import CROSS_MAPPING_VERSION
+from chorus.storage import CROSS_MAPPING_VERSION, byte_level_table, component_types
 
 METHOD = "first-piece+gold-path+bucket"
 METHOD_VERSION = CROSS_MAPPING_VERSION
 _BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
-
-
-def _byte_table() -> dict[str, int]:
-    """GPT-2's byte ↔ printable-unicode table (inverse): the character of a byte-level token → its byte."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars, n = list(keep), 0
-    for b in range(256):
-        if b not in keep:
-            keep.append(b)
-            chars.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(keep, chars)}
-
-
-def _types(node: Any) -> set[str]:
-    """Every component ``type`` in a tokenizer.json subtree (Sequence members included)."""
-    if isinstance(node, dict):
-        out = {node["type"]} if isinstance(node.get("type"), str) else set()
-        for v in node.values():
-            out |= _types(v)
-        return out
-    if isinstance(node, list):
-        return set().union(*(_types(v) for v in node)) if node else set()
-    return set()
 
 
 @dataclass
@@ -105,12 +81,12 @@ class TokenText:
             raise ChorusError(f"tokenizer '{name}' is not a fast (Rust) tokenizer; cross-tokenizer caching needs "
                               "one to read token offsets: save it with `tokenizers` / PreTrainedTokenizerFast")
         spec = json.loads(backend.to_str())
-        kinds = _types(spec.get("pre_tokenizer")) | _types(spec.get("decoder"))
+        kinds = component_types(spec.get("pre_tokenizer")) | component_types(spec.get("decoder"))
         if "WordPiece" in kinds or spec.get("model", {}).get("type") == "WordPiece":
             raise ChorusError(f"tokenizer '{name}' is a WordPiece tokenizer (\"##\" continuations, no exact text); "
                               "cross-tokenizer caching supports byte-level BPE and SentencePiece-style tokenizers")
         byte_level = "ByteLevel" in kinds
-        table = _byte_table() if byte_level else {}
+        table = byte_level_table() if byte_level else {}
         added = {int(i): t for i, t in tok.added_tokens_decoder.items()}
         size = len(tok)
         surfaces: list[bytes | None] = [None] * size

@@ -35,9 +35,17 @@ from chorus.storage._targets import (
     target_specs,
     value_params,
 )
-from chorus.storage._tokenizer_files import store_vocabulary, token_byte_lengths, tokenizer_vocabulary
+from chorus.storage._tokenizer_files import (
+    byte_level_table,
+    component_types,
+    store_vocabulary,
+    token_byte_lengths,
+    tokenizer_vocabulary,
+)
 
 __all__ = [
+    "byte_level_table",
+    "component_types",
     "store_vocabulary",
     "tokenizer_vocabulary",
     "token_byte_lengths",

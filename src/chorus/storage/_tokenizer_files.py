@@ -76,7 +76,7 @@ def tokenizer_problems(store: Store, fingerprint: str) -> list[str]:
     return []
 
 
-def _byte_level_table() -> dict[str, int]:
+def byte_level_table() -> dict[str, int]:
     """GPT-2's byte ↔ printable-unicode table (inverse): the character of a byte-level token → its byte."""
     keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     chars, n = list(keep), 0
@@ -88,11 +88,12 @@ def _byte_level_table() -> dict[str, int]:
     return {chr(c): b for b, c in zip(keep, chars)}
 
 
-def _kinds(node) -> set[str]:
+def component_types(node) -> set[str]:
+    """Every component ``type`` in a tokenizer.json subtree (Sequence members included)."""
     if isinstance(node, dict):
-        return ({node["type"]} if isinstance(node.get("type"), str) else set()).union(*map(_kinds, node.values()))
+        return ({node["type"]} if isinstance(node.get("type"), str) else set()).union(*map(component_types, node.values()))
     if isinstance(node, list):
-        return set().union(*map(_kinds, node)) if node else set()
+        return set().union(*map(component_types, node)) if node else set()
     return set()
 
 
@@ -121,8 +122,8 @@ def token_byte_lengths(store: Store, vocab_size: int) -> list[int] | None:
     if got is None or "tokenizer.json" not in got[0]:
         return None
     spec = json.loads(got[0]["tokenizer.json"])
-    kinds = _kinds(spec.get("pre_tokenizer")) | _kinds(spec.get("decoder"))
-    table = _byte_level_table() if "ByteLevel" in kinds else None
+    kinds = component_types(spec.get("pre_tokenizer")) | component_types(spec.get("decoder"))
+    table = byte_level_table() if "ByteLevel" in kinds else None
     vocab = spec.get("model", {}).get("vocab", {})
     pairs = vocab.items() if isinstance(vocab, dict) else ((p[0], i) for i, p in enumerate(vocab))  # BPE / Unigram
     out = [0] * vocab_size
