@@ -364,7 +364,8 @@ def real(res: dict) -> str:
                        for n, t in teachers.items()])]
     if "students" in res:
         runs = res["students"]["runs"]
-        lines += ["", "Students: a Llama 64×2 from scratch (tied embeddings), one size, steps, rows and seed per row; "
+        lines += ["", f"Students: a Llama 64×2 from scratch (tied embeddings), {res.get('student_steps', '?')} steps "
+                  "of 8 rows; one size, steps, rows and seed per row; "
                   "KD rows 0.8 KD + 0.2 CE; the blend row pools both teachers by the blend `chorus blend` stored.", "",
                   md_table(["student", *(f"{d} bpb" for d in domains), "mean bpb", "worst bpb", "ECE %"],
                            [[k, *(_f(r["bits_per_byte"][d], ".4f") for d in domains), _f(r["bpb_mean"], ".4f"),

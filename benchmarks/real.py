@@ -215,7 +215,8 @@ def main() -> None:
     url = str(work / "store.zarr")
     prepare.run(PrepareConfig(dataset=str(docs), tokenizer=str(STORE_DIR), out=url, seq_len=256, domain_field="domain",
                               valid_fraction=0.25, rows_per_shard=8, overwrite=True))
-    rows, out = [], {"rows": args.rows, "seq_len": 256, "teachers": {}}
+    rows, out = [], {"rows": Store.open(url, "r").manifest.num_rows, "seq_len": 256, "student_steps": args.steps,
+                     "teachers": {}}
     for name, d in dirs.items():
         t = time.perf_counter()
         cache.run(CacheConfig(store=url, teacher=str(d), name=name, top_k=32, batch_size=8, dtype="fp32",
