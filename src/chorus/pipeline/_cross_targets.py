@@ -155,6 +155,7 @@ def _mapped_pass(cmap: CrossMap, logits, x: torch.Tensor, ids: np.ndarray, sel: 
     src_t, end_t = torch.from_numpy(src).to(device), torch.from_numpy(end).to(device)
     spans_t = end_t - src_t > 1
     pend_idx, pend_z = torch.zeros(0, dtype=torch.long, device=device), None
+    sel_t = torch.from_numpy(sel).to(device)
 
     def project_rows(pick: torch.Tensor, z: torch.Tensor) -> None:
         rows = pick.cpu().numpy()
@@ -167,14 +168,9 @@ def _mapped_pass(cmap: CrossMap, logits, x: torch.Tensor, ids: np.ndarray, sel: 
             z, columns=cmap.columns(device), vocab=cmap.store_vocab, chain=chain, gold=gold[pick], spans=spans_t[pick],
             stop=stop[pick], moves=_spread_rows(cmap, move[rows], device),
             extensions=_extensions(cmap, prefix[rows], device), inside=torch.from_numpy(prefix[rows] > 0).to(device))
-        part = bucket_targets(logq, gold[pick], gold_text, None if uniforms is None else uniforms[pick_sel(pick)],
+        part = bucket_targets(logq, gold[pick], gold_text, None if uniforms is None else uniforms[sel_t[pick]],
                               top_k=top_k, tail_betas=tail_betas)
         write(pick, part, gold_text, unplaced)
-
-    sel_t = torch.from_numpy(sel).to(device)
-
-    def pick_sel(pick: torch.Tensor) -> torch.Tensor:
-        return sel_t[pick]
 
     for s in range(0, n, step):
         e = min(n, s + step)
