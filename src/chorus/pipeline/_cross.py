@@ -211,7 +211,7 @@ class CrossMap:
         self._starting_ids: dict = {}
         self.prefixes: dict[bytes, int] = {b"": 0}  # prefix → id (0: none, a boundary position)
         self.extensions: list[tuple[np.ndarray, np.ndarray]] = [(np.zeros(0, np.int64), np.zeros(0, np.int64))]
-        self._matrix: dict[str, object] = {}
+        self._columns: dict[str, tuple] = {}
         self.store_bytes = np.array([len(x or b"") for x in self.store_text.surfaces], dtype=np.int64)
         # what this process's batches measured (cross_targets): real positions, covered ones, inside ones, and over
         # the covered: −Σ log (the teacher's probability of the gold token's text), its bytes, Σ unplaced mass
@@ -333,14 +333,14 @@ class CrossMap:
     def columns(self, device) -> tuple:
         """(store ids, teacher ids, weights or None when all are 1) of the teacher tokens placed at a boundary
         position: q[:, store id] += w · p[:, teacher id]."""
-        key = ("columns", str(device))
-        if key not in self._matrix:
+        key = str(device)
+        if key not in self._columns:
             import torch
 
             v, u, w = self.triples(self.teacher_spread)
             weights = None if np.all(w == 1.0) else torch.from_numpy(w).float().to(device)
-            self._matrix[key] = (torch.from_numpy(u).to(device), torch.from_numpy(v).to(device), weights)
-        return self._matrix[key]
+            self._columns[key] = (torch.from_numpy(u).to(device), torch.from_numpy(v).to(device), weights)
+        return self._columns[key]
 
     def measurements(self) -> dict:
         """What :attr:`measured` says, as rates: coverage, the share of covered positions inside a teacher token,

@@ -100,10 +100,23 @@ class _Sums:
         return {names[d]: self.sum[d] / self.n[d] for d in sorted(self.n)}
 
 
-def _bits_per_byte(loss: _Sums, nbytes: _Sums | None, names) -> dict:
+class _TextBytes(_Sums):
+    """Per-domain bytes of text behind the gold tokens, from the store's copy of its tokenizer (none: no copy)."""
+
+    def __init__(self, st: Store) -> None:
+        super().__init__()
+        lengths = token_byte_lengths(st, st.manifest.tokenizer.vocab_size)
+        self.lengths = None if lengths is None else torch.tensor(lengths, dtype=torch.float64)
+
+    def add_gold(self, gold: torch.Tensor, domain: torch.Tensor, num_domains: int) -> None:
+        if self.lengths is not None:
+            self.add(self.lengths[gold.cpu()], domain, num_domains)
+
+
+def _bits_per_byte(loss: _Sums, nbytes: _TextBytes | None, names) -> dict:
     """Per domain, mean and worst bits per byte of text: a unit that does not depend on the tokenizer, so models
     and teachers of other tokenizers compare (the same nats over the same text's bytes)."""
-    if nbytes is None:
+    if nbytes is None or nbytes.lengths is None:
         return {}
     per = {names[d]: loss.sum[d] / math.log(2) / nbytes.sum[d] for d in sorted(loss.n) if nbytes.sum[d] > 0}
     if not per:
@@ -113,12 +126,7 @@ def _bits_per_byte(loss: _Sums, nbytes: _Sums | None, names) -> dict:
             "bpb_worst_domain": worst}
 
 
-def _byte_sums(st: Store) -> torch.Tensor | None:
-    lengths = token_byte_lengths(st, st.manifest.tokenizer.vocab_size)
-    return None if lengths is None else torch.tensor(lengths, dtype=torch.float64)
-
-
-def _summary(loss: _Sums, names, conf: list, correct: list, nbytes: _Sums | None = None) -> dict:
+def _summary(loss: _Sums, names, conf: list, correct: list, nbytes: _TextBytes | None = None) -> dict:
     per = loss.per_domain(names)
     if not per:
         raise ChorusError("no held-out tokens to evaluate (every selected row is padding)")
@@ -168,8 +176,7 @@ def evaluate_model(model, store: str, *, split: str = "valid", batch_size: int =
     v, nd = m.tokenizer.vocab_size, len(names)
     builder = TargetBuilder(manifests, v, calibrated=False, warn=False) if teachers else None
     loss, conf, correct = _Sums(), [], []
-    lengths = _byte_sums(st)
-    nbytes = None if lengths is None else _Sums()
+    nbytes = _TextBytes(st)
     kl = {t: _Sums() for t in teachers}
     agree = {t: _Sums() for t in teachers}
     jsd, differs, weights = _Sums(), {t: _Sums() for t in teachers}, {t: _Sums() for t in teachers}
@@ -185,8 +192,7 @@ def evaluate_model(model, store: str, *, split: str = "valid", batch_size: int =
             gold, dom = pos.gold[sl], pos.domain[sl]
             top_logp, pred = s_logp.max(-1)
             loss.add(-s_logp.gather(1, gold[:, None])[:, 0], dom, nd)
-            if nbytes is not None:
-                nbytes.add(lengths[gold.cpu()], dom, nd)
+            nbytes.add_gold(gold, dom, nd)
             conf.append(top_logp.exp().cpu())
             correct.append((pred == gold).cpu())
             chunk = [d.rows(sl) for d in dists]
@@ -232,8 +238,7 @@ def evaluate_teacher_cache(store: str, name: str, *, split: str = "valid", batch
                            storage_options=storage_options)
     builder = TargetBuilder([tm], m.tokenizer.vocab_size, calibrated=False, warn=False)
     loss, conf, correct, in_topk, rows = _Sums(), [], [], _Sums(), 0
-    lengths = _byte_sums(st)
-    nbytes = None if lengths is None else _Sums()
+    nbytes = _TextBytes(st)
     for batch in data:
         rows += len(batch["row"])
         pos = _predictable(positions(batch))
@@ -242,8 +247,7 @@ def evaluate_teacher_cache(store: str, name: str, *, split: str = "valid", batch
         arrays = batch["teachers"][name]
         d = builder.teacher(0, arrays, pos.select)
         loss.add(-gold_log_prob(d, pos.gold).clamp_min(-1e4), pos.domain, len(names))
-        if nbytes is not None:
-            nbytes.add(lengths[pos.gold], pos.domain, len(names))
+        nbytes.add_gold(pos.gold, pos.domain, len(names))
         ids = arrays["topk_ids"][:, :-1].reshape(-1, tm.top_k)[pos.select].long()
         in_topk.add((ids == pos.gold[:, None]).any(-1).double(), pos.domain, len(names))
         c, ok = top1_confidence(d, pos.gold)
