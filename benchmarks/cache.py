@@ -43,11 +43,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 os.environ.setdefault("CHORUS_PROGRESS", "off")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from chorus.commands import (
+    cache,  # noqa: E402
+    prepare,  # noqa: E402
+)
 from chorus.config import CacheConfig, PrepareConfig  # noqa: E402
-from chorus.pipeline import cache, prepare  # noqa: E402
-from chorus.pipeline._position import tail_statistics  # noqa: E402
-from chorus.pipeline._teacher import sparse_targets  # noqa: E402
-from chorus.storage import (  # noqa: E402
+from chorus.store import (  # noqa: E402
     STATS_FIELDS,
     TAIL_BETAS,
     ArraySpec,
@@ -58,6 +59,8 @@ from chorus.storage import (  # noqa: E402
     target_specs,
     value_params,
 )
+from chorus.teacher.model import sparse_targets  # noqa: E402
+from chorus.teacher.position import tail_statistics  # noqa: E402
 
 VOCAB = 8192
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "cache.json")
@@ -438,7 +441,7 @@ def id_candidates() -> dict:
     """name → (encode: ids [n, L, k] → stored bytes, decode: bytes → ids, status)."""
     import numcodecs
 
-    from chorus.storage._codecs import decode_ids, encode_ids
+    from chorus.store.codecs import decode_ids, encode_ids
 
     z3, z19 = numcodecs.Zstd(level=3), numcodecs.Zstd(level=19)
     blosc = numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE)
@@ -477,7 +480,7 @@ def value_candidates() -> dict:
     """name → (encode: float16 [n, L, k] → stored bytes, decode: bytes → float16, status)."""
     import numcodecs
 
-    from chorus.storage._codecs import decode_fp16, encode_fp16
+    from chorus.store.codecs import decode_fp16, encode_fp16
 
     z3, z19 = numcodecs.Zstd(level=3), numcodecs.Zstd(level=19)
     blosc = numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.SHUFFLE, typesize=2)
@@ -654,7 +657,7 @@ def bench_real_throughput(path: str, work: str, rows: int = 24, seq_len: int = 2
             cache._cache_shards = inner
         return loop[-1]
 
-    from chorus.pipeline._teacher import Teacher
+    from chorus.teacher.model import Teacher
 
     passes = {c: Teacher(model, torch.device("cpu"), torch.float32, model.config.vocab_size, "real", "local", "-",
                          "tokenizer", compiled=c) for c in (False, True)}

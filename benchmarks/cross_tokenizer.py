@@ -11,7 +11,7 @@ fine teacher into a coarse store (sp → bl). Students of one size, steps and ro
 from the same-tokenizer teacher, KD from the cross-tokenizer teacher. Reported, on held-out rows:
 
 - coverage: the share of real positions where the cross teacher's target exists (else the hard label), and the
-  share of those inside one of its tokens (the prefix-conditioned approximation, see pipeline/_cross.py);
+  share of those inside one of its tokens (the prefix-conditioned approximation, see teacher/cross.py);
 - bits per byte of the gold text: each teacher natively on its own tokens, and the cross teacher's gold statistics
   (over covered positions, divided by the bytes of those positions' gold tokens: the teacher's own probability of
   the gold text, chained along its tokens; the mass the map cannot place stays in a tail bucket);
@@ -38,13 +38,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 from _common import table, write  # noqa: E402
 
-from chorus import _demo_corpus  # noqa: E402
+from chorus.commands import (
+    cache,  # noqa: E402
+    prepare,  # noqa: E402
+    train,  # noqa: E402
+)
 from chorus.config import CacheConfig, PrepareConfig, TrainConfig  # noqa: E402
-from chorus.pipeline import cache, prepare  # noqa: E402
-from chorus.pipeline._cross import CrossMap, TokenText, align  # noqa: E402
-from chorus.storage import Store  # noqa: E402
-from chorus.storage._manifest import no_target  # noqa: E402
-from chorus.trainer import train  # noqa: E402
+from chorus.demo import corpus as _demo_corpus  # noqa: E402
+from chorus.store import Store  # noqa: E402
+from chorus.store.manifest import no_target  # noqa: E402
+from chorus.teacher.cross import CrossMap, TokenText, align  # noqa: E402
 
 
 @dataclass(frozen=True)

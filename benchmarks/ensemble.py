@@ -38,10 +38,11 @@ import torch  # noqa: E402
 from _common import table, write  # noqa: E402
 
 from chorus import demo  # noqa: E402
+from chorus.commands import eval as evaluate  # noqa: E402
+from chorus.commands import train  # noqa: E402
+from chorus.commands.blend import stored_blend  # noqa: E402
 from chorus.config import DemoConfig, EvalConfig, TrainConfig  # noqa: E402
-from chorus.storage import Store  # noqa: E402
-from chorus.trainer import evaluate, train  # noqa: E402
-from chorus.trainer.blend import stored_blend  # noqa: E402
+from chorus.store import Store  # noqa: E402
 
 OPERATORS = ("mixture", "geometric", "power")
 WEIGHTINGS = ("uniform", "fitted", "confidence", "agreement", "likelihood", "context")

@@ -16,9 +16,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import table, write  # noqa: E402
 
-from chorus._demo_corpus import domain_documents, train_tokenizer  # noqa: E402
+from chorus.commands import prepare  # noqa: E402
 from chorus.config import PrepareConfig  # noqa: E402
-from chorus.pipeline import prepare  # noqa: E402
+from chorus.demo.corpus import domain_documents, train_tokenizer  # noqa: E402
 
 
 def main() -> None:

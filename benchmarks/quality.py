@@ -84,10 +84,10 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 from _common import table, write  # noqa: E402
 
-from chorus import _demo_corpus  # noqa: E402
+from chorus.commands.report import describe  # noqa: E402
 from chorus.config import CacheConfig, CalibrateConfig, EvalConfig, PrepareConfig, TrainConfig  # noqa: E402
-from chorus.storage import Store, decode_samples, decode_topk  # noqa: E402
-from chorus.storage.report import describe  # noqa: E402
+from chorus.demo import corpus as _demo_corpus  # noqa: E402
+from chorus.store import Store, decode_samples, decode_topk  # noqa: E402
 
 # Sampled caches: mean unique ids per position that M is chosen for (12: the paper's operating point).
 SAMPLE_POINTS = {"samples": 12.0, "samples24": 24.0}
@@ -254,7 +254,7 @@ def v1_view(store_url: str, src: str, dst: str) -> None:
     """Teacher ``dst``: a copy of ``src``'s group (byte-identical arrays and commit records, the records' unit
     renamed) whose manifest says format_version 1, tail_betas (): a v1 reader of the same cache, which loads no
     statistics and softens with the even-tail guess."""
-    from chorus.storage._store import COMMITS
+    from chorus.store.zarr_store import COMMITS
 
     teachers = Path(store_url) / "teachers"
     shutil.rmtree(teachers / dst, ignore_errors=True)
@@ -275,7 +275,7 @@ def _tokens_per_s(run_dir: Path) -> float:
 
 
 def _eval(store: str, model: str, out: Path, teachers: list[str]) -> dict:
-    from chorus.trainer import evaluate
+    from chorus.commands import eval as evaluate
 
     res = _quiet(evaluate.run, EvalConfig(store=store, model=model, out=str(out), batch_size=32, teachers=teachers))
     return {"mean": res["mean"], "per_domain": res["per_domain"], "worst": res["worst"], "ece": res["ece"],
@@ -291,10 +291,10 @@ def time_steps(store: str, student_yaml: str, batch_size: int, reps: int,
     that each mode sees the same machine load: a step is what `chorus train` does per micro-batch with
     grad_accum 1 (next batch, positions, target, chunked loss, backward, clip, AdamW step), built from the
     recipe's own components. The first round (shard decode, allocator warm-up) is not counted."""
-    from chorus.trainer._student import Student, load_student
-    from chorus.trainer.data import CachedRows, positions
-    from chorus.trainer.losses import get_loss
-    from chorus.trainer.targets import teacher_dist
+    from chorus.distill.losses import get_loss
+    from chorus.distill.targets import teacher_dist
+    from chorus.student.data import CachedRows, positions
+    from chorus.student.model import Student, load_student
 
     m = Store.open(store, "r").manifest
     vocab, loss_fn = m.tokenizer.vocab_size, get_loss("forward_kl")
@@ -362,8 +362,7 @@ def main() -> None:
 
 
 def _run(scale: Scale, work: Path, clock: Clock, args) -> dict:
-    from chorus.pipeline import cache, prepare
-    from chorus.trainer import train
+    from chorus.commands import cache, prepare, train
 
     # ---- corpus, tokenizer, store
     clock.stage("corpus", f"corpus + {scale.vocab_size}-id BPE tokenizer, prepare (seq_len {scale.seq_len})")
@@ -428,7 +427,7 @@ def _run(scale: Scale, work: Path, clock: Clock, args) -> dict:
     for view, src in V1_VIEWS.items():
         v1_view(store_url, src, view)
     clock.done()
-    from chorus.trainer import calibrate
+    from chorus.commands import calibrate
 
     calibration: dict[str, dict] = {}
     for name in CALIBRATE:

@@ -35,12 +35,15 @@ import torch  # noqa: E402
 from _common import table, write  # noqa: E402
 from _models import convert  # noqa: E402
 
+from chorus.commands import (
+    cache,  # noqa: E402
+    prepare,  # noqa: E402
+)
+from chorus.commands import eval as evaluate  # noqa: E402
 from chorus.config import CacheConfig, EvalConfig, PrepareConfig  # noqa: E402
-from chorus.pipeline import cache, prepare  # noqa: E402
-from chorus.pipeline._cross import CrossMap, TokenText, align  # noqa: E402
-from chorus.storage import Store, decode_stats, decode_topk, token_byte_lengths  # noqa: E402
-from chorus.storage._manifest import no_target  # noqa: E402
-from chorus.trainer import evaluate  # noqa: E402
+from chorus.store import Store, decode_stats, decode_topk, token_byte_lengths  # noqa: E402
+from chorus.store.manifest import no_target  # noqa: E402
+from chorus.teacher.cross import CrossMap, TokenText, align  # noqa: E402
 
 STORE_TEACHER, OTHER = "smollm2-135m", "gemma3-270m"
 STORE_DIR = Path()  # the store tokenizer's model directory (set by main)
@@ -171,8 +174,8 @@ def students(url: str, work: Path, *, seeds: list[int], steps: int) -> dict:
     student of one size, steps, rows and seed per row: CE only, KD from each teacher alone, KD from the blend."""
     import yaml
 
+    from chorus.commands import blend, calibrate, train
     from chorus.config import BlendConfig, CalibrateConfig, TrainConfig
-    from chorus.trainer import blend, calibrate, train
 
     for name in (STORE_TEACHER, OTHER):
         calibrate.run(CalibrateConfig(store=url, teacher=name))

@@ -13,10 +13,10 @@ import dataclasses
 import torch
 from _common import table, write
 
-from chorus.storage import Store
-from chorus.trainer.data import CachedRows, check_teachers, complete_teachers, positions
-from chorus.trainer.sparse import gold_log_prob
-from chorus.trainer.targets import TargetBuilder
+from chorus.distill.sparse import gold_log_prob
+from chorus.distill.targets import TargetBuilder
+from chorus.store import Store, check_teachers, complete_teachers
+from chorus.student.data import CachedRows, positions
 
 
 def main() -> None:

@@ -33,12 +33,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import table, write  # noqa: E402
 
-from chorus import _demo_corpus  # noqa: E402
-from chorus.compress import stages as compress  # noqa: E402
+from chorus.commands import (
+    cache,  # noqa: E402
+    compress,  # noqa: E402
+    prepare,  # noqa: E402
+    train,  # noqa: E402
+)
 from chorus.config import CacheConfig, CompressConfig, PrepareConfig, TrainConfig  # noqa: E402
-from chorus.pipeline import cache, prepare  # noqa: E402
-from chorus.trainer import train  # noqa: E402
-from chorus.trainer._student import load_student  # noqa: E402
+from chorus.demo import corpus as _demo_corpus  # noqa: E402
+from chorus.student.model import load_student  # noqa: E402
 
 ORIGINAL = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 2,
             "num_attention_heads": 4, "num_key_value_heads": 4, "tie_word_embeddings": True}
@@ -136,7 +139,7 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="sparsekd-"))
     t0 = time.perf_counter()
     store, original = setup(work, s)
-    from chorus.storage import Store
+    from chorus.store import Store
 
     vocab = Store.open(store, "r").manifest.tokenizer.vocab_size
     base_eval = json.loads((Path(original) / "chorus.json").read_text())["eval"]

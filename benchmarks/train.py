@@ -32,7 +32,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import table, write  # noqa: E402
 
-from chorus.storage import (  # noqa: E402
+from chorus.distill.targets import pool as pool_teachers  # noqa: E402
+from chorus.distill.targets import teacher_dist
+from chorus.store import (  # noqa: E402
     ArraySpec,
     CorpusManifest,
     Store,
@@ -43,10 +45,8 @@ from chorus.storage import (  # noqa: E402
     target_specs,
     value_params,
 )
-from chorus.trainer._student import Student  # noqa: E402
-from chorus.trainer.data import CachedRows, StreamLoader, positions  # noqa: E402
-from chorus.trainer.targets import pool as pool_teachers  # noqa: E402
-from chorus.trainer.targets import teacher_dist
+from chorus.student.data import CachedRows, StreamLoader, positions  # noqa: E402
+from chorus.student.model import Student  # noqa: E402
 
 K = 64
 

@@ -78,8 +78,8 @@ def corpus_file(tmp_path_factory, documents) -> str:
 @pytest.fixture(scope="session")
 def prepared_store(tmp_path_factory, corpus_file, tokenizer_dir) -> str:
     """A small store: 3 domains, seq_len 32, 8 rows per shard (several shards), a validation split."""
+    from chorus.commands import prepare
     from chorus.config import PrepareConfig
-    from chorus.pipeline import prepare
 
     out = str(tmp_path_factory.mktemp("stores") / "store.zarr")
     prepare.run(PrepareConfig(dataset=corpus_file, tokenizer=tokenizer_dir, out=out, seq_len=32,

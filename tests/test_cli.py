@@ -7,17 +7,17 @@ import dataclasses
 import pytest
 
 from chorus.cli import build_parser, main
-from chorus.config import COMMANDS
+from chorus.commands import COMMANDS
 
 
-@pytest.mark.parametrize("command", list(COMMANDS) + ["inspect", "verify"])
+@pytest.mark.parametrize("command", list(COMMANDS))
 def test_help_lists_every_config_key(command, capsys):
     with pytest.raises(SystemExit) as e:
         main([command, "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for f in dataclasses.fields(COMMANDS[command]) if command in COMMANDS else []:
-        assert "--" + f.name.replace("_", "-") in out
+    for f in dataclasses.fields(COMMANDS[command].config):
+        assert (f.name if f.metadata.get("positional") else "--" + f.name.replace("_", "-")) in out
 
 
 def test_inspect_and_verify(prepared_store, capsys):
@@ -31,7 +31,7 @@ def test_inspect_and_verify(prepared_store, capsys):
 def test_verify_names_the_bad_shard_and_fails(tmp_path, prepared_store, capsys):
     import shutil
 
-    from chorus.storage import Store
+    from chorus.store import Store
 
     copy = tmp_path / "copy.zarr"
     shutil.copytree(prepared_store, copy)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from chorus.config import COMMANDS, PrepareConfig, TrainConfig, load_config
+from chorus.commands import COMMANDS
+from chorus.config import PrepareConfig, TrainConfig, load_config
 from chorus.errors import ChorusError
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").rglob("*.yaml"))
@@ -18,7 +19,7 @@ def _command_of(path: Path) -> str | None:
 
 @pytest.mark.parametrize("path", [p for p in CONFIGS if p.parent.name in COMMANDS], ids=lambda p: str(p.relative_to(p.parents[1])))
 def test_every_config_file_loads(path):
-    cfg = load_config(COMMANDS[path.parent.name], str(path))
+    cfg = load_config(COMMANDS[path.parent.name].config, str(path))
     assert cfg is not None
 
 

@@ -14,7 +14,8 @@ import time
 import pytest
 import yaml
 
-from chorus import _demo_corpus, demo
+from chorus import demo
+from chorus.demo import corpus as _demo_corpus
 
 
 # ---------------------------------------------------------------------------------------------- corpus
@@ -147,8 +148,7 @@ def test_quick_demo_puts_the_claim_to_the_test(tmp_path):
     assert e["ece"] <= ce["ece"] + 0.015, (e["ece"], ce["ece"])
     assert all(e["worst"] < rows[f"teacher-{d}"]["worst"] for d in domains)
     # The fitted blend beats the uniform mixture on held-out pooled gold NLL in every domain.
-    from chorus.storage import Store
-    from chorus.trainer.blend import stored_blend
+    from chorus.store import Store, stored_blend
 
     report = stored_blend(Store.open(str(out / "store.zarr"), "r"), list(domains))["report"]["heldout_nll_per_domain"]
     fitted = [k for k in report if k != "uniform" and k != "confidence"]

@@ -1,7 +1,8 @@
 """Typed configs for every command: dataclasses loaded from YAML, then ``key=value`` overrides.
 
 Validated on load; errors name the key, the bad value and what was expected (OLMo-core style).
-Only recipes read configs: components take plain keyword arguments.
+Only commands read configs (the table of commands is `chorus.commands.COMMANDS`); components take plain
+keyword arguments.
 """
 
 from __future__ import annotations
@@ -17,15 +18,27 @@ import yaml
 from chorus.errors import ChorusError
 
 
-def opt(default: Any = dataclasses.MISSING, help: str = "", choices: tuple | None = None, **kw: Any) -> Any:
-    """A config field with CLI help text (and optional allowed values)."""
-    meta = {"help": help, "choices": choices}
+def opt(default: Any = dataclasses.MISSING, help: str = "", choices: tuple | None = None, positional: bool = False,
+        **kw: Any) -> Any:
+    """A config field with CLI help text (and optional allowed values; ``positional``: an argument, not a flag)."""
+    meta = {"help": help, "choices": choices, "positional": positional}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
 
 
 REQUIRED = dataclasses.MISSING
+
+
+# ---------------------------------------------------------------------------------------------- shared fields
+def storage_options_field() -> Any:
+    """The fsspec options every command that opens a store takes."""
+    return opt({}, "fsspec options for the store URL (e.g. endpoint_url for S3)")
+
+
+def max_rows_field() -> Any:
+    """The held-out sample that calibrate and blend fit on."""
+    return opt(None, "fit on at most this many rows, stratified by domain (default: ~1 M positions)")
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -43,7 +56,7 @@ class PrepareConfig:
     rows_per_shard: Optional[int] = opt(None, "rows per shard, the unit of work (default: ~256k tokens per shard)")
     batch_size: int = opt(1000, "documents per tokenizer call")
     overwrite: bool = opt(False, "replace an existing store made from other inputs")
-    storage_options: dict = opt({}, "fsspec options for the store URL (e.g. endpoint_url for S3)")
+    storage_options: dict = storage_options_field()
 
 
 @dataclass
@@ -72,7 +85,7 @@ class CacheConfig:
                                         "a failed compile falls back with a warning; compile=false turns it off)")
     overwrite: bool = opt(False, "replace a cache of this name made with other settings; with the same settings, "
                                  "rewrite this worker's shards whose bytes do not match their commit record")
-    storage_options: dict = opt({}, "fsspec options for the store URL")
+    storage_options: dict = storage_options_field()
 
 
 @dataclass
@@ -131,7 +144,7 @@ class TrainConfig:
                                           "on a CPU, on a GPU at T = 1 up to 4096 within 2 GiB of fp32 logits)")
     resume: bool = opt(False, "continue from the last checkpoint in --out")
     overwrite: bool = opt(False, "replace a run directory that holds another run")
-    storage_options: dict = opt({}, "fsspec options for the store URL")
+    storage_options: dict = storage_options_field()
 
 
 @dataclass
@@ -150,7 +163,7 @@ class EvalConfig:
     beta: float = opt(1.0, "sharpness of per-token weighting")
     chunk_size: int = opt(1024, "positions per chunk of the log-softmax")
     device: str = opt("auto", "device", choices=("auto", "cpu", "cuda"))
-    storage_options: dict = opt({}, "fsspec options for the store URL")
+    storage_options: dict = storage_options_field()
 
 
 @dataclass
@@ -158,8 +171,8 @@ class CalibrateConfig:
     store: str = opt(REQUIRED, "store with the cached teacher")
     teacher: str = opt(REQUIRED, "name of the cached teacher")
     split: str = opt("valid", "split to fit on (held-out rows)")
-    max_rows: Optional[int] = opt(None, "fit on at most this many rows, stratified by domain (default: ~1 M positions)")
-    storage_options: dict = opt({}, "fsspec options for the store URL")
+    max_rows: Optional[int] = max_rows_field()
+    storage_options: dict = storage_options_field()
 
 
 @dataclass
@@ -167,8 +180,8 @@ class BlendConfig:
     store: str = opt(REQUIRED, "store with the cached teachers")
     teachers: list = opt([], "teachers to blend (default: every complete one)")
     split: str = opt("valid", "split to fit on (held-out rows)")
-    max_rows: Optional[int] = opt(None, "fit on at most this many rows, stratified by domain (default: ~1 M positions)")
-    storage_options: dict = opt({}, "fsspec options for the store URL")
+    max_rows: Optional[int] = max_rows_field()
+    storage_options: dict = storage_options_field()
 
 
 @dataclass
@@ -177,7 +190,7 @@ class ExportConfig:
     teacher: str = opt(REQUIRED, "name of the cached teacher")
     out: str = opt(REQUIRED, "output directory")
     format: str = opt("parquet", "file format", choices=("parquet", "arrow"))
-    storage_options: dict = opt({}, "fsspec options for the store URL")
+    storage_options: dict = storage_options_field()
 
 
 @dataclass
@@ -186,7 +199,7 @@ class ImportConfig:
     src: str = opt(REQUIRED, "directory written by `chorus export`")
     name: Optional[str] = opt(None, "teacher name in the store (default: as exported)")
     overwrite: bool = opt(False, "replace an existing teacher of that name")
-    storage_options: dict = opt({}, "fsspec options for the store URL")
+    storage_options: dict = storage_options_field()
 
 
 @dataclass
@@ -208,7 +221,7 @@ class CompressConfig:
     train: dict = opt({}, "train keys for every stage (lr, batch_size, loss, kd_weight, temperature, ...)")
     eval_rows: int = opt(256, "held-out rows evaluated after each stage")
     overwrite: bool = opt(False, "replace a run directory that holds another compression")
-    storage_options: dict = opt({}, "fsspec options for the store URL")
+    storage_options: dict = storage_options_field()
 
 
 @dataclass
@@ -220,6 +233,19 @@ class DemoConfig:
                           "much faster when other work shares the cores)")
     workers: Optional[int] = opt(None, "processes running independent stages side by side (default: 1 with --quick, "
                                        "which runs beside other tests; else 2, the cores the demo is sized for)")
+
+
+@dataclass
+class InspectConfig:
+    store: str = opt(REQUIRED, "store to describe", positional=True)
+    json: bool = opt(False, "print JSON")
+    storage_options: dict = storage_options_field()
+
+
+@dataclass
+class VerifyConfig:
+    store: str = opt(REQUIRED, "store to check", positional=True)
+    storage_options: dict = storage_options_field()
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -319,16 +345,3 @@ def load_config(cls: type, path: str | None = None, overrides: list[str] | None 
 def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
-
-COMMANDS: dict[str, type] = {
-    "prepare": PrepareConfig,
-    "cache": CacheConfig,
-    "train": TrainConfig,
-    "eval": EvalConfig,
-    "calibrate": CalibrateConfig,
-    "blend": BlendConfig,
-    "export": ExportConfig,
-    "import": ImportConfig,
-    "demo": DemoConfig,
-    "compress": CompressConfig,
-}

@@ -37,7 +37,7 @@ def run_chorus(args: list[str], **kw) -> subprocess.CompletedProcess:
 
 def read_cache(url: str, name: str, storage_options: dict | None = None) -> tuple[dict[str, np.ndarray], dict]:
     """Every array of a teacher cache (stitched from committed shards) and its commit records."""
-    from chorus.storage import Store
+    from chorus.store import Store
 
     store = Store.open(url, "r", storage_options)
     unit = f"teachers/{name}"
@@ -87,8 +87,8 @@ def teacher_model(tmp_path_factory, tokenizer_dir, teacher_dir) -> str:
 @pytest.fixture(scope="session")
 def cached_store(tmp_path_factory, prepared_store, teacher_model) -> str:
     """A copy of ``prepared_store`` cached in-process with CACHE_ARGS: the reference run."""
+    from chorus.commands import cache
     from chorus.config import CacheConfig
-    from chorus.pipeline import cache
 
     out = str(tmp_path_factory.mktemp("cached") / "store.zarr")
     shutil.copytree(prepared_store, out)

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from chorus import cli
+from chorus.commands import cache
 from chorus.config import CacheConfig
-from chorus.pipeline import cache
-from chorus.storage import (
+from chorus.store import (
     TAIL_BETAS,
     Store,
     decode_samples,
@@ -26,7 +26,7 @@ from chorus.storage import (
     encode_values,
     value_params,
 )
-from tests.storage.test_targets import dense_statistics, tail_logz_allowance
+from tests.store.test_targets import dense_statistics, tail_logz_allowance
 
 from .conftest import CACHE_ARGS, assert_same_cache, chorus_env, cli_args, read_cache
 
@@ -221,7 +221,7 @@ def test_value_codecs_round_trip(codec):
 def test_weights_fingerprint_is_deterministic_and_sensitive(teacher_model):
     from transformers import AutoModelForCausalLM
 
-    from chorus.pipeline._teacher import weights_fingerprint
+    from chorus.teacher.model import weights_fingerprint
 
     a = AutoModelForCausalLM.from_pretrained(teacher_model)
     b = AutoModelForCausalLM.from_pretrained(teacher_model)
@@ -452,8 +452,8 @@ def s3_endpoint(monkeypatch):
 
 
 def test_cache_into_s3_equals_local(s3_endpoint, tmp_path, corpus_file, tokenizer_dir, teacher_model):
+    from chorus.commands import prepare
     from chorus.config import PrepareConfig
-    from chorus.pipeline import prepare
 
     opts = {"client_kwargs": {"endpoint_url": s3_endpoint}}
     caches = []

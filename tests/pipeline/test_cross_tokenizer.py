@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 
+from chorus.commands import cache
 from chorus.config import CacheConfig
 from chorus.errors import ChorusError
-from chorus.pipeline import cache
-from chorus.pipeline._cross import METHOD, CrossMap, TokenText
-from chorus.storage import Store, decode_stats, decode_topk
-from chorus.storage._manifest import no_target
+from chorus.store import Store, decode_stats, decode_topk
+from chorus.store.manifest import no_target
+from chorus.teacher.cross import METHOD, CrossMap, TokenText
 from tests.conftest import build_tiny_llama, build_tokenizer
 
 from .conftest import CACHE_ARGS, assert_same_cache, read_cache
@@ -145,8 +145,8 @@ def teachers(tmp_path_factory, documents, tokenizer_dir, teacher_model) -> dict:
 def cross_store(tmp_path_factory, documents, tokenizer_dir, teacher_model, teachers) -> str:
     """A small store (36 documents, rows of 32 tokens) holding the same-tokenizer teacher "tiny" and the
     cross-tokenizer teachers "perm", "sp" and "bpe520" side by side."""
+    from chorus.commands import prepare
     from chorus.config import PrepareConfig
-    from chorus.pipeline import prepare
 
     root = tmp_path_factory.mktemp("cross-store")
     data = root / "docs.jsonl"
@@ -223,9 +223,9 @@ def _document_targets(teachers, tokenizer_dir, documents, kind, n_docs=3):
     """The mapped targets of whole documents in rows of their own, with what a reference needs to read them."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from chorus.pipeline._cross_targets import cross_targets
-    from chorus.pipeline._teacher import load_teacher
-    from chorus.storage import TAIL_BETAS
+    from chorus.store import TAIL_BETAS
+    from chorus.teacher.cross_targets import cross_targets
+    from chorus.teacher.model import load_teacher
 
     s_tok, t_tok = AutoTokenizer.from_pretrained(tokenizer_dir), AutoTokenizer.from_pretrained(teachers[kind])
     docs = [d["text"] for d in documents[:n_docs]]
@@ -323,7 +323,7 @@ def test_gold_statistics_give_the_teachers_own_bits_per_byte(teachers, tokenizer
 
 @pytest.mark.parametrize("kind", ["sp", "bpe520", "unigram", "bos"])
 def test_other_tokenizers_cache_distributions_with_coverage_recorded(cross_store, kind, capsys):
-    from chorus.storage.report import inspect_command, verify_command
+    from chorus.commands.report import inspect_command, verify_command
 
     store = Store.open(cross_store, "r")
     m = store.teacher_manifest(kind)
@@ -348,7 +348,7 @@ def test_other_tokenizers_cache_distributions_with_coverage_recorded(cross_store
 
 
 def test_fingerprint_covers_the_teachers_tokenizer_and_method(cross_store, teachers, tmp_path):
-    from chorus.pipeline.cache import _manifest
+    from chorus.commands.cache import _manifest
 
     m = Store.open(cross_store, "r").teacher_manifest("sp")
     assert m.tokenizer_mapping["version"] >= 1
@@ -385,7 +385,7 @@ def test_every_row_is_checked_before_the_first_forward_pass(cross_store, tmp_pat
     runs once: no forward pass, no unit, no shard."""
     from tokenizers import Tokenizer, normalizers
 
-    from chorus.pipeline import _teacher
+    from chorus.teacher import model as _teacher
 
     lossy = str(tmp_path / "lossy")
     shutil.copytree(teachers["bpe520"], lossy)
@@ -406,8 +406,8 @@ def test_a_teacher_with_a_shorter_context_reads_long_rows_in_overlapping_windows
     """Rows longer than the teacher's context run in windows of at most that many tokens: every position's hidden
     state is the model's own on a suffix of the row ending there, at least half the context long — found by brute
     force over every suffix length — and the first window's positions see the whole row before them."""
-    from chorus.pipeline._cross_targets import windowed_hidden_states
-    from chorus.pipeline._teacher import load_teacher
+    from chorus.teacher.cross_targets import windowed_hidden_states
+    from chorus.teacher.model import load_teacher
 
     vocab = json.loads(open(os.path.join(teachers["sp"], "config.json")).read())["vocab_size"]
     teacher = load_teacher(teachers["sp"], vocab_size=vocab, device=torch.device("cpu"), dtype=torch.float32,
@@ -458,8 +458,8 @@ def test_surfaces_of_both_conventions(teachers, tokenizer_dir):
 
 # ---------------------------------------------------------------------------------------------- training
 def test_three_teachers_with_two_tokenizers_train_end_to_end(cross_store, tmp_path):
+    from chorus.commands import train
     from chorus.config import TrainConfig
-    from chorus.trainer import train
     from tests.trainer.conftest import student_yaml
 
     student = student_yaml(tmp_path / "student.yaml")
@@ -473,9 +473,9 @@ def test_three_teachers_with_two_tokenizers_train_end_to_end(cross_store, tmp_pa
 def _arrays(ids: torch.Tensor, dense: torch.Tensor, masked: torch.Tensor, k: int = 4) -> dict:
     """Decoded cache arrays (1, L, ...) of a teacher whose distribution at each position is ``dense`` (L, V), with
     the positions ``masked`` (L,) cached as "no target" the way _cross_targets writes them."""
-    from chorus.pipeline._cross_targets import _masked
-    from chorus.pipeline._position import position_targets
-    from chorus.storage import TAIL_BETAS
+    from chorus.store import TAIL_BETAS
+    from chorus.teacher.cross_targets import _masked
+    from chorus.teacher.position import position_targets
 
     nxt = torch.roll(ids, -1)
     last = torch.arange(len(ids)) == len(ids) - 1
@@ -490,10 +490,10 @@ def test_trainer_falls_back_to_the_hard_label_or_the_other_teachers():
     pool, a teacher without a target at a position gets weight 0 there, so the pooled target is the other's."""
     from types import SimpleNamespace
 
-    from chorus.storage import TAIL_BETAS
-    from chorus.trainer.losses import cross_entropy, forward_kl
-    from chorus.trainer.sparse import prob_of, to_dense
-    from chorus.trainer.targets import TargetBuilder
+    from chorus.distill.losses import cross_entropy, forward_kl
+    from chorus.distill.sparse import prob_of, to_dense
+    from chorus.distill.targets import TargetBuilder
+    from chorus.store import TAIL_BETAS
 
     torch.manual_seed(0)
     v, length = 12, 6
@@ -527,8 +527,8 @@ def test_the_store_carries_its_tokenizer_so_a_moved_store_still_maps_teachers(cr
                                                                               teachers, tmp_path):
     """Prepared from a tokenizer directory that is then deleted (a store shared with a team, another machine):
     the store's own copy maps a cross-tokenizer teacher to the same bits as the original store."""
+    from chorus.commands import prepare
     from chorus.config import PrepareConfig
-    from chorus.pipeline import prepare
 
     tok = tmp_path / "tok"
     shutil.copytree(tokenizer_dir, tok)
@@ -545,9 +545,9 @@ def test_the_store_carries_its_tokenizer_so_a_moved_store_still_maps_teachers(cr
 def test_q8_values_keep_the_no_target_positions(cross_store, teachers, tmp_path):
     """With the lossy q8 value code a cross-tokenizer cache keeps its "no target" positions (the hard label, entropy
     flag) and its covered targets within q8's error of the fp16 cache; it trains."""
+    from chorus.commands import train
     from chorus.config import TrainConfig
-    from chorus.storage._targets import Q8_RANGE_NATS
-    from chorus.trainer import train
+    from chorus.store.targets import Q8_RANGE_NATS
     from tests.trainer.conftest import student_yaml
 
     url = str(tmp_path / "store.zarr")
@@ -580,7 +580,7 @@ def test_q8_values_keep_the_no_target_positions(cross_store, teachers, tmp_path)
 def test_a_cache_of_the_old_mapping_is_refused_with_one_line(cross_store, tmp_path):
     """A cross-tokenizer cache of mapping version 1 (the unplaced mass on the gold token) is refused by every reader
     that joins teachers, naming the teacher and the fix; a one-token-table (permutation) cache never held the label."""
-    from chorus.trainer.data import check_teachers, complete_teachers
+    from chorus.store import check_teachers, complete_teachers
 
     url = str(tmp_path / "store.zarr")
     shutil.copytree(cross_store, url)
@@ -602,8 +602,8 @@ def test_token_byte_lengths_spell_the_text(teachers, tokenizer_dir, documents, t
     byte-level BPE and for a "▁" + byte-fallback one (text outside its vocabulary spelled in <0xNN> pieces)."""
     from transformers import AutoTokenizer
 
-    from chorus.storage import token_byte_lengths
-    from chorus.storage._tokenizer_files import write_tokenizer_files
+    from chorus.store import token_byte_lengths
+    from chorus.store.tokenizer_files import write_tokenizer_files
 
     path = tokenizer_dir if kind == "store" else teachers[kind]
     tok = AutoTokenizer.from_pretrained(path)
@@ -621,8 +621,8 @@ def test_eval_reports_bits_per_byte_for_teachers_of_any_tokenizer(cross_store, c
     """``eval teacher:NAME`` reports bits per byte beside nats per token: the same network under another id order
     gives the same bits per byte, and a teacher of another tokenizer is scored on the text's bytes from its own gold
     statistics: on the held-out rows, within 10 % of what its cache pass measured over the whole corpus."""
+    from chorus.commands import eval as evaluate
     from chorus.config import EvalConfig
-    from chorus.trainer import evaluate
 
     got = {n: evaluate.run(EvalConfig(store=cross_store, model=f"teacher:{n}")) for n in ("tiny", "perm", "sp")}
     assert got["tiny"]["bpb_mean"] == pytest.approx(got["perm"]["bpb_mean"], rel=1e-4)
@@ -640,7 +640,7 @@ def test_a_teacher_without_a_token_for_the_text_is_named_for_that(teachers, toke
     that names the characters at the byte where they are — not its dummy-prefix space, which is not what differs."""
     from transformers import AutoTokenizer
 
-    from chorus.pipeline._cross import _segment_text
+    from chorus.teacher.cross import _segment_text
 
     spec = json.loads(open(os.path.join(teachers["unigram"], "tokenizer.json")).read())
     spec["model"]["byte_fallback"] = False

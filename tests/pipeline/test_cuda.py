@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from chorus.commands import cache
 from chorus.config import CacheConfig
-from chorus.pipeline import cache
-from chorus.storage import Store, decode_samples, decode_stats, decode_topk
+from chorus.store import Store, decode_samples, decode_stats, decode_topk
 
 from .conftest import CACHE_ARGS, read_cache
 
@@ -51,7 +51,7 @@ def test_gpu_cache_in_fp32_matches_the_cpu_cache(prepared_store, teacher_model, 
         assert same > 0.99, (name, same)
     for name in ("log_tail", "entropy", "gold_logprob"):
         np.testing.assert_allclose(gpu[name], cpu[name], rtol=2e-3, atol=2e-3, err_msg=name)
-    from chorus.pipeline._position import compiled_targets, logit_statistics
+    from chorus.teacher.position import compiled_targets, logit_statistics
 
     assert not compiled_targets(logit_statistics).failed  # the GPU's default: the statistics compiled
 
@@ -59,7 +59,7 @@ def test_gpu_cache_in_fp32_matches_the_cpu_cache(prepared_store, teacher_model, 
 def test_pinned_async_host_copies_survive_the_device_buffers_reuse():
     """ShardWriter's copies run on a side stream into pinned memory; the device buffers are freed and reused by the
     next batch at once. After the event, the host copies hold the first batch's values, not the second's."""
-    from chorus.pipeline._writer import to_host_async
+    from chorus.store.writer import to_host_async
 
     stream = torch.cuda.Stream()
     first = {"a": torch.arange(1 << 22, device="cuda", dtype=torch.int32), "b": torch.randn(4096, 64, device="cuda")}
@@ -77,8 +77,8 @@ def test_pinned_async_host_copies_survive_the_device_buffers_reuse():
 
 def test_bf16_gpu_cache_trains_a_student_on_the_gpu_and_resumes_bit_for_bit(prepared_store, teacher_model, tmp_path,
                                                                              monkeypatch):
+    from chorus.commands import train
     from chorus.config import TrainConfig
-    from chorus.trainer import train
     from tests.trainer.conftest import run_until_checkpoint, student_yaml
 
     targets = _cache(prepared_store, teacher_model, tmp_path / "store.zarr", device="cuda", dtype="bf16")
@@ -102,7 +102,7 @@ def test_collectives_reduce_on_the_device_through_nccl(tmp_path):
     host objects (one rank here: NCCL refuses two ranks on one GPU)."""
     import torch.distributed as dist
 
-    from chorus.trainer._parallel import backend
+    from chorus.student.parallel import backend
 
     dist.init_process_group(backend(True), init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
     try:
@@ -123,8 +123,8 @@ def test_fused_loss_on_the_gpu_matches_the_dense_loss(temperature, dtype):
     form) against autograd over the full logits, on the device, for every divergence."""
     import torch.nn.functional as F
 
-    from chorus.trainer.losses import LOSSES, chunked_distill_loss, distill_loss_from_logits
-    from chorus.trainer.sparse import from_topk
+    from chorus.distill.losses import LOSSES, chunked_distill_loss, distill_loss_from_logits
+    from chorus.distill.sparse import from_topk
 
     g = torch.Generator().manual_seed(0)
     n, h, v, k = 5000, 64, 3000, 16

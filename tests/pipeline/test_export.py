@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from chorus import cli
+from chorus.commands import cache, export
 from chorus.config import CacheConfig, ExportConfig, ImportConfig
-from chorus.pipeline import cache, export
-from chorus.storage import Store, decode_topk
+from chorus.store import Store, decode_topk
 
 from .conftest import assert_same_cache, read_cache
 

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from chorus.pipeline._position import (
+from chorus.store import TAIL_BETAS
+from chorus.teacher.model import chunked_targets
+from chorus.teacher.position import (
     chain_powers,
     chain_statistics,
     exp_sums,
@@ -18,10 +20,8 @@ from chorus.pipeline._position import (
     position_targets,
     power_plan,
 )
-from chorus.pipeline._sampler import row_uniforms
-from chorus.pipeline._teacher import chunked_targets
-from chorus.storage import TAIL_BETAS
-from tests.storage.test_targets import dense_statistics
+from chorus.teacher.sampler import row_uniforms
+from tests.store.test_targets import dense_statistics
 
 K, M = 16, 32
 
@@ -133,8 +133,8 @@ def test_block_topk_is_topk(kind, vocab, k, dtype):
     """The top-k among the blocks with the largest maxima: torch.topk's values, bit for bit, and its ids but among
     exact ties — with a short last block, without one, with rows that hold fewer finite logits than k (masked
     vocabulary) and with few blocks (then torch.topk itself)."""
-    from chorus.pipeline._position import block_topk
-    from chorus.pipeline._sampler import block_stats
+    from chorus.teacher.position import block_topk
+    from chorus.teacher.sampler import block_stats
 
     z = _logits(kind, n=64, vocab=vocab, seed=8).to(dtype)
     z[:4, 10:] = float("-inf")  # fewer than k finite logits
@@ -179,7 +179,7 @@ def test_chunked_targets_from_logits_do_not_depend_on_the_chunk():
 def test_compiled_logit_statistics_give_the_same_targets():
     """What a GPU runs by default (the statistics through torch.compile), here on a CPU: same ids, top-k and draws
     within fp32 rounding of the eager function (the compiler reorders the sums)."""
-    from chorus.pipeline._position import compiled_targets, logit_statistics
+    from chorus.teacher.position import compiled_targets, logit_statistics
 
     z = _logits("zipf", n=128, vocab=3000, seed=5)
     next_ids = torch.randint(0, 3000, (128,), generator=torch.Generator().manual_seed(6))
@@ -197,7 +197,7 @@ def test_two_level_draws_are_the_inverse_cdf_of_the_full_distribution(block):
     """Against a float64 inverse CDF of a Zipf-like distribution over 5000 tokens (a short last block; masked ids
     never drawn): the same token for every draw whose uniform is not within rounding of a boundary, and counts that
     fit the probabilities (chi-square)."""
-    from chorus.pipeline._sampler import block_stats, draw_ids_blocked, scale_block_sums
+    from chorus.teacher.sampler import block_stats, draw_ids_blocked, scale_block_sums
 
     v, n, m = 5000, 512, 64
     rng = np.random.default_rng(1)

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from chorus.cli import main
+from chorus.commands import prepare
 from chorus.config import PrepareConfig
 from chorus.errors import ChorusError
-from chorus.pipeline import prepare
-from chorus.storage import Store
+from chorus.store import Store
 
 
 def _prepare(corpus, tok, out, **kw):
@@ -176,7 +176,7 @@ def test_bad_input_is_one_line_and_nothing_marked_complete(tmp_path, corpus_file
 
 
 def test_shards_hold_one_split_and_the_row_index_is_written(prepared_store):
-    from chorus.storage._index import read_row_index
+    from chorus.store.index import read_row_index
 
     store = Store.open(prepared_store, "r")
     m = store.manifest
@@ -207,8 +207,8 @@ def test_the_store_keeps_a_checked_copy_of_its_tokenizer(tmp_path, corpus_file, 
     verify and not used (the directory prepare read is used instead, with a warning)."""
     import shutil
 
-    from chorus.pipeline._tokenizer import load_tokenizer, store_tokenizer, tokenizer_info
-    from chorus.storage.report import verify_command
+    from chorus.commands.report import verify_command
+    from chorus.store.tokenizer import load_tokenizer, store_tokenizer, tokenizer_info
 
     tok = tmp_path / "tok"
     shutil.copytree(tokenizer_dir, tok)
@@ -239,7 +239,7 @@ def test_the_store_keeps_a_checked_copy_of_its_tokenizer(tmp_path, corpus_file, 
 def test_rerunning_prepare_adds_the_tokenizer_copy_to_an_older_store(tmp_path, corpus_file, tokenizer_dir, capsys):
     import shutil
 
-    from chorus.pipeline._tokenizer import store_tokenizer
+    from chorus.store.tokenizer import store_tokenizer
 
     url = str(tmp_path / "s.zarr")
     m = _prepare(corpus_file, tokenizer_dir, url)

@@ -12,14 +12,14 @@ import pytest
 import torch
 
 from chorus.errors import ChorusError
-from chorus.pipeline._position import compiled_targets
-from chorus.pipeline._sampler import _mix32, check_sampler, draw_ids, row_keys, row_uniforms
-from chorus.pipeline._teacher import (
+from chorus.teacher.model import (
     Teacher,
     chunked_targets,
     logit_ops,
     sparse_targets,
 )
+from chorus.teacher.position import compiled_targets
+from chorus.teacher.sampler import _mix32, check_sampler, draw_ids, row_keys, row_uniforms
 
 VOCAB = 1000
 BETAS = (0.25, 0.5, 1.0, 2.0)
@@ -143,7 +143,7 @@ def test_a_head_chorus_cannot_reproduce_is_refused(monkeypatch):
 MEMORY_SCRIPT = """
 import resource, sys, torch
 from transformers import LlamaConfig, LlamaForCausalLM
-from chorus.pipeline._teacher import Teacher
+from chorus.teacher.model import Teacher
 torch.set_num_threads(1)
 length, vocab, chunk = {length}, {vocab}, {chunk}
 cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
@@ -258,8 +258,8 @@ def test_compiled_math_gives_the_same_targets():
     powers): against the eager reference, the same ids, top-k log-probs, gold log-probs and statistics within fp32
     rounding (log Z is summed in another order), and the same draws but where a uniform is within rounding of a CDF
     boundary."""
-    from chorus.pipeline._position import chain_statistics
-    from chorus.pipeline._sampler import block_stats
+    from chorus.teacher.position import chain_statistics
+    from chorus.teacher.sampler import block_stats
 
     t = _teacher(_llama())
     x = torch.randint(0, VOCAB, (3, 100), generator=torch.Generator().manual_seed(5))
@@ -275,7 +275,7 @@ def test_compiled_math_gives_the_same_targets():
 
 
 def test_a_failing_compile_falls_back_to_the_same_targets(capsys):
-    from chorus.pipeline._position import _CompiledTargets
+    from chorus.teacher.position import _CompiledTargets
 
     def broken(*_a, **_k):
         raise RuntimeError("no C++ compiler found")

@@ -7,8 +7,8 @@ import pytest
 
 @pytest.fixture(scope="session")
 def small_store(tmp_path_factory, corpus_file, tokenizer_dir) -> str:
+    from chorus.commands import prepare
     from chorus.config import PrepareConfig
-    from chorus.pipeline import prepare
 
     out = str(tmp_path_factory.mktemp("small") / "store.zarr")
     prepare.run(PrepareConfig(dataset=corpus_file, tokenizer=tokenizer_dir, out=out, seq_len=32, max_docs=40,

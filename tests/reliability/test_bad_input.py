@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from chorus.cli import main
-from chorus.storage import Store
+from chorus.store import Store
 from tests.trainer.conftest import STUDENT_YAML, student_yaml, write_teacher
 
 

@@ -12,8 +12,8 @@ import shutil
 import pytest
 
 from chorus import cli
+from chorus.commands import cache
 from chorus.config import CacheConfig
-from chorus.pipeline import cache
 from tests.pipeline.conftest import CACHE_ARGS
 from tests.trainer.conftest import student_yaml
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from chorus.cli import main
+from chorus.commands import train
 from chorus.config import TrainConfig
 from chorus.errors import ChorusError
-from chorus.storage import Store
-from chorus.trainer import _checkpoint as ckpt
-from chorus.trainer import train
+from chorus.store import Store
+from chorus.student import checkpoint as ckpt
 from tests.trainer.conftest import student_yaml
 
 

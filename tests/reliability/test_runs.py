@@ -15,10 +15,12 @@ import torch
 from safetensors.torch import load_file
 
 from chorus.cli import main
+from chorus.commands import train
 from chorus.config import TrainConfig
 from chorus.errors import ChorusError
-from chorus.trainer import _checkpoint as ckpt
-from chorus.trainer import _parallel, evaluate, train
+from chorus.student import checkpoint as ckpt
+from chorus.student import evaluate, training
+from chorus.student import parallel as _parallel
 from tests.trainer.conftest import student_yaml
 
 
@@ -46,8 +48,8 @@ def student(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def no_valid_store(tmp_path_factory, corpus_file, tokenizer_dir) -> str:
+    from chorus.commands import prepare
     from chorus.config import PrepareConfig
-    from chorus.pipeline import prepare
 
     out = str(tmp_path_factory.mktemp("novalid") / "store.zarr")
     prepare.run(PrepareConfig(dataset=corpus_file, tokenizer=tokenizer_dir, out=out, seq_len=32, max_docs=24,
@@ -147,7 +149,7 @@ def test_model_is_saved_before_the_final_eval_and_resume_finishes_it(prepared_st
     def crash(*a, **k):
         raise RuntimeError("eval died")
 
-    monkeypatch.setattr(train, "evaluate_model", crash)
+    monkeypatch.setattr(training, "evaluate_model", crash)
     with pytest.raises(RuntimeError):
         train.run(_cfg(prepared_store, run, student, steps=2))
     assert (run / "model" / "model.safetensors").is_file()
@@ -175,7 +177,7 @@ def test_trained_model_directory_is_complete(trained, no_valid_store, tmp_path, 
     out = model.generate(**tok("the a of", return_tensors="pt"), max_new_tokens=3, do_sample=False)
     assert out.shape[1] > 0
     info = json.loads((model_dir / "chorus.json").read_text())
-    assert info["tokenizer_source"].endswith("store.zarr/tokenizer")  # the store's own copy (storage/_tokenizer_files.py)
+    assert info["tokenizer_source"].endswith("store.zarr/tokenizer")  # the store's own copy (store/tokenizer_files.py)
     # it caches as a teacher as is: no --tokenizer
     from tests.trainer.conftest import copy_store
 
@@ -186,7 +188,7 @@ def test_trained_model_directory_is_complete(trained, no_valid_store, tmp_path, 
 
 def test_unloadable_tokenizer_warns_once_and_still_saves_the_model(prepared_store, student, tmp_path, monkeypatch,
                                                                     capsys):
-    import chorus.pipeline._tokenizer as tokenizers
+    import chorus.store.tokenizer as tokenizers
 
     monkeypatch.setattr(tokenizers, "store_tokenizer", lambda store, m: (None, None))
     train.run(_cfg(prepared_store, tmp_path / "run", student, steps=1))
@@ -202,17 +204,17 @@ def test_resume_with_workers_and_dropout_is_bit_identical(prepared_store, tmp_pa
     drop.write_text(Path(student_yaml(tmp_path / "s.yaml", hidden=16, layers=1)).read_text() + "attention_dropout: 0.3\n")
     kw = dict(steps=4, save_every=2, num_workers=workers)
     train.run(_cfg(prepared_store, tmp_path / "full", str(drop), **kw))
-    real_save = train._save_checkpoint
+    real_save = training._save_checkpoint
 
     def save_then_die(out, step, *args, **kwargs):
         real_save(out, step, *args, **kwargs)
         if step == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "_save_checkpoint", save_then_die)
+    monkeypatch.setattr(training, "_save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         train.run(_cfg(prepared_store, tmp_path / "cut", str(drop), **kw))
-    monkeypatch.setattr(train, "_save_checkpoint", real_save)
+    monkeypatch.setattr(training, "_save_checkpoint", real_save)
     train.run(_cfg(prepared_store, tmp_path / "cut", str(drop), resume=True, **kw))
     a = load_file(str(tmp_path / "full" / "model" / "model.safetensors"))
     b = load_file(str(tmp_path / "cut" / "model" / "model.safetensors"))

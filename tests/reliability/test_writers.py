@@ -12,11 +12,11 @@ import time
 import numpy as np
 import pytest
 
+from chorus.commands import cache
 from chorus.config import CacheConfig
 from chorus.errors import ChorusError, IntegrityError
-from chorus.pipeline import cache
-from chorus.storage import ArraySpec, ShardLeases, Store
-from chorus.storage._check import problems
+from chorus.store import ArraySpec, ShardLeases, Store
+from chorus.store.check import problems
 from tests.pipeline.conftest import CACHE_ARGS, read_cache
 
 
@@ -147,7 +147,7 @@ def test_overlapping_writers_of_other_bytes_leave_each_shard_whole(small_store, 
     mix them: every committed shard is wholly A's or wholly B's, its checksum verifies, and each shard B committed is
     one A left to it. Both writers meet in their first batch, so without leases they compute one shard at once: with
     the lease claim and its re-check disabled, this test fails every time (a mixed shard or a conflicting commit)."""
-    from chorus.pipeline import _teacher
+    from chorus.teacher import model as _teacher
 
     real = _teacher.Teacher.targets
     first = threading.Barrier(2, timeout=60)  # both writers in their first batch at once: overlap guaranteed

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from chorus.storage import Store, TeacherManifest, encode_values, fingerprint, target_specs, value_params
+from chorus.store import Store, TeacherManifest, encode_values, fingerprint, target_specs, value_params
 
 STUDENT_YAML = "model_type: llama\nhidden_size: {hidden}\nintermediate_size: {inter}\nnum_hidden_layers: {layers}\n" \
                "num_attention_heads: 2\nnum_key_value_heads: 2\nmax_position_embeddings: 64\ntie_word_embeddings: false\n"
@@ -35,7 +35,7 @@ def write_teacher(url: str, name: str, logprobs_fn: Callable[[np.ndarray], np.nd
     """Cache a teacher whose full log-probs at each position are ``logprobs_fn(input_ids (n, L)) -> (n, L, V)``:
     the top-k (normalized over the full vocabulary), with ``samples`` M draws compacted to ids/counts, and with
     ``stats`` the exact statistics of the full distribution (format v2; False writes a v1 cache)."""
-    from chorus.storage import TAIL_BETAS, compact_samples, encode_stats
+    from chorus.store import TAIL_BETAS, compact_samples, encode_stats
 
     store = Store.open(url, "a")
     m = store.manifest
@@ -124,8 +124,8 @@ def _one_thread():
 
 def cache_teacher(url: str, name: str, model_dir: str, tokenizer: str, top_k: int = 32) -> None:
     """Cache a real model's top-k with `chorus cache` (the model is loaded here, in the test, never by training)."""
+    from chorus.commands import cache
     from chorus.config import CacheConfig
-    from chorus.pipeline import cache
 
     cache.run(CacheConfig(store=url, teacher=model_dir, name=name, tokenizer=tokenizer, top_k=top_k, device="cpu",
                           dtype="fp32", batch_size=16))
@@ -133,16 +133,17 @@ def cache_teacher(url: str, name: str, model_dir: str, tokenizer: str, top_k: in
 
 def run_until_checkpoint(monkeypatch, cfg, step: int) -> None:
     """Run ``chorus train`` and kill it (KeyboardInterrupt) right after it writes the checkpoint of ``step``."""
-    from chorus.trainer import train
+    from chorus.commands import train
+    from chorus.student import training
 
-    real_save = train._save_checkpoint
+    real_save = training._save_checkpoint
 
     def save_then_die(out, at, *args, **kwargs):
         real_save(out, at, *args, **kwargs)
         if at == step:
             raise KeyboardInterrupt  # the process dies right after this checkpoint
 
-    monkeypatch.setattr(train, "_save_checkpoint", save_then_die)
+    monkeypatch.setattr(training, "_save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         train.run(cfg)
-    monkeypatch.setattr(train, "_save_checkpoint", real_save)
+    monkeypatch.setattr(training, "_save_checkpoint", real_save)

@@ -7,10 +7,11 @@ import pytest
 import torch
 import yaml
 
+from chorus.commands import blend, train
 from chorus.config import BlendConfig, TrainConfig
+from chorus.distill.blend import compare, fit_domain_weights, pooled_nll
 from chorus.errors import ChorusError
-from chorus.storage import Store
-from chorus.trainer import blend, train
+from chorus.store import Store
 from tests.trainer.conftest import bigram_teacher, copy_store, student_yaml, write_teacher
 
 
@@ -28,32 +29,32 @@ def _specialists(n: int = 6000, seed: int = 0):
 
 def test_em_routes_each_domain_to_its_specialist_and_never_loses_likelihood():
     lp, domain = _specialists()
-    w = blend.fit_domain_weights(lp, domain, 2)
+    w = fit_domain_weights(lp, domain, 2)
     assert w[0, 0] > 0.7 and w[1, 1] > 0.7
     uniform = torch.full((len(domain), 2), 0.5)
-    assert blend.pooled_nll(lp, w[domain]).mean() < blend.pooled_nll(lp, uniform).mean()
+    assert pooled_nll(lp, w[domain]).mean() < pooled_nll(lp, uniform).mean()
     # the fitted weights are a maximum: nudging them either way costs likelihood
     for delta in (-0.05, 0.05):
         moved = (w + torch.tensor([[delta, -delta], [0.0, 0.0]])).clamp(1e-6, 1)
-        assert blend.pooled_nll(lp, moved[domain]).mean() >= blend.pooled_nll(lp, w[domain]).mean() - 1e-6
+        assert pooled_nll(lp, moved[domain]).mean() >= pooled_nll(lp, w[domain]).mean() - 1e-6
 
 
 def test_candidates_are_scored_on_positions_they_were_not_fitted_on():
     lp, domain = _specialists()
     signals = {"confidence": -torch.rand(len(domain), 2)}
     fit = torch.arange(len(domain)) % 2 == 0
-    cands = blend.compare(lp, signals, domain, 2, fit)
+    cands = compare(lp, signals, domain, 2, fit)
     assert set(cands) == {"uniform", "per_domain", "confidence", "per_domain_confidence"}
     assert cands["per_domain"]["heldout_nll"] < cands["uniform"]["heldout_nll"]
     for d in (0, 1):
         assert cands["per_domain"]["heldout_nll_per_domain"][d] < cands["uniform"]["heldout_nll_per_domain"][d]
     with pytest.raises(ChorusError, match="held-out positions"):
-        blend.compare(lp, signals, domain, 2, torch.ones(len(domain), dtype=torch.bool))
+        compare(lp, signals, domain, 2, torch.ones(len(domain), dtype=torch.bool))
 
 
 def test_context_weights_read_only_the_document_so_far():
     """Position j's weight uses the gold log-probs of positions i < j in its own segment, nothing else."""
-    from chorus.trainer.targets import context_loglik
+    from chorus.distill.targets import context_loglik
 
     seg = torch.tensor([[1, 1, 1, 2, 2, 0]])
     lp = torch.tensor([[-1.0, -2.0, -3.0, -4.0, -5.0, -9.0]])
@@ -75,7 +76,7 @@ def test_context_routing_beats_uniform_without_domain_labels():
     flat_lp, flat_ctx = lp.reshape(-1, 2), ctx.reshape(-1, 2)
     domain = torch.zeros(len(flat_lp), dtype=torch.long)
     fit = torch.arange(len(flat_lp)) % 2 == 0
-    cands = blend.compare(flat_lp, {"context": flat_ctx}, domain, 1, fit)
+    cands = compare(flat_lp, {"context": flat_ctx}, domain, 1, fit)
     assert cands["context"]["heldout_nll"] < cands["uniform"]["heldout_nll"] - 0.5
     assert cands["context"]["beta"] > 0
 
@@ -106,9 +107,9 @@ def test_two_specialists_beat_plain_training_on_a_corpus_without_domains(tmp_pat
     a,b` (defaults otherwise) gives a better held-out student than CE alone on the same rows and steps."""
     import json
 
+    from chorus.commands import eval as evaluate
+    from chorus.commands import prepare
     from chorus.config import EvalConfig, PrepareConfig
-    from chorus.pipeline import prepare
-    from chorus.trainer import evaluate
     from tests.trainer.conftest import cache_teacher
 
     corpus = tmp_path / "plain.jsonl"

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from chorus.cli import main as cli_main
+from chorus.commands import calibrate
 from chorus.config import CalibrateConfig
 from chorus.errors import ChorusError
-from chorus.storage import Store
-from chorus.trainer import calibrate
+from chorus.store import Store
 from tests.trainer.conftest import bigram_teacher, copy_store, write_teacher
 
 T_STAR = 2.0

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
+from chorus.distill.calibration import expected_calibration_error, fit_temperature, top1_confidence
+from chorus.distill.sparse import SparseDist, from_topk, soften, to_dense
 from chorus.errors import ChorusError
-from chorus.trainer.calibration import expected_calibration_error, fit_temperature, top1_confidence
-from chorus.trainer.sparse import SparseDist, from_topk, soften, to_dense
 
 
 def miscalibrated_teacher(true_t: float, n: int = 4000, v: int = 40, k: int = 8, seed: int = 0):

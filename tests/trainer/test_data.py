@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from chorus.distill.targets import teacher_dist
 from chorus.errors import ChorusError
-from chorus.storage import Store, decode_values, encode_values, value_params
-from chorus.trainer.data import CachedRows, StreamLoader, positions
-from chorus.trainer.targets import teacher_dist
+from chorus.store import Store, decode_values, encode_values, value_params
+from chorus.student.data import CachedRows, StreamLoader, positions
 from tests.trainer.conftest import bigram_teacher, copy_store, write_teacher
 
 
@@ -165,8 +165,8 @@ def _synthetic_store(url: str, *, shards: int, rps: int, seq_len: int = 16, voca
                      valid_every: int = 0, index: bool = True, seed: int = 0) -> str:
     """A corpus written shard by shard (``domain_of_shard(s)``: one domain per shard, as `prepare` writes a
     directory dataset); ``valid_every``: every n-th row held out (0: none); ``index``: write the row index."""
-    from chorus.storage import ArraySpec, CorpusManifest, TokenizerInfo, fingerprint
-    from chorus.storage._index import write_row_index
+    from chorus.store import ArraySpec, CorpusManifest, TokenizerInfo, fingerprint
+    from chorus.store.index import write_row_index
 
     rng = np.random.default_rng(seed)
     store = Store.open(url, "w")
@@ -250,7 +250,7 @@ def test_batches_mix_domains_when_every_shard_holds_one(tmp_path):
 
 
 def test_the_row_index_equals_a_scan_and_an_old_store_reads_the_same(tmp_path, prepared_store):
-    from chorus.storage._index import INDEX_UNIT, read_row_index, scan_row_index
+    from chorus.store.index import INDEX_UNIT, read_row_index, scan_row_index
 
     store = Store.open(prepared_store, "r")
     indexed = read_row_index(store, store.manifest)
@@ -267,7 +267,7 @@ def test_the_row_index_equals_a_scan_and_an_old_store_reads_the_same(tmp_path, p
 
 
 def test_fp16_delta_values_are_decoded_bit_for_bit(tmp_path, prepared_store):
-    from chorus.trainer.data import _Teacher, _values
+    from chorus.student.data import _Teacher, _values
 
     params = {"delta": True}  # the v1 fp16 encoding, which the loader decodes itself (new caches use a zarr codec)
     stored = np.random.default_rng(0).integers(0, 1 << 16, (3, 5, 64), dtype=np.uint16)  # sums wrap around

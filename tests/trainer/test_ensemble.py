@@ -6,8 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chorus.errors import ChorusError
-from chorus.trainer.ensemble import (
+from chorus.distill.ensemble import (
     OPERATORS,
     WEIGHTINGS,
     aggregate,
@@ -20,7 +19,7 @@ from chorus.trainer.ensemble import (
     power,
     top1,
 )
-from chorus.trainer.sparse import (
+from chorus.distill.sparse import (
     SparseDist,
     entropy,
     from_topk,
@@ -29,6 +28,7 @@ from chorus.trainer.sparse import (
     to_dense,
     valid_mask,
 )
+from chorus.errors import ChorusError
 from tests.trainer.test_sparse import random_dist_from
 
 FAST = settings(max_examples=12, deadline=None)

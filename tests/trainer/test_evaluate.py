@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from chorus.cli import main as cli_main
+from chorus.commands import eval as eval_command
 from chorus.config import EvalConfig
-from chorus.storage import Store
-from chorus.trainer import evaluate
+from chorus.store import Store
+from chorus.student import evaluate
 from tests.conftest import build_tiny_llama
 from tests.trainer.conftest import bigram_teacher, copy_store, write_teacher
 
@@ -49,7 +50,7 @@ def _reference_losses(url: str, model_dir: str) -> dict[str, float]:
 
 def test_eval_json_matches_a_dense_reference(teacher_store, model_dir, tmp_path, capsys):
     out = tmp_path / "eval.json"
-    res = evaluate.run(EvalConfig(store=teacher_store, model=model_dir, out=str(out), batch_size=16, chunk_size=100))
+    res = eval_command.run(EvalConfig(store=teacher_store, model=model_dir, out=str(out), batch_size=16, chunk_size=100))
     saved = json.loads(out.read_text())
     assert {"per_domain", "mean", "worst", "ece", "teachers"} <= set(saved)
     assert saved["worst"] == max(saved["per_domain"].values())
@@ -77,9 +78,9 @@ def test_teacher_evaluated_from_its_cache(tmp_path, prepared_store, vocab_size):
     write_teacher(url, "full", table, top_k=vocab_size)  # every id cached: the loss is exact
     write_teacher(url, "short", table, top_k=8)  # the gold is often outside: its exact log-prob is cached
     write_teacher(url, "old", table, top_k=8, stats=False)  # format v1: the even-tail estimate
-    exact = evaluate.run(EvalConfig(store=url, model="teacher:full"))
-    short = evaluate.run(EvalConfig(store=url, model="teacher:short", out=str(tmp_path / "t.json")))
-    old = evaluate.run(EvalConfig(store=url, model="teacher:old"))
+    exact = eval_command.run(EvalConfig(store=url, model="teacher:full"))
+    short = eval_command.run(EvalConfig(store=url, model="teacher:short", out=str(tmp_path / "t.json")))
+    old = eval_command.run(EvalConfig(store=url, model="teacher:old"))
     # reference: the bigram table's NLL of every held-out next token
     store = Store.open(url, "r")
     n = store.manifest.num_rows
@@ -112,9 +113,9 @@ def test_cli_eval_of_a_run_directory(teacher_store, model_dir, tmp_path, capsys)
 def _hundred_shard_store(url: str, *, vocab: int = 32000, seq_len: int = 64, rps: int = 512) -> str:
     """100 shards laid out by `prepare`'s writer (one split per shard), rows of 3 interleaved domains, ~10% held
     out by document, with the row index; random tokens (incompressible, like real text after zstd)."""
-    from chorus.pipeline.prepare import _CorpusWriter
-    from chorus.storage import CorpusManifest, TokenizerInfo, fingerprint
-    from chorus.storage._index import write_row_index
+    from chorus.commands.prepare import _CorpusWriter
+    from chorus.store import CorpusManifest, TokenizerInfo, fingerprint
+    from chorus.store.index import write_row_index
 
     rng = np.random.default_rng(0)
     store = Store.open(url, "w")

@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from chorus.trainer import _parallel
-from chorus.trainer._student import Student
+from chorus.student import parallel as _parallel
+from chorus.student.model import Student
 
 
 def _model(seed: int) -> Student:

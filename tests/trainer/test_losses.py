@@ -4,8 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from chorus.errors import ChorusError
-from chorus.trainer.losses import (
+from chorus.distill.losses import (
     LOSSES,
     chunked_distill_loss,
     cross_entropy,
@@ -17,7 +16,8 @@ from chorus.trainer.losses import (
     reverse_kl,
     skew_kl,
 )
-from chorus.trainer.sparse import SparseDist, from_samples, from_topk, from_topk_renormalized, soften
+from chorus.distill.sparse import SparseDist, from_samples, from_topk, from_topk_renormalized, soften
+from chorus.errors import ChorusError
 
 # ------------------------------------------------------------- dense references
 

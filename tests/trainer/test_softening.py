@@ -9,11 +9,11 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from chorus.storage import TAIL_BETAS
-from chorus.trainer import sparse
-from chorus.trainer._softening import SOFTENINGS, linear
-from chorus.trainer._tail import Stats
-from chorus.trainer.targets import TargetBuilder
+from chorus.distill import sparse
+from chorus.distill.softening import SOFTENINGS, linear
+from chorus.distill.tail import Stats
+from chorus.distill.targets import TargetBuilder
+from chorus.store import TAIL_BETAS
 
 OPERATORS = sorted(SOFTENINGS)
 FAST = settings(max_examples=40, deadline=None)

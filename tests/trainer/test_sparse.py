@@ -5,8 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chorus.errors import ChorusError
-from chorus.trainer.sparse import (
+from chorus.distill.sparse import (
     SparseDist,
     entropy,
     from_samples,
@@ -18,6 +17,7 @@ from chorus.trainer.sparse import (
     soften,
     to_dense,
 )
+from chorus.errors import ChorusError
 
 FAST = settings(max_examples=40, deadline=None)
 
@@ -237,7 +237,7 @@ def test_from_topk_drops_a_tail_that_is_fp16_rounding_noise():
     V - k ids into most of the distribution."""
     import torch
 
-    from chorus.trainer.sparse import entropy, from_topk, soften
+    from chorus.distill.sparse import entropy, from_topk, soften
 
     V, k = 32000, 8
     probs = torch.tensor([[0.5, 0.2, 0.1, 0.08, 0.06, 0.03, 0.02, 0.01 - 1e-7]], dtype=torch.float64)

@@ -16,15 +16,15 @@ import numpy as np
 import pytest
 import torch
 
+from chorus.distill.calibration import fit_temperature
+from chorus.distill.ensemble import OPERATORS, WEIGHTINGS, aggregate, confidence_weights
+from chorus.distill.losses import LOSSES, distill_loss_from_logits
+from chorus.distill.sparse import entropy, from_topk, log_prob_of, soften, valid_mask
+from chorus.distill.tail import Stats
+from chorus.distill.targets import TARGETS, TargetBuilder, check_combination
+from chorus.distill.targets import WEIGHTINGS as ALL_WEIGHTINGS
 from chorus.errors import ChorusError
-from chorus.storage import TAIL_BETAS, decode_stats, decode_values, encode_stats, encode_values, value_params
-from chorus.trainer._tail import Stats
-from chorus.trainer.calibration import fit_temperature
-from chorus.trainer.ensemble import OPERATORS, WEIGHTINGS, aggregate, confidence_weights
-from chorus.trainer.losses import LOSSES, distill_loss_from_logits
-from chorus.trainer.sparse import entropy, from_topk, log_prob_of, soften, valid_mask
-from chorus.trainer.targets import TARGETS, TargetBuilder, check_combination
-from chorus.trainer.targets import WEIGHTINGS as ALL_WEIGHTINGS
+from chorus.store import TAIL_BETAS, decode_stats, decode_values, encode_stats, encode_values, value_params
 
 
 def true_logp(kind: str, n: int, v: int, seed: int = 0) -> torch.Tensor:

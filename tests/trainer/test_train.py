@@ -16,9 +16,9 @@ import torch
 from safetensors.torch import load_file
 
 from chorus.cli import main as cli_main
+from chorus.commands import train
 from chorus.config import TrainConfig, load_config
 from chorus.errors import ChorusError
-from chorus.trainer import train
 from tests.trainer.conftest import cache_teacher, copy_store, run_until_checkpoint, student_yaml
 
 VENV_BIN = Path(sys.executable).parent
@@ -185,8 +185,8 @@ def test_unsound_sampled_targets_are_refused_before_training(teacher_store, stud
 
 
 def test_calibrated_temperature_is_applied_before_pooling(teacher_store, student, tmp_path, monkeypatch):
-    from chorus.storage import Store
-    from chorus.trainer import targets
+    from chorus.distill import targets
+    from chorus.store import Store
 
     seen = []
     real = targets.soften

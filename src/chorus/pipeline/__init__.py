@@ -1,1 +1,0 @@
-"""Corpus preparation and teacher caching: everything that writes a store."""

@@ -1,0 +1,280 @@
+"""A cross-tokenizer teacher's forward pass: its rows in its own tokens, its distributions mapped onto the store's.
+
+``cross_targets`` returns what ``Teacher.targets`` returns (top-k over the store's vocabulary normalized over all of
+it, samples, the exact statistics of the mapped distribution), computed by ``position_targets`` from the mapped
+full log-probs, so every reader treats the cache like any other. The mapping itself is described in ``_cross.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from chorus.store.manifest import NO_TARGET_ENTROPY
+from chorus.teacher.cross import Alignment, CrossMap, align
+from chorus.teacher.model import Teacher, _apply_ops, chunk_positions
+from chorus.teacher.position import position_targets, tail_statistics
+from chorus.teacher.sampler import draw_ids, row_uniforms
+
+# head chunks of the cross-tokenizer pass: its fp32 passes over whole chunks hold ~4 (chunk, V) buffers, so on a GPU it
+# keeps 256 MiB chunks (the same-tokenizer pass's 1 GiB ones were measured for that pass only, on an H200)
+CROSS_CHUNK_BYTES = {"cpu": 1 << 21, "cuda": 1 << 28}
+MAPPED_CPU_CHUNK_BYTES = 1 << 28  # the mapped pass on a CPU: 256 positions at V = 262 144 (2 MiB would be 2 rows:
+# too few for the head's GEMM); the one-token-table path keeps CROSS_CHUNK_BYTES (bit-identical chunks)
+
+
+def project(logits: torch.Tensor, *, columns: tuple, vocab: int, chain: torch.Tensor,
+            moves: tuple[torch.Tensor, torch.Tensor, torch.Tensor], gold: torch.Tensor, spans: torch.Tensor,
+            stop: torch.Tensor,
+            extensions: tuple[torch.Tensor, ...] | None = None,
+            inside: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(C, Vt) fp32 teacher logits → ((C, Vs + 1) log-probs over the store's vocabulary and, last, the unplaced
+    bucket; (C,) float64 log-prob of the gold token's text; (C,) the bucket's mass).
+
+    Boundary rows: every teacher token's probability placed on the store token its text begins with
+    (``columns``: the store id and the teacher id of each placed teacher token, CrossMap.columns). Rows ``inside`` a teacher token: the teacher's distribution conditioned on the bytes
+    before the position — only the teacher tokens that extend them (``extensions``: (row, teacher id, store id,
+    weight) of the placed ones, then (row, teacher id) of all, for the normalizer), each placed by the rest of its
+    text. Where the gold token's text ``spans`` several teacher tokens (the next teacher token is a strict prefix of
+    it), the teacher's probability of that whole text along its own tokens, ``exp(chain)``, is a lookahead the
+    teacher itself made: it leaves the place of the next teacher token (``moves``: (row, store id, weight)) for the
+    gold id. Where the next teacher token spells the gold exactly but is unplaced (a longer store token extends it),
+    its probability times ``stop`` — the teacher's own probability, at its next position, that the text does not go
+    on into a longer store token — goes to the gold id. Mass the map could not place stays the teacher's, in the bucket, never on the gold token; the gold
+    text's log-prob is the teacher's own ``chain`` (conditioned likewise), whatever the target holds at the id."""
+    p = torch.softmax(logits, dim=-1)
+    dest, cols, w = columns
+    q = torch.zeros(len(p), vocab, device=p.device).index_add_(1, dest, p[:, cols] if w is None else p[:, cols] * w)
+    scale = torch.ones(len(q), device=q.device)
+    if inside is not None and bool(inside.any()):
+        rows, tids, sids, w, all_rows, all_tids = extensions
+        q[inside] = 0.0
+        q.view(-1).index_add_(0, rows * vocab + sids, p[rows, tids] * w)
+        z = torch.zeros(len(q), device=q.device).index_add_(0, all_rows, p[all_rows, all_tids])
+        scale = torch.where(inside, 1.0 / z.clamp_min(torch.finfo(torch.float32).tiny), scale)
+        q *= scale[:, None]
+    gold_text = torch.exp(chain).float() * scale * torch.where(spans, 1.0, stop)
+    rows, sids, w = moves
+    flat = rows * vocab + sids
+    removed = torch.minimum(gold_text[rows] * w, q.view(-1)[flat])
+    q.view(-1).index_add_(0, flat, -removed)
+    q[torch.arange(len(q), device=q.device), gold] += gold_text
+    bucket = (1.0 - q.sum(-1)).clamp_min(0.0)
+    logq = torch.log(torch.cat([q, bucket[:, None]], -1))
+    return logq, chain + torch.log(scale).double(), bucket
+
+
+def bucket_targets(logq: torch.Tensor, gold: torch.Tensor, gold_logprob: torch.Tensor, uniforms: torch.Tensor | None,
+                   *, top_k: int, tail_betas: Sequence[float]) -> dict[str, torch.Tensor]:
+    """``position_targets`` of (N, V + 1) log-probs whose last column is the unplaced bucket: the top-k and the
+    draws over the V store ids only, the statistics over all of it (the bucket is one atom of the tail, so τ,
+    entropy and the tail sums hold it, as the losses' tail bucket does), the gold log-prob the given one.
+    Draws come from the placed mass (renormalized): a draw cannot name the bucket. Overwrites ``logq``."""
+    v, i = torch.topk(logq[:, :-1], top_k, dim=-1, sorted=True)
+    out = {"topk_ids": i, "topk_logprobs": v}
+    if uniforms is not None:
+        out["draws"] = draw_ids(logq[:, :-1].contiguous(), uniforms)
+    if tail_betas:
+        last = torch.zeros(len(logq), dtype=torch.bool, device=logq.device)
+        out.update(tail_statistics(logq, i, v, gold, tail_betas, last))
+        out["gold_logprob"] = gold_logprob.float()
+    return out
+
+
+def _spread_rows(cmap: CrossMap, ids: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    rows, sids, w = cmap.triples(ids)
+    return (torch.from_numpy(rows).to(device), torch.from_numpy(sids).to(device),
+            torch.from_numpy(w).float().to(device))
+
+
+def _sets(cmap: CrossMap, ids: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(entry, teacher id) pairs of the ``cmap.starting`` sets ``ids``."""
+    parts = [cmap.starting[i] for i in ids]
+    rows = np.repeat(np.arange(len(parts)), [len(p) for p in parts])
+    return torch.from_numpy(rows).to(device), torch.from_numpy(np.concatenate(parts)).to(device)
+
+
+def _extensions(cmap: CrossMap, prefix: np.ndarray, device) -> tuple[torch.Tensor, ...]:
+    """(rows, teacher ids, store ids, weights) of the placed extensions of the rows with a prefix id > 0, then
+    (rows, teacher ids) of all their extensions."""
+    rows, tids, spreads = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for r in np.flatnonzero(prefix > 0):
+        t, sp = cmap.extensions[prefix[r]]
+        rows.append(np.full(len(t), r, np.int64))
+        tids.append(t)
+        spreads.append(sp)
+    rows, tids, spreads = (np.concatenate(x) for x in (rows, tids, spreads))
+    entry, sids, w = cmap.triples(spreads)
+    return tuple(torch.from_numpy(x).to(device) for x in (rows[entry], tids[entry], sids, w.astype(np.float32), rows, tids))
+
+
+def windowed_hidden_states(teacher: Teacher, x: torch.Tensor, limit: int | None) -> torch.Tensor:
+    """(B, Lt) teacher ids → (B, Lt, H) hidden states. Rows longer than the teacher's context (``limit`` tokens: a row
+    of the store can be more tokens in the teacher's) run in windows of ``limit`` that overlap by half: the first
+    window's positions see everything before them, each later position at least ``limit // 2`` tokens."""
+    lt = x.shape[1]
+    if limit is None or lt <= limit:
+        return teacher.hidden_states(x)
+    keep = max(limit // 2, 1)  # new positions per later window
+    parts, done = [teacher.hidden_states(x[:, :limit])], limit
+    while done < lt:
+        start = done + keep - limit
+        end = min(lt, start + limit)
+        parts.append(teacher.hidden_states(x[:, start:end])[:, done - start:])
+        done = end
+    return torch.cat(parts, 1)
+
+
+def _mapped_pass(cmap: CrossMap, logits, x: torch.Tensor, ids: np.ndarray, sel: np.ndarray, src: np.ndarray,
+                 end: np.ndarray, move: np.ndarray, prefix: np.ndarray, ends: np.ndarray, gold: torch.Tensor,
+                 uniforms: torch.Tensor | None, write, *, n: int, step: int, top_k: int,
+                 tail_betas: Sequence[float]) -> None:
+    """One pass of the LM head over the teacher's ``n`` flat positions, in chunks of ``step``: each chunk's
+    log-partition gives the teacher's log-prob of its own next tokens (the chains) and the lookahead masses; a store
+    position is projected as soon as every teacher position its chain and lookahead read is done (its logits row
+    is kept until then), so the head runs once, not once for the chains and again for the targets."""
+    device = x.device
+    nxt = torch.roll(x, -1, dims=1).reshape(-1, 1)
+    own = torch.zeros(n, dtype=torch.float64, device=device)  # log p(own next token) at each teacher position
+    inner = np.flatnonzero(ends > 0)  # chains whose gold token ends inside their last teacher token
+    last = torch.from_numpy(end[inner] - 1).to(device)
+    starts = torch.zeros(len(inner), dtype=torch.float64, device=device)
+    at_inner = torch.full((len(sel),), -1, dtype=torch.long, device=device)
+    at_inner[torch.from_numpy(inner).to(device)] = torch.arange(len(inner), device=device)
+    # a next teacher token whose text is the gold's, unplaced (a longer store token extends it): its own next
+    # distribution, at the following teacher position, says whether the store stops at the gold there
+    goes_on = np.zeros(len(sel), dtype=np.int64)
+    cand = np.flatnonzero((end - src == 1) & (ends == 0) & (move == 0))
+    goes_on[cand] = [cmap.continuing_id(int(u)) for u in np.roll(ids, -1, axis=1).reshape(-1)[sel][cand]]
+    look = np.flatnonzero(goes_on > 0)
+    look_t, ahead = torch.from_numpy(look).to(device), torch.from_numpy(end[look]).to(device)
+    stop = torch.zeros(len(sel), dtype=torch.float32, device=device)
+    src_t, end_t = torch.from_numpy(src).to(device), torch.from_numpy(end).to(device)
+    spans_t = end_t - src_t > 1
+    pend_idx, pend_z = torch.zeros(0, dtype=torch.long, device=device), None
+    sel_t = torch.from_numpy(sel).to(device)
+
+    def project_rows(pick: torch.Tensor, z: torch.Tensor) -> None:
+        rows = pick.cpu().numpy()
+        cum = torch.cat([torch.zeros(1, dtype=torch.float64, device=device), own.cumsum(0)])
+        chain = cum[end_t[pick]] - cum[src_t[pick]]
+        k = at_inner[pick]
+        has = k >= 0  # the last token's own log-prob → P(its text strictly extends the gold's bytes there)
+        chain[has] += starts[k[has]] - own[end_t[pick][has] - 1]
+        logq, gold_text, unplaced = project(
+            z, columns=cmap.columns(device), vocab=cmap.store_vocab, chain=chain, gold=gold[pick], spans=spans_t[pick],
+            stop=stop[pick], moves=_spread_rows(cmap, move[rows], device),
+            extensions=_extensions(cmap, prefix[rows], device), inside=torch.from_numpy(prefix[rows] > 0).to(device))
+        part = bucket_targets(logq, gold[pick], gold_text, None if uniforms is None else uniforms[sel_t[pick]],
+                              top_k=top_k, tail_betas=tail_betas)
+        write(pick, part, gold_text, unplaced)
+
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        z_all = logits(s, e)
+        lse = torch.logsumexp(z_all, -1)
+        own[s:e] = (z_all.gather(-1, nxt[s:e])[:, 0] - lse).double()
+        for where, sets, fill in ((last, ends[inner], "starts"), (ahead, goes_on[look], "stop")):
+            here = torch.nonzero((where >= s) & (where < e))[:, 0]
+            if not len(here):
+                continue
+            rows, tids = _sets(cmap, sets[here.cpu().numpy()], device)
+            at = where[here][rows] - s
+            mass = torch.zeros(len(here), dtype=torch.float64, device=device)
+            mass.index_add_(0, rows, (z_all[at, tids] - lse[at]).double().exp())
+            if fill == "starts":  # log Σ p(v) over the teacher tokens that strictly extend the gold's bytes there
+                starts[here] = mass.log()
+            else:  # after a teacher token that spelled the gold exactly: P(the text stops at the gold)
+                stop[look_t[here]] = (1.0 - mass).clamp_min(0.0).float()
+        new = torch.nonzero((src_t >= s) & (src_t < e))[:, 0]
+        z_new = z_all[src_t[new] - s]
+        idx = torch.cat([pend_idx, new])
+        z = z_new if pend_z is None else torch.cat([pend_z, z_new])
+        ready = (end_t[idx] < e) | (e == n)  # every position its chain and lookahead read is done
+        if bool(ready.any()):
+            project_rows(idx[ready], z[ready])
+        pend_idx, pend_z = idx[~ready], z[~ready]
+
+
+def cross_targets(teacher: Teacher, cmap: CrossMap, ids: np.ndarray, segs: np.ndarray, *, top_k: int, num_samples: int,
+                  seed: int, row_start: int, tail_betas: Sequence[float],
+                  alignment: Alignment | None = None) -> dict[str, torch.Tensor]:
+    """Store rows (B, L) and their segment ids → the targets of ``chunked_targets`` over the store's vocabulary,
+    from a teacher with its own tokenizer; positions with no target hold the hard label (``NO_TARGET_ENTROPY``)."""
+    al = alignment if alignment is not None else align(ids, segs, cmap, row_start=row_start)
+    device = teacher.device
+    b, length = ids.shape
+    lt = al.teacher_ids.shape[1]
+    x = torch.from_numpy(al.teacher_ids).to(device)
+    weight, bias, ops = teacher.head(x)
+    limit = getattr(teacher.model.config, "max_position_embeddings", None)
+    flat = windowed_hidden_states(teacher, x, limit).reshape(b * lt, -1).to(weight.device)
+    step = chunk_positions(teacher.vocab_size, teacher.chunk_size, CROSS_CHUNK_BYTES.get(device.type, CROSS_CHUNK_BYTES["cuda"]))
+
+    def logits(s: int, e: int) -> torch.Tensor:  # the same-tokenizer path's chunks (same bits for one token table)
+        return _apply_ops(F.linear(flat[s:e], weight, bias), ops).float()
+
+    sel = np.flatnonzero((al.tpos >= 0).reshape(-1) & al.real.reshape(-1))  # store positions with a target
+    src = sel // length * lt + al.tpos.reshape(-1)[sel]  # ... and the flat teacher positions they read
+    end = sel // length * lt + al.tend.reshape(-1)[sel]
+    gold = torch.from_numpy(np.roll(ids, -1, axis=1).reshape(-1).astype(np.int64)[sel]).to(device)
+    move = al.move.reshape(-1)[sel]
+    prefix = al.prefix.reshape(-1)[sel]
+    perm = None if cmap.permutation is None else torch.from_numpy(cmap.permutation).to(device)
+    uniforms = row_uniforms(seed, row_start, b, length, num_samples, device) if num_samples else None
+    out = _masked(ids, top_k, num_samples, tail_betas, device)
+    src_t, sel_t = torch.from_numpy(src).to(device), torch.from_numpy(sel).to(device)
+    n = b * lt
+
+    def write(pick: torch.Tensor, part: dict, gold_text: torch.Tensor, unplaced: torch.Tensor) -> None:
+        keep = torch.isfinite(part["topk_logprobs"][:, 0])  # the teacher placed nothing there: no target
+        for k, t in part.items():
+            out[k][sel_t[pick[keep]]] = t[keep].to(out[k].dtype)
+        kept = pick[keep].cpu().numpy()
+        measured = cmap.measured
+        measured["gold_text_nats"] -= float(gold_text[keep].sum())
+        measured["gold_bytes"] += int(cmap.store_bytes[gold[pick[keep]].cpu().numpy()].sum())
+        measured["unplaced_mass"] += float(unplaced[keep].double().sum())
+        measured["covered"] += len(kept)
+        measured["inside"] += int((prefix[kept] > 0).sum())
+
+    if perm is not None:  # one token table: the same-tokenizer teacher's chunks and log-softmax, op for op
+        no_last = torch.zeros(len(sel), dtype=torch.bool, device=device)
+        for s in range(0, n, step):
+            pick = torch.nonzero((src_t >= s) & (src_t < s + step))[:, 0]
+            if len(pick):
+                logp = torch.log_softmax(logits(s, min(n, s + step))[src_t[pick] - s][:, perm], dim=-1)
+                gold_text = logp.gather(-1, gold[pick, None])[:, 0].double()
+                part = position_targets(logp, gold[pick], no_last[pick], None if uniforms is None else
+                                        uniforms[sel_t[pick]], top_k=top_k, tail_betas=tail_betas)
+                write(pick, part, gold_text, torch.zeros(len(pick), device=device))
+    elif len(sel):
+        _mapped_pass(cmap, logits, x, ids, sel, src, end, move, prefix, al.ends.reshape(-1)[sel], gold, uniforms,
+                     write, n=n, step=chunk_positions(teacher.vocab_size, teacher.chunk_size, MAPPED_CPU_CHUNK_BYTES)
+                     if device.type == "cpu" else step,
+                     top_k=top_k, tail_betas=tail_betas)
+    cmap.measured["positions"] += int(al.real.sum())
+    return {k: t.reshape(b, length, *t.shape[1:]) for k, t in out.items()}
+
+
+def _masked(ids: np.ndarray, top_k: int, num_samples: int, tail_betas, device) -> dict[str, torch.Tensor]:
+    """Targets that say "no target: the hard label" at every position: the row's next token with probability 1,
+    entropy NO_TARGET_ENTROPY (no distribution has a negative entropy), empty tail."""
+    n = ids.size
+    nxt = torch.from_numpy(np.roll(ids, -1, axis=1).reshape(-1).astype(np.int64)).to(device)
+    topk_ids = torch.zeros((n, top_k), dtype=torch.int32, device=device)
+    topk_ids[:, 0] = nxt.to(torch.int32)
+    logp = torch.full((n, top_k), float("-inf"), dtype=torch.float32, device=device)
+    logp[:, 0] = 0.0
+    out = {"topk_ids": topk_ids, "topk_logprobs": logp}
+    if num_samples:
+        out["draws"] = nxt[:, None].expand(n, num_samples).to(torch.int32).contiguous()
+    if tail_betas:
+        out["log_tail"] = torch.full((n,), float("-inf"), device=device)
+        out["entropy"] = torch.full((n,), NO_TARGET_ENTROPY, device=device)
+        out["gold_logprob"] = torch.zeros(n, device=device)
+        out["tail_logz"] = torch.full((n, len(tail_betas)), float("-inf"), device=device)
+    return out
