@@ -403,17 +403,6 @@ def main() -> None:
     (HERE / "README.md").write_text("\n".join(parts))
     print(f"wrote {HERE / 'README.md'} ({', '.join(results) or 'no results'})")
 
-    top = HERE.parent / "README.md"
-    if "quality" in results and top.is_file() and BEGIN in (text := top.read_text()):
-        head, rest = text.split(BEGIN, 1)
-        tail = rest.split(END, 1)[1] if END in rest else rest
-        q = results["quality"]
-        summary = (f"\n{machine_line(q)}\n\n{md_table(q['headers'], q['table'])}\n\n"
-                   "Students distilled from one cached teacher, same data, steps and seeds; details, the goal check and "
-                   "the other benchmarks (prepare, cache, train) in [benchmarks/README.md](benchmarks/README.md).\n")
-        top.write_text(head + BEGIN + summary + END + tail)
-        print(f"updated the benchmark table in {top}")
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -4,7 +4,7 @@ downloaded):
 (a) cache: bf16 tokens/s of the teacher pass (chunked LM head → top-64, samples, exact statistics, copied to the
     host) against the bare HF forward (full logits, nothing else) and against the previous per-row pass over full
     logits, at V ≈ 50k and 128k, L = 2048 and 8192; "pipelined": batches back to back with their host copies
-    queued on a side stream as `chorus cache` does (store/writer.py); peak memory of each
+    queued on a side stream as `chorus cache` does (teacher/writer.py); peak memory of each
     (torch.cuda.max_memory_allocated above the memory held before the step);
 (b) train: one student step (forward, backward, AdamW) with KD from cached top-64 targets (chunked loss) against
     a CE step with the same chunked loss and against HF's own full-logits CE.
@@ -36,8 +36,8 @@ import _common  # noqa: E402
 from chorus.distill.losses import chunked_distill_loss  # noqa: E402
 from chorus.distill.sparse import SparseDist  # noqa: E402
 from chorus.store import TAIL_BETAS  # noqa: E402
-from chorus.store.writer import to_host_async  # noqa: E402
 from chorus.teacher.model import Teacher, sparse_targets  # noqa: E402
+from chorus.teacher.writer import to_host_async  # noqa: E402
 
 TOP_K, SAMPLES = 64, 32
 PIPELINE = 3  # batches per timed call of the pipelined cache loop
@@ -161,7 +161,7 @@ def _cache_row(plan: dict, teacher: str, vocab: int, length: int, dtype: torch.d
     stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def pipelined():  # as `chorus cache` runs: PIPELINE batches back to back, each one's host copies queued on a
-        with torch.inference_mode():  # side stream (store/writer.py), waited for only at the end
+        with torch.inference_mode():  # side stream (teacher/writer.py), waited for only at the end
             pending = [to_host_async(t.targets(x, **kw), stream) for _ in range(PIPELINE)]
         for _, event in pending:
             if event is not None:

@@ -22,7 +22,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         base, _ = _base_type(hints[f.name])
         help_text = f.metadata.get("help", "")
         if f.metadata.get("positional"):
-            parser.add_argument(f.name, help=help_text)
+            parser.add_argument(f.name, nargs="?", default=None, help=help_text)
             continue
         if f.default is not dataclasses.MISSING and f.default not in (None, "", False):
             help_text += f" (default: {f.default})"

@@ -81,7 +81,7 @@ class CacheConfig:
     trust_remote_code: bool = opt(False, "allow the model's own code to run")
     compile: Optional[bool] = opt(None, "compile the per-position target math with torch.compile (default: on a GPU, "
                                         "where it fuses the statistics into one pass over the logits; on a CPU it "
-                                        "runs the GPU's logit path compiled, 2-3x faster math, needs a C++ compiler; "
+                                        "runs the GPU's logit path compiled, faster math, needs a C++ compiler; "
                                         "a failed compile falls back with a warning; compile=false turns it off)")
     overwrite: bool = opt(False, "replace a cache of this name made with other settings; with the same settings, "
                                  "rewrite this worker's shards whose bytes do not match their commit record")
@@ -227,7 +227,7 @@ class CompressConfig:
 @dataclass
 class DemoConfig:
     out: str = opt("demo_out", "where the demo writes its store, models, table and plot")
-    quick: bool = opt(False, "a smaller run (about 1.5 minutes on one core) that the test suite runs")
+    quick: bool = opt(False, "a smaller run that the test suite runs")
     seed: int = opt(0, "seed of every stage")
     threads: int = opt(1, "CPU threads for torch (the demo's models are tiny: one thread is about as fast, and "
                           "much faster when other work shares the cores)")
@@ -309,7 +309,8 @@ def build_config(cls: type, *sources: dict) -> Any:
         if name in merged:
             kwargs[name] = _coerce(command_name(cls), name, hints[name], merged[name], f.metadata.get("choices"))
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ChorusError(f"{command_name(cls)}: '{name}' is required (pass --{name.replace('_', '-')} or {name}=...)")
+            how = name.upper() if f.metadata.get("positional") else f"--{name.replace('_', '-')}"
+            raise ChorusError(f"{command_name(cls)}: '{name}' is required (pass {how} or {name}=...)")
     return cls(**kwargs)
 
 

@@ -59,7 +59,7 @@ def test_gpu_cache_in_fp32_matches_the_cpu_cache(prepared_store, teacher_model, 
 def test_pinned_async_host_copies_survive_the_device_buffers_reuse():
     """ShardWriter's copies run on a side stream into pinned memory; the device buffers are freed and reused by the
     next batch at once. After the event, the host copies hold the first batch's values, not the second's."""
-    from chorus.store.writer import to_host_async
+    from chorus.teacher.writer import to_host_async
 
     stream = torch.cuda.Stream()
     first = {"a": torch.arange(1 << 22, device="cuda", dtype=torch.int32), "b": torch.randn(4096, 64, device="cuda")}

@@ -188,9 +188,7 @@ def test_trained_model_directory_is_complete(trained, no_valid_store, tmp_path, 
 
 def test_unloadable_tokenizer_warns_once_and_still_saves_the_model(prepared_store, student, tmp_path, monkeypatch,
                                                                     capsys):
-    import chorus.store.tokenizer as tokenizers
-
-    monkeypatch.setattr(tokenizers, "store_tokenizer", lambda store, m: (None, None))
+    monkeypatch.setattr(training, "store_tokenizer", lambda store, m: (None, None))
     train.run(_cfg(prepared_store, tmp_path / "run", student, steps=1))
     err = capsys.readouterr().err
     assert err.count("tokenizer") >= 1 and err.count("not saved") == 1

@@ -137,7 +137,7 @@ def test_the_row_index_is_checksummed_checked_and_verified(tmp_path, prepared_st
     import shutil
 
     from chorus.store.check import problems
-    from chorus.store.index import INDEX_UNIT, read_row_index, write_row_index
+    from chorus.store.index import INDEX_UNIT, read_row_index, verify_corpus, write_row_index
 
     url = str(tmp_path / "s.zarr")
     shutil.copytree(prepared_store, url)
@@ -149,7 +149,7 @@ def test_the_row_index_is_checksummed_checked_and_verified(tmp_path, prepared_st
     wrong = domain.copy()
     wrong[3] = (wrong[3] + 1) % len(m.domains)
     write_row_index(Store.open(url, "a"), split, wrong, fingerprint=m.fingerprint)
-    assert any("index/domain: row 3 differs" in line for line in Store.open(url, "r").verify("corpus"))
+    assert any("index/domain: row 3 differs" in line for line in verify_corpus(Store.open(url, "r")))
     # one written for another corpus is refused by readers and by the structural check
     write_row_index(Store.open(url, "a"), split, domain, fingerprint="0" * 32)
     store = Store.open(url, "r")
@@ -164,4 +164,4 @@ def test_the_row_index_is_checksummed_checked_and_verified(tmp_path, prepared_st
     open(path, "wb").write(bytes(raw))
     with pytest.raises(IntegrityError, match="checksum mismatch in index/domain"):
         read_row_index(Store.open(url, "r"), m)
-    assert any("index/domain shard 0" in line for line in Store.open(url, "r").verify("corpus"))
+    assert any("index/domain shard 0" in line for line in verify_corpus(Store.open(url, "r")))

@@ -44,7 +44,6 @@ from chorus.store import (
 )
 from chorus.store.manifest import NAME_PATTERN, TokenizerInfo, no_target
 from chorus.store.tokenizer import store_tokenizer
-from chorus.store.writer import ShardWriter
 from chorus.teacher.cross import METHOD, METHOD_VERSION, CrossMap, TokenText, align, check_text
 from chorus.teacher.cross_targets import cross_targets
 from chorus.teacher.model import (
@@ -57,6 +56,7 @@ from chorus.teacher.model import (
     resolve_dtype,
 )
 from chorus.teacher.sampler import check_sampler
+from chorus.teacher.writer import ShardWriter
 
 TARGETS = ("topk log_softmax fp32 + inverse-cdf samples seeded by (seed, row) + exact tail statistics "
            "(masked logsumexp, entropy, gold log-prob), v2")  # in the fingerprint: change it with the math

@@ -36,6 +36,7 @@ from chorus.prune import importance, structured
 from chorus.prune import masks as masks_mod
 from chorus.prune.masks import Masks
 from chorus.store import Store, store_vocabulary
+from chorus.student.data import CachedRows
 from chorus.student.evaluate import evaluate_model
 from chorus.student.model import load_student
 from chorus.student.training import train
@@ -47,6 +48,13 @@ VOLATILE_KEYS = ("overwrite", "storage_options")
 
 
 # ---------------------------------------------------------------------------------------------- setup
+def calibration_batches(store: str, *, rows: int, batch_size: int = 8, storage_options: dict | None = None) -> list[dict]:
+    """The first ``rows`` training rows (evenly spread over the store, fixed order) as model inputs."""
+    data = CachedRows(store, batch_size=batch_size, split="train", shuffle=False, epochs=1, max_rows=rows, rank=0,
+                      world_size=1, storage_options=storage_options)
+    return [{"input_ids": b["input_ids"], "attention_mask": (b["segment_ids"] > 0).long()} for b in data]
+
+
 def _validate(cfg: CompressConfig) -> None:
     if cfg.stages < 1:
         raise ChorusError(f"compress key 'stages': expected a positive integer, got {cfg.stages}")
@@ -178,7 +186,7 @@ def run(cfg: CompressConfig) -> dict:
     model = load_student(cfg.model, vocab_size=m.tokenizer.vocab_size, seq_len=m.seq_len, seed=cfg.seed,
                          tokenizer_fingerprint=m.tokenizer.fingerprint, store_tokens=store_vocabulary(store)).to(device)
     out = _prepare_out(cfg)  # after the start model loads: a model that cannot be used leaves no directory
-    calib = importance.calibration_batches(cfg.store, rows=cfg.calibration_rows, batch_size=base.batch_size,
+    calib = calibration_batches(cfg.store, rows=cfg.calibration_rows, batch_size=base.batch_size,
                                            storage_options=cfg.storage_options)
     bench_ids = calib[0]["input_ids"]
 

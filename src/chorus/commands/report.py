@@ -16,6 +16,7 @@ import numpy as np
 from chorus.config import InspectConfig, VerifyConfig
 from chorus.errors import ChorusError
 from chorus.store.check import problems
+from chorus.store.index import verify_corpus
 from chorus.store.manifest import CorpusManifest, TeacherManifest, no_target
 from chorus.store.targets import STATS_FIELDS
 from chorus.store.zarr_store import Store
@@ -159,7 +160,7 @@ def verify_command(url: str, *, storage_options: dict | None = None) -> int:
     if not bad:
         for unit in units:
             checked += len(store.commits(unit))
-            bad += store.verify(unit)
+            bad += verify_corpus(store) if unit == "corpus" else store.verify(unit)
     for line in bad:
         print(f"BAD  {line}")
     print(f"verified {checked} shards in {len(units)} units: {len(bad)} bad")

@@ -76,9 +76,9 @@ class Scale:
     student_rows: int | None = None  # the distillation set: rows every student trains on (teachers see all)
     cache_batch: int = 64  # rows per teacher forward pass when caching
     # every student's pool operator (with one teacher it is that teacher): the log pool with the blend's per-domain
-    # weights and temperatures won benchmarks/ensemble.py and, at full scale on seed 0, beat the blend's own
-    # mixture (mean 4.809 / worst 4.934 vs 4.834 / 4.998): a product of specialists keeps only what the domain's
-    # expert allows, where a mixture spreads mass over every teacher's modes
+    # weights and temperatures won benchmarks/ensemble.py and beat the blend's own mixture (docs/measurements.md):
+    # a product of specialists keeps only what the domain's expert allows, where a mixture spreads mass over every
+    # teacher's modes
     aggregate: str = "geometric"
 
 
@@ -91,14 +91,8 @@ def _llama(hidden: int, layers: int, heads: int, seq_len: int) -> dict:
 # Shaped like real use: the teachers are a model family several times the student's size (width 128 vs 48:
 # 5.3x the parameters at quick scale, 4.6x at full), a base trained on every domain and fine-tuned into one
 # specialist per domain; the students learn from a distillation set that is a small part of what the
-# teachers saw (student_rows, ~1/8 of the train rows), mixing KD with the hard labels (kd_weight 0.8).
-# Measured at quick scale on seed 0 (mean / worst / ECE of the ensemble student vs CE-only):
-#   same-size specialists trained per domain, kd 0.5, 80 steps: 5.112 / 5.508 / 0.022 vs 5.216 / 5.659 / 0.021,
-#     but the code-specialist student's mean beat the ensemble's on seeds 1 and 2;
-#   the model family, all rows, 160 steps: 4.704 / 5.074 vs 4.691 / 5.097 (the student caught up with the
-#     teachers: KD had nothing left to teach);
-#   the model family, 240 rows, 120 steps: kd 0.5 4.918 / 5.255, kd 0.8 4.896 / 5.220, vs 4.958 / 5.349;
-#     kd 0.7 lost to the code-specialist student's mean on seed 1, kd 0.8 won on seeds 0, 1 and 2.
+# teachers saw (student_rows, ~1/8 of the train rows), mixing KD with the hard labels (kd_weight 0.8). Why: on all
+# rows the student catches up with the teachers and KD has nothing left to teach (docs/measurements.md).
 FULL = Scale(chars_per_domain=400_000, tokens_per_domain=100_000, vocab_size=2048, seq_len=128, valid_fraction=0.1,
              teacher=_llama(128, 2, 4, 128), student=_llama(48, 2, 4, 128), base_steps=400, finetune_steps=120,
              student_steps=300,
@@ -270,7 +264,7 @@ def run(cfg: DemoConfig) -> dict:
         raise ChorusError(f"demo key 'workers': expected a positive integer, got {workers}")
     before = torch.get_num_threads()
     # The demo's models are tiny: a second thread gains little, and when anything else competes for the
-    # cores (a parallel test worker, the other demo worker) synchronizing threads made steps ~10x slower.
+    # cores (a parallel test worker, the other demo worker) synchronizing threads made steps much slower.
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)

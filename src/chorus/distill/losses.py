@@ -288,8 +288,8 @@ def _logit_gradient(h: Tensor, weight: Tensor, bias: Tensor | None, gold: Tensor
     the log-probs only at :func:`_support_index` (``picked``), so with g = ∂loss/∂picked (autograd over (N, 1 + S)
     values) and log s = z − logsumexp(z): ∂loss/∂z = scatter(g) − softmax(z)·Σg, written into the log-probs in
     place: one fp32 (N, V) buffer and four passes over it, where autograd keeps the log-probs, a scatter target and
-    their gradient (the CE step on a CPU: 0.89–0.92x the time of HF's full-logits step, was 0.97–1.03x; on an H200
-    as fast as autograd's, with 1–2 % less memory)."""
+    their gradient (on a CPU faster than HF's full-logits step, on a GPU as fast as autograd's, with less memory:
+    docs/measurements.md)."""
     logits = F.linear(h, weight, bias)
     log_s = torch.log_softmax(logits, -1, dtype=torch.float32)  # one fused kernel, straight from the model's dtype
     del logits
@@ -381,9 +381,8 @@ def loss_chunk_size(vocab_size: int, device: torch.device, chunk_size: int | Non
                     closed_form: bool = True) -> int:
     """Positions per chunk of :func:`chunked_distill_loss`: ``chunk_size``, else 1024 on a CPU and on a GPU, for the
     fused path at T = 1 (``closed_form``: one fp32 (chunk, V) buffer), as many as one such buffer of 2 GiB holds,
-    at most 4096 (measured on an H200, student 1024 x 8, 8 x 2048 tokens: the KD step took 82 → 65 ms from 1024 to
-    4096 positions at V = 50k, 104 → 94 ms at V = 128k; every chunk is a dozen kernel launches from Python, which
-    1024-position chunks did not hide). Other paths keep several (chunk, V) buffers through autograd: 1024."""
+    at most 4096 (every chunk is a dozen kernel launches from Python, which 1024-position chunks did not hide:
+    docs/measurements.md). Other paths keep several (chunk, V) buffers through autograd: 1024."""
     if chunk_size is not None:
         return chunk_size
     if device.type == "cpu" or not closed_form:

@@ -47,15 +47,6 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def calibration_batches(store: str, *, rows: int, batch_size: int = 8, storage_options: dict | None = None) -> list[dict]:
-    """The first ``rows`` training rows (evenly spread over the store, fixed order) as model inputs."""
-    from chorus.student.data import CachedRows
-
-    data = CachedRows(store, batch_size=batch_size, split="train", shuffle=False, epochs=1, max_rows=rows, rank=0,
-                      world_size=1, storage_options=storage_options)
-    return [{"input_ids": b["input_ids"], "attention_mask": (b["segment_ids"] > 0).long()} for b in data]
-
-
 @torch.no_grad()
 def measure(model: nn.Module, batches: list[dict]) -> Importance:
     """Importance of every head, MLP channel, hidden channel, layer and block-Linear input of ``model``."""

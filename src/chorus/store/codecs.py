@@ -9,21 +9,19 @@ small byte symbols, not on 2-byte symbols of which both bytes carry information.
 ``chorus.topk_ids`` (any integer dtype; used for ``topk_ids`` [N, L, k]): the ids that occur in the chunk, ordered
 by how often they occur (ties by id), form its dictionary; each id is stored as its frequency rank r in an escape
 byte code: r < A one byte r; then A ≤ first byte < 255 and a second byte for the next (255 − A)·256 ranks; the first
-byte 255 and a uint32 for any rarer rank (A is as large as still lets every rank fit in two bytes). A real teacher's
-top-64 ids carry ~11.3 bits of order-0 entropy each (SmolLM2-135M, vocab 49 152, on stdlib text: benchmarks/cache.py
---real): as uint16 in probability order they cost 113 B/token under zstd, as this code 92 (first bytes ~49, second
-~41, the dictionary ~1.2 in a chunk of 32k positions, ~0.2 in a 256k-token shard). Measured and not taken: ascending
-ids as gaps + the rank permutation (123: the order costs what sorting saves), zstd 19 on uint16 (101), byte shuffle
-(109), lexicographic sorting of positions (100 at zstd 19: top-64 lists share little beyond their first ids).
+byte 255 and a uint32 for any rarer rank (A is as large as still lets every rank fit in two bytes). On a real
+teacher's top-k ids this code is smaller under zstd than uint16 ids in probability order; measured and not taken:
+ascending ids as gaps + the rank permutation (the order costs what sorting saves), zstd 19 on uint16, byte shuffle,
+lexicographic sorting of positions (top-k lists share little beyond their first ids). Sizes: docs/measurements.md.
 
 ``chorus.topk_fp16`` (float16 [..., k], descending along the last axis; used for ``topk_logprobs``): the first
 value of each position as its uint16 bit pattern, then each next value's difference from the previous one in
 uint16 bit-pattern space (mod 2^16: lossless for any input, small for descending log-probs), one byte when it is
-below 255, else the escape byte 255 and the uint16 difference in a side stream (~3% of them). The one-byte
-differences are stored as position-major streams of slot groups (differences 1-3, 4-7, 8-15, 16-31, 32+): large near
-the top of the distribution, small in the tail, each with its own Huffman table. 46.5 B/token at k = 64 on the same
-teacher vs 51.5 for the v1 layout (byte-shuffled uint16 differences); fully slot-major would be ~45.8, but undoing a
-transpose costs more decode time than it saves.
+below 255, else the escape byte 255 and the uint16 difference in a side stream. The one-byte differences are
+stored as position-major streams of slot groups (differences 1-3, 4-7, 8-15, 16-31, 32+): large near the top of the
+distribution, small in the tail, each with its own Huffman table. Smaller than the v1 layout (byte-shuffled uint16
+differences); fully slot-major would be slightly smaller, but undoing a transpose costs more decode time than it
+saves (docs/measurements.md).
 
 Chunk layout (little-endian): a 16-byte header (magic, version, parameters, stream lengths), then the streams.
 """
@@ -106,10 +104,9 @@ def decode_ids(data: Any, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     (first byte, second byte) form a code ``first << 8 | second`` (second 0 for a one-byte rank) that a table maps
     to its id: code c < 256·A is the one-byte rank c >> 8, 256·A ≤ c < 0xFF00 the two-byte rank c − 255·A; a far
     rank (first byte 255) is patched in after. Decoded in blocks of ``_IDS_BLOCK`` ids so every temporary stays in
-    cache: per 4.2M ids (a 65 536-position shard at k = 64) 9 ms against 18 over whole-chunk int64 index arrays with
-    uniform ids (nearly all two-byte), 11-15 against 17-22 with Zipf ids (65% two-byte, as a real teacher's).
+    cache (faster than whole-chunk index arrays: docs/measurements.md).
     """
-    import torch  # index_select: a bounds-checked gather, 1.5x numpy's take (torch is a chorus dependency anyway)
+    import torch  # index_select: a bounds-checked gather, faster than numpy's take (torch is a chorus dependency)
 
     buf = memoryview(data).cast("B")
     dtype = np.dtype(dtype)
@@ -150,11 +147,11 @@ def decode_ids(data: Any, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
         if n:
             if used + n > n_two:
                 raise corrupt
-            if n > 0.9 * len(f):  # the second bytes at their positions: dense, a boolean store (3x faster) and an or
+            if n > 0.9 * len(f):  # the second bytes at their positions: dense, a boolean store (faster) and an or
                 lw.fill(0)
                 lw[two] = second[used: used + n]
                 c |= lw
-            else:  # else straight into the codes' low bytes (1.5x faster than the or)
+            else:  # else straight into the codes' low bytes (faster than the or)
                 code_low[np.flatnonzero(two)] = second[used: used + n]
             used += n
         far_at = np.flatnonzero(f == _ESC) if n_far else ()
@@ -201,8 +198,8 @@ def decode_fp16(data: Any, shape: tuple[int, ...]) -> np.ndarray:
     """The codec's bytes → float16 [..., k] of ``shape``, bit for bit as encoded.
 
     The differences are laid out row by row, then summed along k in place by torch's int16 cumsum (mod 2^16,
-    the same bits as numpy's uint16 cumsum, 3x faster), ``_CUMSUM_ELEMENTS`` at a time: 7-8 ms per 65 536 positions
-    at k = 64 against 15-17."""
+    the same bits as numpy's uint16 cumsum, faster), ``_CUMSUM_ELEMENTS`` at a time (faster than a whole-chunk
+    cumsum: docs/measurements.md)."""
     import torch
 
     buf = memoryview(data).cast("B")
@@ -234,7 +231,7 @@ def decode_fp16(data: Any, shape: tuple[int, ...]) -> np.ndarray:
         raise CodecError(f"{FP16_CODEC}: {used} escape bytes for {n_esc} escaped differences; the chunk is corrupt")
     codes = torch.from_numpy(out.view(np.int16))
     rows = max(1, _CUMSUM_ELEMENTS // max(k, 1))
-    for lo in range(0, n, rows):  # serial: torch's threads made a whole-chunk cumsum 2-100x slower
+    for lo in range(0, n, rows):  # serial: torch's threads made a whole-chunk cumsum much slower
         codes[lo: lo + rows].cumsum_(1)
     return out.view(np.float16).reshape(shape)
 

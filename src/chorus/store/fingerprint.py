@@ -41,8 +41,8 @@ def checksum(data: bytes, algorithm: str = "crc32c") -> str:
     """Checksum of a shard's encoded bytes, as stored in its commit record ("ALGO:hex").
 
     CRC-32C by default: it catches corruption (flipped bits, truncation) as surely as a hash does for
-    that purpose, and runs at ~40 GB/s in hardware, so every read can check it (SHA-256 capped the
-    loader at ~3 M tokens/s). "sha256" is accepted for verification too."""
+    that purpose, and is fast enough in hardware that every read can check it (SHA-256 slowed the loader:
+    docs/measurements.md). "sha256" is accepted for verification too."""
     if algorithm == "crc32c":
         return "crc32c:" + format(google_crc32c.value(data), "08x")
     if algorithm == "sha256":

@@ -90,3 +90,11 @@ def index_mismatch(store: Store) -> list[str]:
             return [f"{INDEX_UNIT}/{name}: row {first} differs from the corpus's {name}; remove {store.root}/{INDEX_UNIT} "
                     f"(readers then scan the corpus) or rebuild the store with `chorus prepare ... --overwrite`"]
     return []
+
+
+def verify_corpus(store: Store) -> list[str]:
+    """The corpus's checksums, then its row index: its own checksums and its content against the corpus's arrays."""
+    bad = store.verify("corpus")
+    if not bad and store.fs.exists(f"{store.root}/{INDEX_UNIT}"):
+        bad = store.verify(INDEX_UNIT) or index_mismatch(store)
+    return bad

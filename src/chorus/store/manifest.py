@@ -63,7 +63,7 @@ def _check(name: str, tp: Any, value: Any) -> Any:
 
 @functools.cache
 def _hints(cls: type) -> dict:
-    """Resolved field annotations, once per class (``get_type_hints`` costs ~1 ms: 10k commit records = 10 s)."""
+    """Resolved field annotations, once per class (``get_type_hints`` is slow per call: docs/measurements.md)."""
     return typing.get_type_hints(cls)
 
 

@@ -8,7 +8,7 @@ Arrays of ``teachers/<name>`` (row axis first, one chunk per shard):
                              "fp16" float16 (uint16 bit patterns when delta-coded); "q8" uint8 codes (below);
                              params["delta"]: each code after the first of a position is stored as its
                              difference (mod 2^bits) from the previous one. Values descend along k, so the
-                             differences are small and compress ~1.5x better, losslessly.
+                             differences are small and compress better, losslessly.
   sample_ids     [N, L, m]  (optional) unique ids drawn with replacement from the teacher's distribution, by id
   sample_counts  [N, L, m]  their counts (sum to M at every position; 0 marks an empty slot)
   stats          [N, L, 3]  (format v2) float16 per-position statistics of the FULL distribution, fields in
@@ -27,10 +27,9 @@ Zarr codecs (``_codecs.py``; format "zarr_codecs" in the manifest's ``value_para
 store can declare an array's serializer (``ArraySpec.serializer``) codes ``topk_ids`` with ``chorus.topk_ids`` (ids
 by their frequency rank in the shard, in an escape byte code) and fp16 ``topk_logprobs`` with ``chorus.topk_fp16``
 (bit-pattern differences in an escape byte code, stored array float16, so ``delta`` is false), zstd after both.
-A zarr reader gets the real ids and log-probs; decoding is bit-exact. On a real teacher (SmolLM2-135M, vocab
-49 152, stdlib text, k = 64): 91.7 + 46.5 = 138 B/token against 113.2 + 51.5 = 165 for uint16/zstd ids and blosc'd
-fp16 differences; decode 2.8 M positions/s on 2 cores against 3.9 (benchmarks/cache.py --real). Caches without
-"zarr_codecs" (all before it) read as before.
+A zarr reader gets the real ids and log-probs; decoding is bit-exact. On a real teacher the codecs store fewer
+bytes than uint16/zstd ids and blosc'd fp16 differences, and decode somewhat slower (docs/measurements.md). Caches
+without "zarr_codecs" (all before it) read as before.
 
 "q8" (opt-in, lossy) is companded: code q = round(255·sqrt(−logp / R)), logp = −R·(q/255)², R = 25 nats.
 The step in log-prob grows with −logp, so the likely tokens, whose absolute probability error matters, get
@@ -248,11 +247,8 @@ def decode_samples(arrays: dict[str, np.ndarray], manifest: Any) -> tuple[np.nda
 STATS_FIELDS = ("log_tail", "entropy", "gold_logprob")
 # Softening needs A(1/T): the grid is T = 4, 3, 2, 1.5, 0.7, 0.5 (β = 1/T); β = 0 and 1 are known exactly.
 TAIL_BETAS = (0.25, 1.0 / 3.0, 0.5, 2.0 / 3.0, 1.0 / 0.7, 2.0)
-# blosc level 8 (zstd ~15 inside, byte-shuffled fp16), both arrays together on the sources of benchmarks/cache.py
-# (n-gram and sharpened random-model distributions, V = 8192): 6.4-7.5 B/token at k = 8-64 in chunks of 8192
-# positions (6.3-8.7 in chunks of 2048, the --quick run: smaller chunks compress worse), vs 7.3-9.1 with zstd 3
-# and 6.6-8.9 with zstd 9; the stats are ~4.3-4.9 of it (fp16 noise), tail_logz ~2-3.8 (fewer with larger k).
-# Encodes ~1 M positions/s on one core, decodes ~25 M/s (this project's 2-core CPU).
+# blosc level 8 (zstd ~15 inside, byte-shuffled fp16): both arrays together compress smaller than with zstd 3 or 9
+# on the sources of benchmarks/cache.py (docs/measurements.md)
 STATS_COMPRESSION = ("blosc", 8)
 
 

@@ -442,16 +442,8 @@ class Store:
         return np.concatenate(parts) if parts else np.zeros((0,), dtype=np.int32)
 
     def verify(self, unit: str) -> list[str]:
-        """Recompute every committed shard's checksums; one message per bad shard. The corpus's row index
-        (``index``, see ``_index``) is verified with the corpus, its content against the corpus's own arrays."""
-        bad = self._verify(unit)
-        if unit == "corpus" and not bad and self.fs.exists(f"{self.root}/{INDEX_UNIT}"):
-            from chorus.store.index import index_mismatch
-
-            bad = self._verify(INDEX_UNIT) or index_mismatch(self)
-        return bad
-
-    def _verify(self, unit: str) -> list[str]:
+        """Recompute every committed shard's checksums; one message per bad shard (the corpus's row index: see
+        :func:`chorus.store.index.verify_corpus`)."""
         bad = []
         for shard, commit in sorted(self.commits(unit).items()):
             for name, expected in sorted(commit.checksums.items()):

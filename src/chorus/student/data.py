@@ -84,7 +84,7 @@ class CachedRows(IterableDataset):
     unsigned dtype (:func:`teacher_dist` widens them on the training device, so the loader moves
     fewer bytes); log-probs are float16 for the fp16 codec (exact; widened on the device) and float32
     otherwise, decoded per the manifest (``chorus.store.decode_values``; the fp16 codec's delta coding is
-    undone here with torch's cumsum, bit-identical and ~5x faster than numpy's along a short axis).
+    undone here with torch's cumsum, bit-identical and faster than numpy's along a short axis).
 
     ``epochs=None`` streams forever (training); ``epochs=n`` stops after n epochs (evaluation, tests).
     ``max_rows`` picks rows evenly spread over the selection, or with ``stratify`` evenly over domains from
@@ -309,7 +309,7 @@ class CachedRows(IterableDataset):
         decoded = {s: cache.get(s, expiry[s]) for s in dict.fromkeys(shard_of)}  # in first-use order
 
         def gather(unit: str, name: str, dtype: Any = None) -> np.ndarray:
-            # row by row into one array: a single copy (fancy indexing per shard copies twice, ~2x slower)
+            # row by row into one array: a single copy (fancy indexing per shard copies twice, slower)
             src = {s: data[unit][name] for s, data in decoded.items()}
             first = src[shard_of[0]]
             out = np.empty((len(rows), *first.shape[1:]), dtype=dtype or first.dtype)
@@ -355,7 +355,8 @@ class CachedRows(IterableDataset):
 def _values(stored: np.ndarray, t: _Teacher) -> np.ndarray | torch.Tensor:
     """A batch's stored top-k values → log-probs, per the manifest's codec. The fp16 codec with delta coding
     is the running sum of the 16-bit codes along k (``storage._targets``): torch's int16 cumsum computes it
-    modulo 2^16 exactly as numpy's does, ~5x faster along a 64-long axis (the loader's largest cost)."""
+    modulo 2^16 exactly as numpy's does, faster along a short axis (the loader's largest cost;
+    docs/measurements.md)."""
     if t.codec == "fp16" and t.params.get("delta"):
         codes = torch.from_numpy(np.ascontiguousarray(stored).view(np.int16))
         return torch.cumsum(codes, -1, dtype=torch.int16).view(torch.float16)

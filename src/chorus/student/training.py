@@ -28,7 +28,9 @@ from chorus.distill.losses import get_loss
 from chorus.distill.targets import TargetBuilder, check_combination
 from chorus.errors import ChorusError
 from chorus.progress import Progress, say
+from chorus.prune.masks import Masks
 from chorus.store import Store, check_teachers, store_vocabulary, stored_blend
+from chorus.store.tokenizer import store_tokenizer
 from chorus.student import checkpoint as ckpt
 from chorus.student.data import CachedRows, Positions, StreamLoader, positions
 from chorus.student.evaluate import evaluate_model
@@ -379,7 +381,6 @@ def _save_model(final: Path, model: torch.nn.Module, masks, m, store) -> None:
     model.generation_config.save_pretrained(final)
     if masks:
         masks.save(final)
-    from chorus.store.tokenizer import store_tokenizer  # here: the trainer does not import the pipeline
 
     tok, source = store_tokenizer(store, m)
     if tok is not None:
@@ -395,7 +396,6 @@ def _save_model(final: Path, model: torch.nn.Module, masks, m, store) -> None:
 def _student_masks(spec: str, model: torch.nn.Module):
     """The sparsity masks shipped in a student directory (``masks.safetensors``, written by `chorus
     compress`), bound to ``model``; None for a dense student."""
-    from chorus.prune.masks import Masks  # imported here: compress itself imports this recipe
 
     masks = Masks.load(spec) if os.path.isdir(os.path.expanduser(spec)) else None
     return masks.bind(model) if masks else None

@@ -20,7 +20,7 @@ from chorus.teacher.position import position_targets, tail_statistics
 from chorus.teacher.sampler import draw_ids, row_uniforms
 
 # head chunks of the cross-tokenizer pass: its fp32 passes over whole chunks hold ~4 (chunk, V) buffers, so on a GPU it
-# keeps 256 MiB chunks (the same-tokenizer pass's 1 GiB ones were measured for that pass only, on an H200)
+# keeps 256 MiB chunks (the same-tokenizer pass's 1 GiB ones were measured for that pass only: docs/measurements.md)
 CROSS_CHUNK_BYTES = {"cpu": 1 << 21, "cuda": 1 << 28}
 MAPPED_CPU_CHUNK_BYTES = 1 << 28  # the mapped pass on a CPU: 256 positions at V = 262 144 (2 MiB would be 2 rows:
 # too few for the head's GEMM); the one-token-table path keeps CROSS_CHUNK_BYTES (bit-identical chunks)

@@ -39,11 +39,9 @@ from chorus.teacher.sampler import block_stats, check_sampler, position_uniforms
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FINGERPRINT_SAMPLES = 4096  # elements hashed per weight tensor (evenly spaced, always including the first and last)
 # default LM-head chunk: one (positions, V) fp32 buffer of this size (the step holds ~4); large on a GPU, where big
-# GEMMs and few launches win (H200, V = 128k: 2304-position chunks cost 2.9 µs of target math per position, 576-position
-# ones 3.7). On a CPU the cross-tokenizer pass, which works on whole chunks, keeps them small
-# (memory-bound passes); the same-tokenizer pass runs the head GEMM over CPU_HEAD_CHUNK positions and the math in
-# cache-sized slabs: a 64-row GEMM ran 1.34-1.48x the time of one over all positions at V = 49k-128k, 256 rows
-# 0.94-1.00x (0.62x at V = 8192, where its output stays in cache).
+# GEMMs and few launches win. On a CPU the cross-tokenizer pass, which works on whole chunks, keeps them small
+# (memory-bound passes); the same-tokenizer pass runs the head GEMM over CPU_HEAD_CHUNK positions (about as fast as
+# one GEMM over all positions; smaller ones are slower) and the math in cache-sized slabs (docs/measurements.md).
 CHUNK_BYTES = {"cpu": 1 << 21, "cuda": 1 << 30}
 CPU_HEAD_CHUNK = 256
 SLAB_BYTES = {"cpu": 3 << 19, "cuda": 1 << 31}  # the per-position math's working set (see slab_positions); on a GPU a
@@ -213,7 +211,7 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
 
     Covers every state-dict entry: its name, dtype and shape, and FINGERPRINT_SAMPLES evenly spaced
     elements (first and last included) converted to float64 on the host, so it is the same on any device.
-    It does not read every element (a 70B model would take minutes): two checkpoints that differ only
+    It does not read every element (too slow for a large model): two checkpoints that differ only
     between sampled elements hash alike, which no real fine-tune or re-training does. Never random."""
     h = hashlib.blake2b(digest_size=16)
     for name, t in sorted(model.state_dict().items()):
@@ -328,8 +326,8 @@ def _apply_ops(logits: torch.Tensor, ops: Sequence[tuple[str, float]]) -> torch.
 def _head_chunk(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, step: int,
                 scratch: dict | None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``, on a CPU into a (step, V) buffer kept in ``scratch`` across chunks and calls:
-    a fresh one is new pages from the kernel every chunk (at V = 49 152, 256 positions: 900 µs per position for
-    the GEMM into fresh memory, 770 into a reused buffer). The same kernel (mm / addmm), so the same bits."""
+    a fresh one is new pages from the kernel every chunk, which is slower (docs/measurements.md). The same kernel
+    (mm / addmm), so the same bits."""
     if scratch is None or x.device.type != "cpu" or not torch.is_inference_mode_enabled():
         return F.linear(x, weight, bias)  # the buffer is an inference tensor: only inside inference mode (as cached)
     key = (step, weight.shape[0], weight.dtype)
@@ -354,7 +352,7 @@ def chunk_positions(vocab_size: int, chunk_size: int | None = None, budget_bytes
 def slab_positions(vocab_size: int, device: torch.device) -> int:
     """Positions per pass of the per-position math: one (positions, V) fp32 slab within SLAB_BYTES. Every op of
     :func:`position_targets` is row-wise, so slabs change no bit; on a CPU a slab that stays in cache makes its ~15
-    passes over V faster (measured at V = 49 152: 8-position slabs 1.6x faster than 64)."""
+    passes over V faster (docs/measurements.md)."""
     return max(1, SLAB_BYTES.get(device.type, SLAB_BYTES["cuda"]) // (4 * vocab_size))
 
 

@@ -4,12 +4,10 @@ exact statistics of format v2, for N positions at a time.
 ``position_targets`` works on fp32 log-probs (the reference, and the CPU pass, whose slabs stay in cache).
 ``logit_targets`` gives the same targets straight from the logits in the model's dtype — block maxima and sums, a
 top-k among the best blocks, then ``logit_statistics``, reductions only (the log-partition, the top-k log-probs,
-every tail sum), which ``torch.compile`` fuses — the GPU pass, where every eager op is a trip through memory (measured
-on an H200 at V = 128 256: the log-prob pass took ~10 µs per position, over 3x the forward of a 1B teacher). On a
-CPU eager it was 1.2–1.6x slower than ``position_targets``; compiled, with the statistics' exps as one exp and
-powers (:func:`chain_powers`) and its sums in blocks (:func:`chain_statistics`), it is the CPU's ``--compile`` pass:
-190–250 µs per position against 400–500 for ``position_targets`` compiled and 470–770 eager at V = 49 152 on one
-core.
+every tail sum), which ``torch.compile`` fuses — the GPU pass, where every eager op is a trip through memory. On a
+CPU eager it is slower than ``position_targets``; compiled, with the statistics' exps as one exp and powers
+(:func:`chain_powers`) and its sums in blocks (:func:`chain_statistics`), it is the CPU's ``--compile`` pass, faster
+than ``position_targets`` compiled or eager (docs/measurements.md).
 ``compiled_targets`` runs a function through ``torch.compile``, falling back to it eager.
 """
 
@@ -22,6 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
+from chorus.progress import say
 from chorus.teacher.sampler import SAMPLE_BLOCK, block_stats, draw_ids, draw_ids_blocked, scale_block_sums
 
 
@@ -109,10 +108,10 @@ def position_targets(logp: torch.Tensor, next_ids: torch.Tensor, last: torch.Ten
 
 class _CompiledTargets:
     """:func:`position_targets` (or :func:`logit_statistics`, :func:`block_stats`) through ``torch.compile``.
-    position_targets: inductor fuses its ~15 passes over V, 3x faster on a CPU (1200 → 400 µs per position at
-    V = 49 152); ids and top-k log-probs are the same bits, the statistics' sums reordered (within ~1e-6 relative,
-    below their fp16 storage). logit_statistics and block_stats on a GPU: one kernel each instead of ~25 passes
-    (the default there). One compile per slab shape (tens of seconds each); the first failure (no C++ compiler, no
+    position_targets: inductor fuses its ~15 passes over V, faster on a CPU (docs/measurements.md); ids and top-k
+    log-probs are the same bits, the statistics' sums reordered (within ~1e-6 relative, below their fp16 storage).
+    logit_statistics and block_stats on a GPU: one kernel each instead of ~25 passes (the default there). One
+    compile per slab shape (slow: docs/measurements.md); the first failure (no C++ compiler, no
     triton) falls back to the eager function, with a warning. Not what is compiled: top-k and scans (inductor 2.11
     failed to generate code for a cumsum fused with these reductions)."""
 
@@ -127,7 +126,6 @@ class _CompiledTargets:
                 return self.fn(*args, **kwargs)
             except Exception as e:  # noqa: BLE001 - any backend failure: compute the same targets without it
                 self.failed = True
-                from chorus.progress import say
 
                 say(f"warning: --compile failed ({(str(e).splitlines() or [type(e).__name__])[0]}); computing the "
                     "targets without it")
@@ -206,8 +204,8 @@ def power_plan(betas: tuple[float, ...], max_power: int = CHAIN_MAX_POWER) -> tu
 def chain_powers(y: torch.Tensor, betas: Sequence[float]) -> dict[float, torch.Tensor]:
     """(N, V) y ≤ 0 → {β: exp(β·y)} for each of ``betas``: b = exp(y / d) once and each β = n/d of
     :func:`power_plan` as bⁿ by repeated squaring; a β the plan misses, its own exp. bⁿ carries n·(b's rounding)
-    plus a rounding per product: ≤ ~2·10⁻⁵ relative at n = 168, ~10⁻⁶ measured on a real teacher's logits (as the
-    exps' own against float64); bⁿ underflows where e^(β·y) does. Eager, it holds ~log₂ n (N, V) powers at once."""
+    plus a rounding per product: ≤ ~2·10⁻⁵ relative at n = 168, less on real logits (docs/measurements.md);
+    bⁿ underflows where e^(β·y) does. Eager, it holds ~log₂ n (N, V) powers at once."""
     d, plan = power_plan(tuple(sorted(set(betas))))
     memo: dict[int, torch.Tensor] = {}
 
@@ -223,9 +221,9 @@ def exp_sums(y: torch.Tensor, betas: Sequence[float], chain: bool = False) -> tu
     """(N, V) y ≤ 0 → ({β: Σ exp(β·y)} (N,) for β = 1 and each of ``betas``, Σ e^y·y).
 
     Without ``chain``: e = exp(y) gives β = 1, β = 2 (e·e) and the moment, every other β its own exp(β·y), summed
-    and dropped one by one (on an H200 half the time of roots and powers of e^y). With ``chain`` (a CPU, where a
+    and dropped one by one (faster on a GPU than roots and powers of e^y). With ``chain`` (a CPU, where a
     compiled pass over V is compute-bound and the exps are its cost): :func:`chain_powers` — the default grid in one
-    exp, 2.1x faster compiled (146 against 309 µs per position at V = 49 152)."""
+    exp, faster compiled (docs/measurements.md)."""
     betas = sorted({1.0, *betas})
     if chain:
         powers = chain_powers(y, betas)
@@ -240,7 +238,7 @@ def block_topk(z: torch.Tensor, maxima: torch.Tensor, k: int, block: int = SAMPL
     taken among the k full blocks with the largest maxima and the short last block: every one of the k largest
     logits lies there (a logit in any other block has k blocks' maxima, k other logits, at or above it), so the
     values are topk's and the ids too but among exact ties. A top-k over ~k·block + V/block entries, not over V
-    (on an H200 at V = 128k, top-65 over V took as long as the rest of the pass)."""
+    (on a GPU a top-k over V costs as much as the rest of the pass: docs/measurements.md)."""
     n, vocab = z.shape
     full = vocab // block
     if full < 4 * k:  # few blocks: the candidates would be much of the vocabulary
@@ -265,7 +263,7 @@ def logit_statistics(z: torch.Tensor, v: torch.Tensor, next_ids: torch.Tensor, l
       plus the tail's, all positive (no cancellation), so no separate pass over V;
     - the sums: :func:`exp_sums` (``chain``: one exp and products, as on a CPU); with ``block``, over blocks of
       that many ids, then over the blocks (a CPU's: inductor sums a reduction longer than 4096 through a cascade
-      helper, which was 10 % slower there and, at V = 49 152, 1.6e-5 off float64 in log τ against 2e-6 in blocks).
+      helper, slower there and less accurate than blocks: docs/measurements.md).
     """
     k = v.shape[-1] - 1
     vf = v.float()
