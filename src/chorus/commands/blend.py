@@ -24,7 +24,7 @@ import torch
 from chorus.config import BlendConfig
 from chorus.distill.blend import TEMPERATURE_SCALES, compare
 from chorus.distill.calibration import DEFAULT_POSITIONS
-from chorus.distill.sparse import cat, entropy, gold_log_prob, soften
+from chorus.distill.sparse import IGNORE_INDEX, cat, entropy, gold_log_prob, soften
 from chorus.distill.targets import TargetBuilder, context_loglik
 from chorus.errors import ChorusError
 from chorus.progress import Progress, say
@@ -48,7 +48,7 @@ def run(cfg: BlendConfig) -> dict:
     with Progress("blend", total=data.rows_per_epoch, unit="rows") as bar:
         for batch in data:
             pos = positions(batch)
-            keep = pos.gold != -100
+            keep = pos.gold != IGNORE_INDEX
             for i, t in enumerate(names):
                 dists[i].append(builder.teacher(i, batch["teachers"][t], pos.select).rows(keep))
             golds.append(pos.gold[keep])

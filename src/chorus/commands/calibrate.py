@@ -22,7 +22,7 @@ from chorus.distill.calibration import (
     fit_temperature,
     top1_confidence,
 )
-from chorus.distill.sparse import SparseDist, cat, gold_log_prob, soften
+from chorus.distill.sparse import IGNORE_INDEX, SparseDist, cat, gold_log_prob, soften
 from chorus.distill.targets import TargetBuilder
 from chorus.errors import ChorusError
 from chorus.progress import Progress, say
@@ -59,7 +59,7 @@ def run(cfg: CalibrateConfig) -> dict:
             gold.append(pos.gold)
             bar.update(len(batch["row"]), tokens=len(pos.select))
     gold_t = torch.cat(gold)
-    keep = gold_t != -100
+    keep = gold_t != IGNORE_INDEX
     if not bool(keep.any()):
         raise ChorusError(f"split '{cfg.split}' has no token to calibrate teacher '{cfg.teacher}' on")
     dist = cat(dists).rows(keep)

@@ -13,10 +13,9 @@ import math
 import torch
 from torch import Tensor
 
-from chorus.distill.sparse import SparseDist, gold_log_prob, soften
+from chorus.distill.sparse import IGNORE_INDEX, SparseDist, gold_log_prob, soften
 from chorus.errors import ChorusError
 
-IGNORE_INDEX = -100
 DEFAULT_POSITIONS = 1 << 20  # held-out positions calibrate and blend fit on without --max-rows
 # Probability floor for the gold token: a zero-tail teacher that misses the gold would
 # otherwise make the NLL infinite for every T.

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from chorus.distill.sparse import (
+    IGNORE_INDEX,
     NEG_INF,
     SparseDist,
     entropy,
@@ -40,7 +41,6 @@ from chorus.errors import ChorusError
 
 OPERATORS = ("mixture", "geometric", "power")
 WEIGHTINGS = ("none", "confidence", "agreement", "likelihood")
-IGNORE_INDEX = -100
 # Gold-token probability floor for likelihood weights: a teacher that rules the gold token
 # out gets a negligible, not an undefined, weight.
 LIKELIHOOD_FLOOR = 1e-12

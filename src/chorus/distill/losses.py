@@ -20,10 +20,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from chorus.distill.sparse import NEG_INF, SparseDist, n_tail_ids, valid_mask
+from chorus.distill.sparse import IGNORE_INDEX, NEG_INF, SparseDist, n_tail_ids, valid_mask
 from chorus.errors import ChorusError
 
-IGNORE_INDEX = -100
 # Floor on the student's tail mass: below ~1e-6 the fp32 difference 1 - Σ s_i is rounding noise.
 STUDENT_TAIL_FLOOR = 1e-6
 # Reverse KL needs log p_tail; a zero teacher tail with student mass there is an infinite

@@ -29,6 +29,9 @@ from chorus.errors import ChorusError
 NEG_INF = float("-inf")
 
 
+IGNORE_INDEX = -100  # the label of a position with no next token (Hugging Face's convention)
+
+
 @dataclass
 class SparseDist:
     """A distribution over a vocabulary of size V per position, N positions.
@@ -314,7 +317,7 @@ def log_missing(dist: SparseDist) -> Tensor:
 def gold_log_prob(dist: SparseDist, gold: Tensor) -> Tensor:
     """(N,) log-prob of each position's gold token: the cached exact value when there is one,
     else the explicit value or the even-tail estimate (:func:`log_prob_of`). -100 gives 0."""
-    ignore = gold == -100
+    ignore = gold == IGNORE_INDEX
     if dist.gold_logp is not None:
         return torch.where(ignore, 0.0, dist.gold_logp)
     query = torch.where(ignore, torch.zeros_like(gold), gold).long()[:, None]

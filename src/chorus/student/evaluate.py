@@ -22,7 +22,7 @@ import torch
 from chorus.distill import ensemble
 from chorus.distill.calibration import expected_calibration_error, top1_confidence
 from chorus.distill.losses import CPU_LOSS_CHUNK, forward_kl
-from chorus.distill.sparse import gold_log_prob
+from chorus.distill.sparse import IGNORE_INDEX, gold_log_prob
 from chorus.distill.targets import TargetBuilder, pool
 from chorus.errors import ChorusError
 from chorus.store import Store, check_teachers, complete_teachers, token_byte_lengths
@@ -144,7 +144,7 @@ def _summary(loss: _Sums, names, conf: list, correct: list, nbytes: _TextBytes |
 def _predictable(pos: Positions) -> Positions | None:
     """``pos`` without ignored positions (gold -100: ``positions`` keeps one in a batch with nothing to
     predict, for DDP's sake), or None when none is left."""
-    keep = pos.gold != -100
+    keep = pos.gold != IGNORE_INDEX
     if bool(keep.all()):
         return pos
     if not bool(keep.any()):

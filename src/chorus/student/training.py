@@ -25,6 +25,7 @@ import yaml
 from chorus import __version__, rundir
 from chorus.config import TrainConfig, to_dict
 from chorus.distill.losses import get_loss
+from chorus.distill.sparse import IGNORE_INDEX
 from chorus.distill.targets import TargetBuilder, check_combination
 from chorus.errors import ChorusError
 from chorus.progress import Progress, say
@@ -282,7 +283,7 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict:
             # tokens weighs what its tokens weigh, as in one big batch).
             micro_batches = [next(batches) for _ in range(cfg.grad_accum)]
             host = [positions(b) for b in micro_batches]
-            counts = [int((p.gold != -100).sum()) for p in host]
+            counts = [int((p.gold != IGNORE_INDEX).sum()) for p in host]
             step_tokens = dist.sum_async([float(sum(counts))])[0].clamp_min(1.0)
             for micro, (batch, pos_h, n) in enumerate(zip(micro_batches, host, counts)):
                 pos = _to_device(pos_h, dist.device)
