@@ -32,35 +32,34 @@ from chorus.config import (
 class Command:
     config: type
     summary: str
-    entry: str  # "module:function", the module under chorus.commands (chorus.demo for the demo)
+    entry: str  # "module:function", the module under chorus
 
     @property
     def run(self) -> Callable[[Any], Any]:
         module, fn = self.entry.split(":")
-        package = "chorus" if module == "demo" else "chorus.commands"
-        return getattr(importlib.import_module(f"{package}.{module}"), fn)
+        return getattr(importlib.import_module(f"chorus.{module}"), fn)
 
 
 COMMANDS: dict[str, Command] = {
-    "prepare": Command(PrepareConfig, "tokenize and pack a corpus into a store", "prepare:run"),
-    "cache": Command(CacheConfig, "run a teacher once over the corpus and cache its sparse distribution", "cache:run"),
-    "train": Command(TrainConfig, "train a student from cached teachers (or plain CE with none)", "train:run"),
+    "prepare": Command(PrepareConfig, "tokenize and pack a corpus into a store", "commands.prepare:run"),
+    "cache": Command(CacheConfig, "run a teacher once over the corpus and cache its sparse distribution", "commands.cache:run"),
+    "train": Command(TrainConfig, "train a student from cached teachers (or plain CE with none)", "commands.train:run"),
     "eval": Command(EvalConfig, "per-domain loss, worst domain, calibration and teacher agreement on held-out rows",
-                    "eval:run"),
+                    "commands.eval:run"),
     "calibrate": Command(CalibrateConfig, "fit a teacher's temperature on held-out rows and record it in its manifest",
-                         "calibrate:run"),
+                         "commands.calibrate:run"),
     "blend": Command(BlendConfig, "fit per-domain teacher weights and per-token sharpness on held-out rows; record "
-                                  "them in the store", "blend:run"),
-    "export": Command(ExportConfig, "write a teacher cache as parquet/arrow files for `datasets`", "export:run_export"),
+                                  "them in the store", "commands.blend:run"),
+    "export": Command(ExportConfig, "write a teacher cache as parquet/arrow files for `datasets`", "commands.export:run_export"),
     "import": Command(ImportConfig, "read exported files back into a store, checked against its corpus",
-                      "export:run_import"),
+                      "commands.export:run_import"),
     "inspect": Command(InspectConfig, "show a store: manifest, rows, domains, teachers, bytes per token",
-                       "report:run_inspect"),
+                       "commands.report:run_inspect"),
     "verify": Command(VerifyConfig, "recompute every committed shard's checksum; non-zero exit if any is bad",
-                      "report:run_verify"),
+                      "commands.report:run_verify"),
     "demo": Command(DemoConfig, "the whole pipeline end to end on text shipped with Python", "demo:run"),
     "compress": Command(CompressConfig, "prune a model toward a size or sparsity in stages, each distilled from the "
-                                        "cached teachers", "compress:run"),
+                                        "cached teachers", "commands.compress:run"),
 }
 
 __all__ = ["COMMANDS", "Command"]

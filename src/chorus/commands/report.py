@@ -152,7 +152,7 @@ def _print_statistics(t: dict) -> None:
 
 
 def verify_command(url: str, *, storage_options: dict | None = None) -> int:
-    """Structure first (every fact a reader relies on: see ``_check``), then every committed chunk's checksum."""
+    """Structure first (every fact a reader relies on: see ``check``), then every committed chunk's checksum."""
     store = Store.open(url, "r", storage_options)
     bad = list(problems(store))
     units = ["corpus"] + [f"teachers/{n}" for n in store.teacher_names()]

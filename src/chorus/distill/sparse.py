@@ -43,7 +43,7 @@ class SparseDist:
     vocab_size: int V
 
     Optional exact statistics of the full distribution (from a format v2 cache):
-    tail_fn        A(β) = log Σ_{i ∉ support} p_i^β at knots (softening is exact, see _tail)
+    tail_fn        A(β) = log Σ_{i ∉ support} p_i^β at knots (softening is exact, see tail)
     exact_entropy  (N,) entropy of the full distribution
     gold_logp      (N,) log-prob of each position's gold token
     Without them the tail is spread evenly over the V - n_valid ids not in the support

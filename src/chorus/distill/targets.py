@@ -210,7 +210,7 @@ class TargetBuilder:
     """Builds the target of every batch for ``teachers`` (their manifests: name, temperature, tail_betas).
 
     ``temperature`` is the KD temperature; ``calibrated`` applies each teacher's fitted temperature;
-    ``softening`` the operator of the KD temperature (_softening.py: power q ∝ p^{1/T}, or linear). The
+    ``softening`` the operator of the KD temperature (softening.py: power q ∝ p^{1/T}, or linear). The
     calibrated temperature was fitted as a power softening and stays one."""
 
     teachers: Sequence

@@ -126,7 +126,7 @@ def corpus_problems(store: Store) -> Iterator[str]:
 
 
 def index_problems(store: Store, corpus: CorpusManifest) -> Iterator[str]:
-    """The row index (optional; see ``_index``): its arrays and a commit record per chunk, for this corpus."""
+    """The row index (optional; see ``index``): its arrays and a commit record per chunk, for this corpus."""
     fix = f"remove {store.root}/{INDEX_UNIT} (readers then scan the corpus) or {REPREPARE}"
     meta, problem = _array_meta(store, INDEX_UNIT, "split")
     if problem:

@@ -23,7 +23,7 @@ probability order with zstd beat ascending ids with delta gaps once values are d
 (blosc) helps the 2-byte fp16 differences but not the 1-byte q8 ones or the ids. The statistics compress
 best with blosc at a high level (``STATS_COMPRESSION``).
 
-Zarr codecs (``_codecs.py``; format "zarr_codecs" in the manifest's ``value_params``): a cache written where the
+Zarr codecs (``codecs.py``; format "zarr_codecs" in the manifest's ``value_params``): a cache written where the
 store can declare an array's serializer (``ArraySpec.serializer``) codes ``topk_ids`` with ``chorus.topk_ids`` (ids
 by their frequency rank in the shard, in an escape byte code) and fp16 ``topk_logprobs`` with ``chorus.topk_fp16``
 (bit-pattern differences in an escape byte code, stored array float16, so ``delta`` is false), zstd after both.

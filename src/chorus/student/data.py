@@ -7,7 +7,7 @@ from a few whole shards for evaluation and calibration).
 Order. An epoch's row order is a pure function of (seed, epoch, selection): shards permuted, rows shuffled
 within each, the shards dealt into ``shuffle_shards`` lanes read side by side (a batch mixes that many
 shards, so several domains even when `prepare` wrote shards domain by domain), then shuffled inside windows
-of ``shuffle_buffer`` rows (``_order``). Epochs are concatenated into one endless *global stream* of rows.
+of ``shuffle_buffer`` rows (``order``). Epochs are concatenated into one endless *global stream* of rows.
 
 Partition. Micro-batch j of the stream holds rows ``[g0 + j·B·R, g0 + (j+1)·B·R)`` (B rows per rank,
 R ranks, g0 the start offset); rank r takes the r-th slice of B rows. So no row is seen twice in an epoch,
@@ -17,7 +17,7 @@ this process; the batches and their order do not depend on how many.
 
 Batches are collated in numpy from whole decoded shards (``Store.read_shard``, checksums verified against
 each shard's commit record), no per-token Python; a decoded shard is dropped once the stream passed its last
-row (``_shards``).
+row (``shards``).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from chorus.student.shards import ShardCache, prefetch
 SPLITS = {"train": 0, "valid": 1}
 CORPUS_ARRAYS = ("input_ids", "segment_ids")
 SHUFFLE_SHARDS = 8  # shards read side by side by default: a batch mixes rows (and domains) of that many shards
-ORDER = "lanes-v1"  # the epoch order's definition (``_order.shuffled``), recorded in the loader state
+ORDER = "lanes-v1"  # the epoch order's definition (``order.shuffled``), recorded in the loader state
 PREFETCH_BATCHES = 4  # batches collated ahead, and whose shards are decoded ahead, by StreamLoader's threads
 
 
@@ -213,7 +213,7 @@ class CachedRows(IterableDataset):
 
     # ------------------------------------------------------------------ order
     def epoch_order(self, epoch: int) -> np.ndarray:
-        """The store rows of ``epoch`` in stream order (a pure function of seed and epoch; see ``_order``)."""
+        """The store rows of ``epoch`` in stream order (a pure function of seed and epoch; see ``order``)."""
         return self._epoch(epoch)[0]
 
     def _epoch(self, epoch: int) -> tuple[np.ndarray, dict[int, int]]:

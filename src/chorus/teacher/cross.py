@@ -250,7 +250,7 @@ class CrossMap:
         ``before``: the store token ``rest`` begins with — unless a longer store token extends ``rest`` whose text
         (after ``before``) the teacher has no token of its own for. Then the store may emit that longer token, and
         which one depends on text the teacher has not predicted yet: the mass is *unplaced* (id 0) and stays in the
-        unplaced bucket (see _cross_targets.project). An id into ``spreads`` ((ids, weights); 0: unplaced)."""
+        unplaced bucket (see cross_targets.project). An id into ``spreads`` ((ids, weights); 0: unplaced)."""
         key = (before, rest)
         if key in self._spread_ids:
             return self._spread_ids[key]

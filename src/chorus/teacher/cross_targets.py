@@ -2,7 +2,7 @@
 
 ``cross_targets`` returns what ``Teacher.targets`` returns (top-k over the store's vocabulary normalized over all of
 it, samples, the exact statistics of the mapped distribution), computed by ``position_targets`` from the mapped
-full log-probs, so every reader treats the cache like any other. The mapping itself is described in ``_cross.py``.
+full log-probs, so every reader treats the cache like any other. The mapping itself is described in ``cross.py``.
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
 """The teacher: loading it, checking it against a store, and running its target pass.
 
 ``load_teacher`` resolves device and dtype and fingerprints the weights; ``check_tokenizer`` tells whether the
-teacher shares the store's tokenizer, its vocabulary, or neither (then ``_cross.py`` maps it).
+teacher shares the store's tokenizer, its vocabulary, or neither (then ``cross.py`` maps it).
 ``Teacher.targets`` runs the model to its final hidden states and
 ``chunked_targets`` applies the LM head over chunks of positions, turning each chunk into top-k log-probs
-(normalized over the full vocabulary, fp32 math), optional sampled ids (``_sampler.py``) and the exact
+(normalized over the full vocabulary, fp32 math), optional sampled ids (``sampler.py``) and the exact
 per-position statistics of format v2 (log tail mass, entropy, gold log-prob, tail log-partitions), so no
-(B, L, V) logits exist. The per-position math is ``_position.py``'s: ``position_targets`` on a CPU (bit for bit
+(B, L, V) logits exist. The per-position math is ``position.py``'s: ``position_targets`` on a CPU (bit for bit
 the reference's), ``logit_targets`` compiled on a GPU and with ``--compile`` on a CPU (its statistics' exps as one
 exp and powers there).
 ``sparse_targets`` is the reference: the same numbers from full logits, one row at a time.

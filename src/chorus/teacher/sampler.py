@@ -84,7 +84,7 @@ def draw_ids(logp: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
 
 
 # vocabulary entries per block, of the two-level inverse CDF (draw_ids_blocked) and of the block top-k
-# (_position.block_topk): ~sqrt(V / M) keeps both levels small — at V = 128k and M = 32, ~2000 block sums per
+# (position.block_topk): ~sqrt(V / M) keeps both levels small — at V = 128k and M = 32, ~2000 block sums per
 # position and M · 64 = 2048 entries inside the drawn blocks (larger blocks cost much of the target pass:
 # docs/measurements.md)
 SAMPLE_BLOCK = 64
