@@ -36,7 +36,7 @@ def test_verify_names_the_bad_shard_and_fails(tmp_path, prepared_store, capsys):
     copy = tmp_path / "copy.zarr"
     shutil.copytree(prepared_store, copy)
     store = Store.open(str(copy), "r")
-    path = store._chunk_path("corpus", "input_ids", 3)
+    path = store.chunk_path("corpus", "input_ids", 3)
     raw = bytearray(store.fs.cat_file(path))
     raw[5] ^= 1
     store.fs.pipe_file(path, bytes(raw))

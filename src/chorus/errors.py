@@ -7,3 +7,7 @@ class ChorusError(Exception):
 
 class IntegrityError(ChorusError):
     """Stored bytes do not match their commit record (corruption, or a partial write)."""
+
+
+class StillCreating(ChorusError):
+    """A unit exists but its writer has not yet written its manifest (it is being created, or was killed)."""

@@ -15,7 +15,7 @@ import pytest
 from chorus.commands import cache
 from chorus.config import CacheConfig
 from chorus.errors import ChorusError, IntegrityError
-from chorus.store import ArraySpec, ShardLeases, Store
+from chorus.store import ArraySpec, CacheUnit, ShardLeases, Store, writers
 from chorus.store.check import problems
 from tests.pipeline.conftest import CACHE_ARGS, read_cache
 
@@ -41,7 +41,7 @@ def test_commit_checksums_the_bytes_this_writer_encoded(where):
     theirs = np.full((4, 4), 7, dtype=np.int32)
 
     def writer_b_strikes(_commit):
-        store._put(store._chunk_path("teachers/t", "x", 0), store._encode("teachers/t", "x", theirs))
+        store.put_whole(store.chunk_path("teachers/t", "x", 0), store.encode_chunk("teachers/t", "x", theirs))
 
     commit = store.write_shard("teachers/t", 0, 0, {"x": np.ones((4, 4), np.int32)}, fingerprint="fa",
                                before_commit=writer_b_strikes)
@@ -214,9 +214,10 @@ def test_overwrite_during_a_run_is_refused_then_fences_the_old_writer(small_stor
     url = _copy_store(small_store, where)
     opts = where[1]
     seen: dict = {"calls": 0}
-    claim = cache._claim_shard
+    claim = CacheUnit.claim
 
-    def during_a(store, unit, shard, leases, fingerprint):
+    def during_a(self, leases, shard):
+        store, unit = self.store, self.unit
         seen["calls"] += 1
         if seen["calls"] == 2:  # writer A has committed shard 0 and is about to take shard 1
             deadline = time.monotonic() + 30
@@ -226,12 +227,12 @@ def test_overwrite_during_a_run_is_refused_then_fences_the_old_writer(small_stor
                 cache.run(_cfg(url, teacher_dir, opts, top_k=16, overwrite=True))
             seen["refused"] = True
             with monkeypatch.context() as m:  # A's lease lapsed (frozen host): B replaces the cache anyway
-                m.setattr(cache, "live_writers", lambda *a, **k: [])
-                m.setattr(cache, "_claim_shard", claim)
+                m.setattr(writers, "live_writers", lambda *a, **k: [])
+                m.setattr(CacheUnit, "claim", claim)
                 seen["b"] = cache.run(_cfg(url, teacher_dir, opts, top_k=16, overwrite=True))
-        return claim(store, unit, shard, leases, fingerprint)
+        return claim(self, leases, shard)
 
-    monkeypatch.setattr(cache, "_claim_shard", during_a)
+    monkeypatch.setattr(CacheUnit, "claim", during_a)
     with pytest.raises(ChorusError, match="replaced by another writer"):
         cache.run(_cfg(url, teacher_dir, opts, top_k=8))
     assert seen.get("refused") and seen["b"].status == "complete" and seen["b"].top_k == 16

@@ -281,3 +281,45 @@ def test_new_caches_use_the_codecs_and_decode_exactly():
     assert Store.open("memory://codecs-v2", "r").array("teachers/t", "topk_ids").metadata.codecs[0].to_dict() == \
         {"name": IDS_CODEC}
 
+
+
+def test_the_store_reads_and_writes_without_torch(tmp_path):
+    """The store imports no torch: a reader with numpy alone decodes every codec bit for bit as the torch path does,
+    and still refuses a corrupt chunk (torch is blocked in a fresh interpreter, so nothing can fall back to it)."""
+    import subprocess
+    import sys
+
+    ids, vals = topk_case("zipf", rows=3, length=40)
+    ids[0, 0, 0] = 4000  # a rare id: a two-byte rank
+    blobs = {"ids": encode_ids(ids.astype(np.int32)), "vals": encode_fp16(vals.astype(np.float16))}
+    for name, blob in blobs.items():
+        (tmp_path / name).write_bytes(blob)
+    from chorus.store.codecs import _IDS_HEAD
+    _, _, a, n_dict, _, _ = _IDS_HEAD.unpack_from(blobs["ids"])
+    first = _IDS_HEAD.size + 4 * n_dict
+    bad = bytearray(blobs["ids"])
+    at = first + next(i for i, f in enumerate(bad[first: first + ids.size]) if a <= f < 254)
+    bad[at] = 254  # still a two-byte rank, now past the end of the table: only the gather can see it
+    (tmp_path / "bad").write_bytes(bytes(bad))
+    with pytest.raises(CodecError):
+        decode_ids(bytes(bad), ids.shape, np.int32)
+    script = f"""
+import sys; sys.modules["torch"] = None
+import numpy as np
+import chorus.store
+from chorus.store.codecs import CodecError, decode_fp16, decode_ids
+assert "torch" not in [m for m in sys.modules if sys.modules[m] is not None], "the store imported torch"
+d = {str(tmp_path)!r}
+np.save(d + "/ids.npy", decode_ids(open(d + "/ids", "rb").read(), {ids.shape}, np.int32))
+np.save(d + "/vals.npy", decode_fp16(open(d + "/vals", "rb").read(), {vals.shape}))
+try:
+    decode_ids(open(d + "/bad", "rb").read(), {ids.shape}, np.int32)
+except CodecError:
+    print("refused")
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "refused" in out.stdout
+    np.testing.assert_array_equal(np.load(tmp_path / "ids.npy"), ids)
+    assert np.load(tmp_path / "vals.npy").tobytes() == decode_fp16(blobs["vals"], vals.shape).tobytes()
+    assert np.load(tmp_path / "vals.npy").tobytes() == vals.astype(np.float16).tobytes()

@@ -83,7 +83,7 @@ def test_flipped_byte_is_reported_naming_the_shard(store_url):
     url, opts = store_url
     store = Store.open(url, "w", opts)
     _fill(store, _data(12), 12, 4)
-    path = store._chunk_path("corpus", "logp", 1)
+    path = store.chunk_path("corpus", "logp", 1)
     raw = bytearray(store.fs.cat_file(path))
     raw[len(raw) // 2] ^= 0xFF
     store.fs.pipe_file(path, bytes(raw))

@@ -291,7 +291,7 @@ def test_a_corrupt_shard_stops_the_threaded_loader_naming_it(tmp_path, teacher_s
 
     url = copy_store(teacher_store, tmp_path / "s.zarr")
     store = Store.open(url, "r")
-    path = store._chunk_path("teachers/a", "topk_ids", 2)
+    path = store.chunk_path("teachers/a", "topk_ids", 2)
     raw = bytearray(open(path, "rb").read())
     raw[len(raw) // 2] ^= 0xFF
     open(path, "wb").write(bytes(raw))

@@ -142,7 +142,7 @@ def test_eval_of_256_rows_reads_a_few_shards_and_then_nothing(tmp_path, monkeypa
 
     url = _hundred_shard_store(str(tmp_path / "s.zarr"))
     store = Store.open(url, "r")
-    shard_bytes = np.mean([sum(store.fs.size(store._chunk_path("corpus", name, s)) for name in
+    shard_bytes = np.mean([sum(store.fs.size(store.chunk_path("corpus", name, s)) for name in
                                ("input_ids", "segment_ids", "domain", "split")) for s in range(100)])
     read = []
     cat_file = local.LocalFileSystem.cat_file  # every read of an object (``cat`` of many goes through it too)

@@ -14,7 +14,6 @@ among workers, each shard's bytes are those an uninterrupted single run writes.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
@@ -31,14 +30,13 @@ from chorus.progress import Progress, say
 from chorus.store import (
     STATS_FIELDS,
     TAIL_BETAS,
+    CacheUnit,
     CorpusManifest,
     ShardLeases,
     Store,
     TeacherManifest,
-    describe,
     encode_targets,
     fingerprint,
-    live_writers,
     target_specs,
     value_params,
 )
@@ -62,7 +60,6 @@ TARGETS = ("topk log_softmax fp32 + inverse-cdf samples seeded by (seed, row) + 
            "(masked logsumexp, entropy, gold log-prob), v2")  # in the fingerprint: change it with the math
 # in the fingerprint of caches with samples: the uniforms behind the draws (teacher/sampler.py position_uniforms)
 SAMPLER = "counter-based uniforms: lowbias32 x3 keyed by blake2b(seed, row), counter position*M + draw, 24 bits"
-WAIT_FOR_CREATOR_S = float(os.environ.get("CHORUS_WAIT_FOR_CREATOR_S", 600))
 
 
 # ---------------------------------------------------------------------------------------------- setup helpers
@@ -112,100 +109,6 @@ def _check_args(cfg: CacheConfig, corpus: CorpusManifest) -> str:
     return name
 
 
-def _existing(store: Store, name: str) -> TeacherManifest | None:
-    """The unit's manifest, or None while it does not exist (or is being created)."""
-    if name not in store.teacher_names():
-        return None
-    try:
-        return store.teacher_manifest(name)
-    except FileNotFoundError:  # deleted between the listing and the read (worker 0 replacing it)
-        return None
-    except ChorusError as e:
-        if "still being created" in str(e):
-            return None
-        raise
-
-
-def _differences(old: TeacherManifest, new: TeacherManifest) -> str:
-    keys = ("model", "revision", "weights_fingerprint", "top_k", "num_samples", "seed", "value_codec", "dtype",
-            "corpus_fingerprint", "tokenizer_fingerprint", "format_version", "tail_betas", "tokenizer_mapping")
-    diffs = [f"{k} {getattr(old, k)!r} → {getattr(new, k)!r}" for k in keys if getattr(old, k) != getattr(new, k)]
-    return "; ".join(diffs) or "the target math: made by another chorus version"
-
-
-def _claim_unit(store: Store, manifest: TeacherManifest, specs, corpus: CorpusManifest, *, worker: int, overwrite: bool) -> None:
-    """Worker 0 creates the unit (or replaces it under --overwrite); the others wait for it to exist."""
-    deadline = time.monotonic() + WAIT_FOR_CREATOR_S
-    announced = False
-    while True:
-        try:
-            old = _existing(store, manifest.name)
-        except (ChorusError, ValueError) as e:  # an unreadable unit: only --overwrite (worker 0) may replace it
-            if not (overwrite and worker == 0):
-                raise ChorusError(f"cache '{manifest.name}' in '{store.url}' is unreadable ({str(e).splitlines()[0]}); "
-                                  "rerun with --overwrite to rebuild it") from None
-            old = manifest.replace(fingerprint="", status="unreadable")
-        if old is not None and old.fingerprint == manifest.fingerprint:
-            return
-        if old is not None and not overwrite:
-            raise ChorusError(
-                f"cache '{manifest.name}' in '{store.url}' was made with other settings ({_differences(old, manifest)}); "
-                "pass --overwrite to replace it, or choose another --name"
-            )
-        if worker == 0:
-            creator = ShardLeases(store, "teachers")  # one creator at a time: two "worker 0" jobs must not interleave
-            holder = creator.claim_key(f"create-{manifest.name}")
-            if holder is not None:
-                if not announced:
-                    say(f"waiting for another job ({describe(holder)}) to create cache '{manifest.name}'")
-                    announced = True
-                time.sleep(0.2)
-                continue
-            try:
-                again = _existing(store, manifest.name)
-                if again is not None and again.fingerprint == manifest.fingerprint:
-                    return  # created by the other job while this one waited
-                if again is not None and old is None and not overwrite:
-                    continue  # another job created it with other settings meanwhile: refused above on the next pass
-                _create_unit(store, manifest, specs, corpus, old=again if again is not None else old)
-            finally:
-                creator.release_key(f"create-{manifest.name}")
-            return
-        if time.monotonic() > deadline:
-            raise ChorusError(f"cache '{manifest.name}' was not created within {WAIT_FOR_CREATOR_S:.0f}s; "
-                              "start the worker with --shard 0/N (it creates the cache), then the others")
-        if not announced:
-            say(f"waiting for worker 0 to create cache '{manifest.name}'")
-            announced = True
-        time.sleep(0.5)
-
-
-def _create_unit(store: Store, manifest: TeacherManifest, specs, corpus: CorpusManifest, *,
-                 old: TeacherManifest | None) -> None:
-    """Create (or, under --overwrite, replace) the unit; refused while another writer holds a live lease on it."""
-    unit = f"teachers/{manifest.name}"
-    live = live_writers(store, unit)
-    if live:
-        raise ChorusError(
-            f"cache '{manifest.name}' in '{store.url}' is being written by another job ({describe(live[0])}); "
-            "stop it (or let it finish) before --overwrite replaces the cache")
-    if old is not None:
-        say(f"replacing cache '{manifest.name}' ({_differences(old, manifest)})")
-    store.delete_unit(unit)  # also a half-created unit with no manifest
-    store.create_arrays(unit, specs, corpus.num_rows, corpus.rows_per_shard)
-    store.write_teacher_manifest(manifest)  # last: a unit with a manifest has all its arrays
-
-
-def _rewrite_corrupt(store: Store, unit: str, shards: list[int]) -> None:
-    """Under --overwrite with unchanged settings: forget commits of this worker's shards whose bytes are bad."""
-    mine = set(shards)
-    for line in store.verify(unit):
-        shard = int(re.search(r" shard (\d+) ", line).group(1))
-        if shard in mine:
-            say(f"rewriting {line.split(':')[0]} (its bytes do not match the commit record)")
-            store.fs.rm(store._commit_path(unit, shard))
-
-
 def _bytes_per_token(store: Store, unit: str, corpus: CorpusManifest) -> float:
     positions = corpus.num_rows * corpus.seq_len
     return sum(store.nbytes(unit, n) for n in store.array_names(unit)) / max(positions, 1)
@@ -237,9 +140,10 @@ def run(cfg: CacheConfig) -> TeacherManifest:
     manifest = _manifest(cfg, name, corpus, teacher, params, cross=_mapping_record(teacher_info, cmap))
     specs = target_specs(corpus.seq_len, cfg.top_k, cfg.samples, corpus.tokenizer.vocab_size, cfg.value_codec, params,
                          tail_betas=manifest.tail_betas)
-    _claim_unit(store, manifest, specs, corpus, worker=worker, overwrite=cfg.overwrite)
+    cache = CacheUnit(store, manifest)
+    cache.join(specs, corpus.num_rows, corpus.rows_per_shard, worker=worker, overwrite=cfg.overwrite)
     if cfg.overwrite:
-        _rewrite_corrupt(store, unit, mine)
+        cache.forget_corrupt(mine)
     done = {s: c for s, c in store.commits(unit).items() if c.fingerprint in ("", manifest.fingerprint)}
     todo = [s for s in mine if s not in done]
     rows_todo = sum(corpus.shard_rows(s)[1] - corpus.shard_rows(s)[0] for s in todo)
@@ -262,23 +166,13 @@ def run(cfg: CacheConfig) -> TeacherManifest:
                                   codec=cfg.value_codec, params=params, draws=host.get("draws"), stats=stats)
 
     # ------------------------------------------------------------------ loop
-    def still_ours(shard: int | None) -> None:  # before claiming, writing, committing: fenced out by a lost lease or a replaced cache
-        if shard is not None:
-            leases.check(shard)
-        current = _existing(store, name)
-        if current is None or current.fingerprint != manifest.fingerprint:
-            raise ChorusError(f"cache '{name}' in '{store.url}' was replaced by another writer (--overwrite) while this "
-                              "one ran; this writer stops without committing: rerun it only if its settings are wanted")
-
     skipped: list[int] = []
     if todo:
         with ShardLeases(store, unit) as leases:
-            skipped = _cache_shards(store, unit, corpus, teacher, todo, rows_todo, encode, cfg,
-                                    tail_betas=manifest.tail_betas, leases=leases, fingerprint=manifest.fingerprint,
-                                    before_commit=still_ours, cmap=cmap)
+            skipped = _cache_shards(cache, corpus, teacher, todo, rows_todo, encode, cfg, leases=leases, cmap=cmap)
 
     # ------------------------------------------------------------------ cleanup
-    current = _existing(store, name)
+    current = cache.current()
     if current is None or current.fingerprint != manifest.fingerprint:
         raise ChorusError(f"cache '{name}' in '{store.url}' was replaced by another writer (--overwrite) while this "
                           "one ran; its status is left to that writer")
@@ -293,7 +187,7 @@ def run(cfg: CacheConfig) -> TeacherManifest:
             done_manifest = done_manifest.replace(tokenizer_mapping={**current.tokenizer_mapping, **extra})
         store.write_teacher_manifest(done_manifest)  # two workers both flipping is fine
     bpt = _bytes_per_token(store, unit, corpus)
-    final = _existing(store, name) or manifest
+    final = cache.current() or manifest
     covered = (f", {100 * final.tokenizer_mapping['coverage']:.1f}% of positions covered"
                if "coverage" in final.tokenizer_mapping else "")
     if cmap is not None and cmap.measured["covered"]:
@@ -302,7 +196,7 @@ def run(cfg: CacheConfig) -> TeacherManifest:
                     f"{got['gold_text_bits_per_byte']:.3f} bits/byte, unplaced mass {got['unplaced_mass']:.3f})")
     say(f"cache '{name}' → {store.url} ({unit}): {status}, {len(committed)}/{corpus.num_shards} shards, "
         f"{bpt:.1f} B/token{covered}" + (f"; {len(skipped)} shard(s) left to the writers that hold them" if skipped else ""))
-    return _existing(store, name) or manifest
+    return final
 
 
 def _cross_map(store: Store, corpus: CorpusManifest, teacher_tok, teacher_info: TokenizerInfo) -> CrossMap:
@@ -370,11 +264,11 @@ def _manifest(cfg: CacheConfig, name: str, corpus: CorpusManifest, teacher: Teac
     )
 
 
-def _cache_shards(store: Store, unit: str, corpus: CorpusManifest, teacher: Teacher, todo: list[int], rows_todo: int,
-                  encode, cfg: CacheConfig, *, tail_betas: tuple[float, ...], leases: ShardLeases, fingerprint: str,
-                  before_commit, cmap: CrossMap | None = None) -> list[int]:
+def _cache_shards(cache: CacheUnit, corpus: CorpusManifest, teacher: Teacher, todo: list[int], rows_todo: int,
+                  encode, cfg: CacheConfig, *, leases: ShardLeases, cmap: CrossMap | None = None) -> list[int]:
     """The loop: the main thread only reads ahead (one shard), claims each shard, runs the teacher and queues
     tensors; returns the shards skipped because a live writer holds them."""
+    store, unit, tail_betas = cache.store, cache.unit, cache.manifest.tail_betas
     reader = ThreadPoolExecutor(1, thread_name_prefix="chorus-read")
     names = ["input_ids", "segment_ids"] if cmap is not None else ["input_ids"]
 
@@ -388,7 +282,8 @@ def _cache_shards(store: Store, unit: str, corpus: CorpusManifest, teacher: Teac
     pending = reader.submit(read, todo[0])
     skipped: list[int] = []
     try:
-        with ShardWriter(store, unit, encode=encode, fingerprint=fingerprint, before_commit=before_commit,
+        with ShardWriter(store, unit, encode=encode, fingerprint=cache.manifest.fingerprint,
+                         before_commit=lambda shard: cache.fence(leases, shard),
                          on_commit=lambda shard, _a: leases.release(shard)) as writer, \
                 Progress(f"cache {unit}", total=rows_todo) as bar:
             for n, shard in enumerate(todo):
@@ -396,8 +291,8 @@ def _cache_shards(store: Store, unit: str, corpus: CorpusManifest, teacher: Teac
                 ids = rows["input_ids"]
                 if n + 1 < len(todo):
                     pending = reader.submit(read, todo[n + 1])
-                before_commit(None)
-                if not _claim_shard(store, unit, shard, leases, fingerprint):
+                cache.fence()
+                if not cache.claim(leases, shard):
                     skipped.append(shard)
                     continue
                 row_start, _ = corpus.shard_rows(shard)
@@ -424,29 +319,3 @@ def _cache_shards(store: Store, unit: str, corpus: CorpusManifest, teacher: Teac
     finally:
         reader.shutdown(wait=True, cancel_futures=True)
     return skipped
-
-
-def _claim_shard(store: Store, unit: str, shard: int, leases: ShardLeases, fingerprint: str) -> bool:
-    """Claim ``shard`` before computing it: False when a live writer holds it or has committed it meanwhile.
-    A commit record left by a writer of another cache (fenced out by --overwrite) is removed under the lease."""
-    holder = leases.claim(shard)
-    if holder is not None:
-        say(f"shard {shard} of {unit} is being written by {describe(holder)}; leaving it to that writer")
-        return False
-    path = store._commit_path(unit, shard)
-    try:
-        old = json.loads(store.fs.cat_file(path))
-    except FileNotFoundError:
-        return True
-    except ValueError:  # unreadable: rewritten under the lease
-        old = None
-    if isinstance(old, dict) and old.get("fingerprint", "") in ("", fingerprint):
-        leases.release(shard)  # committed by another writer since this one listed the commits
-        return False
-    current = _existing(store, unit.split("/", 1)[1])
-    if current is None or current.fingerprint != fingerprint:  # the record is the new cache's: this writer is fenced
-        leases.release(shard)
-        raise ChorusError(f"cache '{unit}' in '{store.url}' was replaced by another writer (--overwrite) while this "
-                          "one ran; this writer stops without committing")
-    store.fs.rm(path)
-    return True

@@ -216,7 +216,7 @@ def _import_table(store: Store, unit: str, table: pa.Table, specs, exported: Tea
             arrays[spec.name] = _unnest(part.column(spec.name), (stop - start, *spec.row_shape), dtype)
         arrays["topk_logprobs"] = stored_values(arrays["topk_logprobs"], exported.value_codec, dict(exported.value_params))
         original = (originals.get(str(shard)) or {}).get("checksums")
-        sums = {n: checksum(store._encode(unit, n, a)) for n, a in sorted(arrays.items())}
+        sums = {n: checksum(store.encode_chunk(unit, n, a)) for n, a in sorted(arrays.items())}
         if original != sums:
             raise IntegrityError(f"shard {shard} (rows {start}:{stop}) of '{exported.name}' does not re-encode to the "
                                  "exported checksums: the files were altered or are damaged; nothing was committed, "

@@ -176,3 +176,44 @@ def sizes_for(config, fraction: float, axes: tuple[str, ...] = WIDTH_AXES, of_pa
 def prune(model: nn.Module, imp: Importance, **sizes: int) -> nn.Module:
     """``apply_plan(model, make_plan(model, imp, **sizes))``: the smaller model."""
     return apply_plan(model, make_plan(model, imp, **sizes))
+
+
+def plan_masks(model: nn.Module, plan: Plan) -> dict[str, Tensor]:
+    """{decoder-block parameter name: (same shape) bool keep-mask}: False on every entry that
+    ``apply_plan(model, plan)`` drops, so the masked model computes what the smaller one computes. A dropped KV
+    group loses its query heads' ``q_proj`` rows, its ``k_proj``/``v_proj`` rows (biases too) and those heads'
+    ``o_proj`` columns; a dropped MLP channel its ``gate_proj``/``up_proj`` rows and ``down_proj`` column; a
+    dropped layer every parameter of its block (both residual branches then add zero: the block is the
+    identity). Hidden channels cannot be mimicked by masking (the RMSNorms would still average over them), so
+    ``plan.hidden`` must keep them all."""
+    s = shape(model.config)
+    if plan.hidden != list(range(s["hidden"])):
+        raise ChorusError("hidden channels cannot be masked (the RMSNorms would still count them); prune them "
+                          "physically with structured.prune instead")
+    everything = slice(None)
+    out: dict[str, Tensor] = {}
+    for key, value in model.named_parameters():
+        if not key.startswith("model.layers."):
+            continue
+        i, name = key.split(".", 3)[2:]
+        keep = torch.zeros(value.shape, dtype=torch.bool)
+        out[key] = keep
+        if int(i) not in plan.layers:
+            continue
+        j = plan.layers.index(int(i))
+        groups = plan.kv_groups[j]
+        q_rows = _rows([g * s["group"] + h for g in groups for h in range(s["group"])], s["head_dim"])
+        kv_rows = _rows(groups, s["head_dim"])
+        ch = torch.tensor(plan.channels[j], dtype=torch.long)
+        pick = {"self_attn.q_proj": (q_rows, everything), "self_attn.k_proj": (kv_rows, everything),
+                "self_attn.v_proj": (kv_rows, everything), "self_attn.o_proj": (everything, q_rows),
+                "mlp.gate_proj": (ch, everything), "mlp.up_proj": (ch, everything), "mlp.down_proj": (everything, ch)}
+        mod, _, kind = name.rpartition(".")
+        if mod in pick:
+            rows, cols = pick[mod]
+            keep[(rows, cols) if kind == "weight" else rows] = True  # a bias follows its output rows
+        elif value.ndim == 1 and value.shape[0] == s["hidden"]:  # the block's RMSNorms stay whole
+            keep[:] = True
+        else:
+            raise ChorusError(f"structured pruning does not know how to mask '{key}' of {type(model).__name__}")
+    return out

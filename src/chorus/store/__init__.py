@@ -1,5 +1,5 @@
 """The chorus on-disk format: corpus and commit records v1, teacher caches v2 (v1 caches, without
-per-position statistics, still read). Imports numpy/zarr/fsspec, never torch."""
+per-position statistics, still read). Needs numpy/zarr/fsspec, never torch (it decodes faster with it)."""
 
 from chorus.store.fingerprint import StreamHasher, checksum, fingerprint
 from chorus.store.lease import ShardLeases, describe, live_writers
@@ -42,6 +42,7 @@ from chorus.store.tokenizer_files import (
     token_byte_lengths,
     tokenizer_vocabulary,
 )
+from chorus.store.writers import CacheUnit
 from chorus.store.zarr_store import ArraySpec, Store
 
 __all__ = [
@@ -78,6 +79,7 @@ __all__ = [
     "target_specs",
     "value_params",
     "ArraySpec",
+    "CacheUnit",
     "CorpusManifest",
     "ShardCommit",
     "ShardLeases",

@@ -99,7 +99,7 @@ def _check_commits(store: Store, unit: str, names: list[str], corpus: CorpusMani
         except FileNotFoundError:
             present = set()
         for shard in sorted(commits):
-            if store._chunk_path(unit, name, shard) not in present:
+            if store.chunk_path(unit, name, shard) not in present:
                 yield f"{unit}/{name}: chunk of committed shard {shard} is missing; {fix}"
                 return
 

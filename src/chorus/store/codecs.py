@@ -98,6 +98,16 @@ def encode_ids(ids: np.ndarray) -> bytes:
     return b"".join((head, dictionary.tobytes(), first.tobytes(), second.tobytes(), far.tobytes()))
 
 
+def _torch() -> Any:
+    """torch when it is installed (its gather and int16 cumsum decode faster than numpy's), else None: the store
+    reads and writes without torch, bit for bit the same."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
 def decode_ids(data: Any, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     """The codec's bytes → the integer array of ``shape`` and ``dtype``, exactly as encoded.
 
@@ -106,8 +116,7 @@ def decode_ids(data: Any, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     rank (first byte 255) is patched in after. Decoded in blocks of ``_IDS_BLOCK`` ids so every temporary stays in
     cache (faster than whole-chunk index arrays: docs/measurements.md).
     """
-    import torch  # index_select: a bounds-checked gather, faster than numpy's take (torch is a chorus dependency)
-
+    torch = _torch()
     buf = memoryview(data).cast("B")
     dtype = np.dtype(dtype)
     if len(buf) < _IDS_HEAD.size:
@@ -133,7 +142,7 @@ def decode_ids(data: Any, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     table[: 256 * one] = np.repeat(dictionary[:one], 256)
     table[256 * one:] = dictionary[a: a + len(table) - 256 * one]
     signed = np.dtype(f"i{dtype.itemsize}")  # torch gathers the same bits under a signed dtype
-    table_t = torch.from_numpy(table.view(signed))
+    table_t = torch.from_numpy(table.view(signed)) if torch else None
     out = np.empty(size, dtype=dtype)
     code, low = np.empty(min(size, _IDS_BLOCK), np.int32), np.empty(min(size, _IDS_BLOCK), np.uint8)
     code_low = code.view(np.uint8)[0 if sys.byteorder == "little" else 3:: 4]
@@ -160,7 +169,10 @@ def decode_ids(data: Any, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
                 raise corrupt
             c[far_at] = 0
         try:
-            torch.index_select(table_t, 0, torch.from_numpy(c), out=torch.from_numpy(out[lo: lo + len(f)].view(signed)))
+            if torch:
+                torch.index_select(table_t, 0, torch.from_numpy(c), out=torch.from_numpy(out[lo: lo + len(f)].view(signed)))
+            else:
+                np.take(table, c, out=out[lo: lo + len(f)])
         except IndexError:
             raise corrupt from None
         if len(far_at):
@@ -200,8 +212,7 @@ def decode_fp16(data: Any, shape: tuple[int, ...]) -> np.ndarray:
     The differences are laid out row by row, then summed along k in place by torch's int16 cumsum (mod 2^16,
     the same bits as numpy's uint16 cumsum, faster), ``_CUMSUM_ELEMENTS`` at a time (faster than a whole-chunk
     cumsum: docs/measurements.md)."""
-    import torch
-
+    torch = _torch()
     buf = memoryview(data).cast("B")
     if len(buf) < _FP16_HEAD.size:
         raise CodecError(f"{FP16_CODEC}: a chunk of {len(buf)} bytes is shorter than its header")
@@ -229,10 +240,14 @@ def decode_fp16(data: Any, shape: tuple[int, ...]) -> np.ndarray:
             used += len(where)
     if used != n_esc:
         raise CodecError(f"{FP16_CODEC}: {used} escape bytes for {n_esc} escaped differences; the chunk is corrupt")
-    codes = torch.from_numpy(out.view(np.int16))
     rows = max(1, _CUMSUM_ELEMENTS // max(k, 1))
-    for lo in range(0, n, rows):  # serial: torch's threads made a whole-chunk cumsum much slower
-        codes[lo: lo + rows].cumsum_(1)
+    if torch:
+        codes = torch.from_numpy(out.view(np.int16))
+        for lo in range(0, n, rows):  # serial: torch's threads made a whole-chunk cumsum much slower
+            codes[lo: lo + rows].cumsum_(1)
+    else:
+        for lo in range(0, n, rows):
+            np.cumsum(out[lo: lo + rows], axis=1, dtype=np.uint16, out=out[lo: lo + rows])
     return out.view(np.float16).reshape(shape)
 
 

@@ -158,7 +158,7 @@ class ShardLeases:
                 info = self._read(key)
                 if info is not None and info.get("owner") == self.owner:
                     try:
-                        self.store._put(self._path(key), self._record())
+                        self.store.put_whole(self._path(key), self._record())
                     except OSError:
                         pass  # the next beat retries; a lease that goes stale is re-checked before commit
 

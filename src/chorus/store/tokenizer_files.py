@@ -29,9 +29,9 @@ def write_tokenizer_files(store: Store, files: dict[str, bytes], *, fingerprint:
         if not name or name != posixpath.basename(name) or name == INDEX or name.startswith("."):
             raise ChorusError(f"tokenizer file name {name!r} cannot be stored; expected a plain file name")
     for name, blob in sorted(files.items()):
-        store._put(f"{root}/{name}", blob)
+        store.put_whole(f"{root}/{name}", blob)
     index = {"fingerprint": fingerprint, "files": {name: checksum(blob) for name, blob in sorted(files.items())}}
-    store._put(f"{root}/{INDEX}", json.dumps(index, indent=1, sort_keys=True).encode())
+    store.put_whole(f"{root}/{INDEX}", json.dumps(index, indent=1, sort_keys=True).encode())
 
 
 def has_tokenizer_files(store: Store) -> bool:

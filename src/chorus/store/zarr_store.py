@@ -24,7 +24,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BytesCodec, ZstdCodec
 
-from chorus.errors import ChorusError, IntegrityError
+from chorus.errors import ChorusError, IntegrityError, StillCreating
 from chorus.store.fingerprint import checksum, matches
 from chorus.store.fs import CREATING_KEY, MANIFEST_KEY, check_replaceable, clean_stale_tmp, reader_pool, split_url
 from chorus.store.manifest import CorpusManifest, ShardCommit, TeacherManifest
@@ -149,7 +149,7 @@ class Store:
             raise ChorusError(f"teacher '{name}' in '{self.url}': its zarr.json is not valid JSON; rebuild it with "
                               f"`chorus cache --name {name} ... --overwrite`") from None
         if MANIFEST_KEY not in attrs:
-            raise ChorusError(f"teacher '{name}' in '{self.url}' is still being created (no manifest yet); wait for "
+            raise StillCreating(f"teacher '{name}' in '{self.url}' is still being created (no manifest yet); wait for "
                               f"`chorus cache`, or rerun it with --overwrite if it was killed")
         m = TeacherManifest.from_dict(attrs[MANIFEST_KEY])
         if m.name != name:
@@ -208,7 +208,7 @@ class Store:
             if not p.rstrip("/").endswith(COMMITS) and self.fs.exists(f"{p.rstrip('/')}/zarr.json")
         )
 
-    def _chunk_path(self, unit: str, name: str, shard: int) -> str:
+    def chunk_path(self, unit: str, name: str, shard: int) -> str:
         arr = self.array(unit, name)
         key = arr.metadata.encode_chunk_key((shard,) + (0,) * (arr.ndim - 1))
         return f"{self.root}/{unit}/{name}/{key}"
@@ -226,9 +226,9 @@ class Store:
         if len(rows) != 1:
             raise ValueError(f"arrays of shard {shard} disagree on row count: {sorted(rows)}")
         row_stop = row_start + rows.pop()
-        blobs = {name: self._encode(unit, name, data) for name, data in arrays.items()}
+        blobs = {name: self.encode_chunk(unit, name, data) for name, data in arrays.items()}
         for name, blob in blobs.items():
-            self._put(self._chunk_path(unit, name, shard), blob)
+            self.put_whole(self.chunk_path(unit, name, shard), blob)
         sums = {name: checksum(blobs[name]) for name in sorted(blobs)}
         commit = ShardCommit(unit=unit, shard=shard, row_start=row_start, row_stop=row_stop, checksums=sums,
                              fingerprint=fingerprint)
@@ -237,7 +237,7 @@ class Store:
         self._create_commit(commit)
         return commit
 
-    def _encode(self, unit: str, name: str, data: np.ndarray) -> bytes:
+    def encode_chunk(self, unit: str, name: str, data: np.ndarray) -> bytes:
         """One whole chunk's bytes, encoded with the codecs of the array's zarr metadata (rows past ``data``
         are the fill value 0, as zarr pads an edge chunk)."""
         arr = self.array(unit, name)
@@ -264,7 +264,7 @@ class Store:
                 raise ChorusError(f"array {unit}/{name} uses codec {type(codec).__name__}, which this writer cannot encode")
         return bytes(out) if not isinstance(out, np.ndarray) else out.tobytes()
 
-    def _put(self, path: str, blob: bytes) -> None:
+    def put_whole(self, path: str, blob: bytes) -> None:
         """Write ``path`` whole: locally through a temporary file renamed into place (a reader never sees a
         torn object), on object stores with one PUT (atomic by itself)."""
         if not isinstance(self.fs, fsspec.implementations.local.LocalFileSystem):
@@ -277,11 +277,15 @@ class Store:
             f.write(blob)
         os.replace(tmp, path)
 
-    def _commit_path(self, unit: str, shard: int) -> str:
+    def commit_path(self, unit: str, shard: int) -> str:
         return f"{self.root}/{unit}/{COMMITS}/{shard:06d}.json"
 
+    def forget_commit(self, unit: str, shard: int) -> None:
+        """Remove one shard's commit record, so the shard is rewritten; only a writer holding its lease may."""
+        self.fs.rm(self.commit_path(unit, shard))
+
     def _create_commit(self, commit: ShardCommit) -> None:
-        path = self._commit_path(commit.unit, commit.shard)
+        path = self.commit_path(commit.unit, commit.shard)
         blob = json.dumps(commit.to_dict(), sort_keys=True, indent=1).encode()
         self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         try:
@@ -353,7 +357,7 @@ class Store:
 
     def commit(self, unit: str, shard: int) -> ShardCommit | None:
         """The commit record of one shard (one small read), or None when the shard is not committed."""
-        path = self._commit_path(unit, shard)
+        path = self.commit_path(unit, shard)
         try:
             raw = self.fs.cat_file(path)
         except FileNotFoundError:
@@ -381,7 +385,7 @@ class Store:
 
         def load(name: str) -> np.ndarray:
             try:
-                raw = self.fs.cat_file(self._chunk_path(unit, name, shard))
+                raw = self.fs.cat_file(self.chunk_path(unit, name, shard))
             except FileNotFoundError:
                 raise IntegrityError(f"{unit}/{name} shard {shard} of '{self.url}' is committed but its chunk is "
                                      f"missing; run `chorus verify {self.url}` and rebuild what it names") from None
@@ -448,7 +452,7 @@ class Store:
         for shard, commit in sorted(self.commits(unit).items()):
             for name, expected in sorted(commit.checksums.items()):
                 try:
-                    raw = self.fs.cat_file(self._chunk_path(unit, name, shard))
+                    raw = self.fs.cat_file(self.chunk_path(unit, name, shard))
                     got = checksum(raw, expected.split(":", 1)[0])
                 except FileNotFoundError:
                     got = "missing"
