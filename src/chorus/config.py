@@ -161,6 +161,8 @@ class EvalConfig:
                          choices=("none", "confidence", "agreement", "likelihood"))
     alpha: float = opt(0.5, "alpha of the power pool")
     beta: float = opt(1.0, "sharpness of per-token weighting")
+    blend: bool = opt(True, "pool the teachers with the blend `chorus blend` recorded for them, as `chorus train` "
+                            "does (an explicit weighting overrides it)")
     chunk_size: int = opt(1024, "positions per chunk of the log-softmax")
     device: str = opt("auto", "device", choices=("auto", "cpu", "cuda"))
     storage_options: dict = storage_options_field()

@@ -165,3 +165,23 @@ def test_eval_of_256_rows_reads_a_few_shards_and_then_nothing(tmp_path, monkeypa
     second = evaluate.evaluate_model(student, url, max_rows=256, batch_size=64, teachers=[])
     assert sum(read) < shard_bytes / 100  # the next evaluation reads no chunk: its batches were kept
     assert second == first
+
+
+def test_eval_pools_the_teachers_with_the_stored_blend(teacher_store, model_dir, tmp_path):
+    """The diagnostics show the blend a student was trained on: a fitted blend that gives teacher 'a' all the
+    weight in every domain makes the pooled target a's own (top-1 never differs from a's); blend=false pools evenly."""
+    from chorus.store import BLEND_KEY
+
+    url = copy_store(teacher_store, tmp_path / "s.zarr")
+    store = Store.open(url, "a")
+    store.group.attrs[BLEND_KEY] = {
+        "teachers": ["a", "b", "c"], "operator": "mixture", "choice": "only-a", "weighting": "none", "beta": 1.0,
+        "domain_weights": {d: {"a": 1.0, "b": 0.0, "c": 0.0} for d in store.manifest.domains}}
+    fitted = eval_command.run(EvalConfig(store=url, model=model_dir, batch_size=16))["ensemble"]
+    even = eval_command.run(EvalConfig(store=url, model=model_dir, batch_size=16, blend=False))["ensemble"]
+    assert fitted["blend"] == "only-a" and "blend" not in even
+    for d, ws in fitted["weights_per_domain"].items():
+        assert ws == pytest.approx({"a": 1.0, "b": 0.0, "c": 0.0}), d
+        assert even["weights_per_domain"][d] == pytest.approx({"a": 1 / 3, "b": 1 / 3, "c": 1 / 3}), d
+    assert fitted["pooled_top1_differs"]["a"] == 0.0 and fitted["pooled_top1_differs"]["b"] > 0
+    assert even["pooled_top1_differs"]["a"] > 0

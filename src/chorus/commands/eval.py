@@ -10,7 +10,7 @@ from chorus.config import EvalConfig
 from chorus.device import resolve_device
 from chorus.errors import ChorusError
 from chorus.progress import say
-from chorus.store import Store, complete_teachers, store_vocabulary
+from chorus.store import Store, blend_fill, complete_teachers, store_vocabulary, stored_blend
 from chorus.student.evaluate import KL_LABEL, evaluate_model, evaluate_teacher_cache
 from chorus.student.model import Student, load_student
 
@@ -35,7 +35,8 @@ def _table(res: dict, title: str) -> str:
         lines.append(f"* {KL_LABEL}")
     ens = res.get("ensemble")
     if ens:
-        lines.append(f"ensemble ({ens['operator']}, weighting {ens['weighting']}): mean inter-teacher JSD "
+        fitted = f", blend '{ens['blend']}'" if ens.get("blend") else ""
+        lines.append(f"ensemble ({ens['operator']}, weighting {ens['weighting']}{fitted}): mean inter-teacher JSD "
                      f"{ens['mean_jsd']:.4f}")
         for d, j in ens["jsd_per_domain"].items():
             ws = ", ".join(f"{t} {w:.2f}" for t, w in ens["weights_per_domain"][d].items())
@@ -48,6 +49,17 @@ def _model_dir(path: str) -> str:
     """A `chorus train` run directory holds the model in ``model/``."""
     sub = os.path.join(path, "model")
     return sub if os.path.isfile(os.path.join(sub, "config.json")) else path
+
+
+def _pooling(cfg: EvalConfig, st: Store, teachers: list[str]) -> dict:
+    """The ensemble diagnostics pool as `chorus train` does: the store's fitted blend for these teachers fills
+    in the per-domain weights and the per-token weighting, unless the user chose a weighting or set blend=false."""
+    pool = {"weighting": cfg.weighting, "beta": cfg.beta, "domain_weights": None}
+    fitted = stored_blend(st, teachers) if cfg.blend and len(teachers) >= 2 else None
+    if fitted is None:
+        return pool
+    return pool | blend_fill(fitted, domain_weights={}, weighting=cfg.weighting, operator=cfg.aggregate) \
+        | {"blend": fitted["choice"]}
 
 
 def run(cfg: EvalConfig) -> dict:
@@ -70,10 +82,13 @@ def run(cfg: EvalConfig) -> dict:
         if left_out:  # incomplete, of another corpus, damaged or of an old mapping: `chorus verify` names why
             say(f"warning: not comparing with teacher(s) {', '.join(left_out)}, which cannot be read as complete "
                 "caches (pass --teachers NAME to see why, or run `chorus verify`)")
+        pool = _pooling(cfg, st, teachers)
+        blend = pool.pop("blend", None)
         res = evaluate_model(Student(model, m.tokenizer.vocab_size), cfg.store, split=cfg.split, batch_size=cfg.batch_size,
-                             max_rows=cfg.max_rows, teachers=teachers, chunk_size=cfg.chunk_size,
-                             operator=cfg.aggregate, weighting=cfg.weighting, alpha=cfg.alpha, beta=cfg.beta,
-                             storage_options=cfg.storage_options)
+                             max_rows=cfg.max_rows, teachers=teachers, chunk_size=cfg.chunk_size, operator=cfg.aggregate,
+                             alpha=cfg.alpha, storage_options=cfg.storage_options, **pool)
+        if "ensemble" in res and blend:
+            res["ensemble"]["blend"] = blend
         res["model"] = cfg.model
         title = f"model '{cfg.model}' on split '{cfg.split}' ({res['rows']} rows)"
     print(_table(res, title))

@@ -424,6 +424,7 @@ def _evaluate_all(r: _Run, students: list[str]) -> list[dict]:
     jobs = []
     for _kind, label, key, run_dir in runs:
         ecfg = EvalConfig(store=r.store, model=str(run_dir / "model"), out=str(r.out / "eval" / f"{label}.json"),
+                          aggregate=r.scale.aggregate,
                           batch_size=32)
         jobs.append(_Job(7, f"evaluating {label} on every held-out row", f"eval-{label}",
                          r.stages.key(f"eval-{label}", _cfg_key(ecfg), r.keys[key]), "eval",

@@ -34,7 +34,7 @@ from chorus.store.targets import (
     target_specs,
     value_params,
 )
-from chorus.store.teachers import BLEND_KEY, check_teachers, complete_teachers, stored_blend
+from chorus.store.teachers import BLEND_KEY, blend_fill, check_teachers, complete_teachers, stored_blend
 from chorus.store.tokenizer_files import (
     byte_level_table,
     component_types,
@@ -47,6 +47,7 @@ from chorus.store.zarr_store import ArraySpec, Store
 
 __all__ = [
     "BLEND_KEY",
+    "blend_fill",
     "check_teachers",
     "complete_teachers",
     "stored_blend",

@@ -62,3 +62,14 @@ def stored_blend(store: Store, teachers: list[str]) -> dict | None:
     if not blend or sorted(blend.get("teachers", [])) != sorted(teachers):
         return None
     return blend
+
+
+def blend_fill(fitted: dict, *, domain_weights: dict, weighting: str, operator: str) -> dict:
+    """What a fitted blend fills in where the user left the defaults: its per-domain weights unless some are set,
+    and its per-token weighting (with its beta) unless one is chosen, only for the operator it was fitted with."""
+    changes: dict = {}
+    if not domain_weights:
+        changes["domain_weights"] = fitted["domain_weights"]
+    if weighting == "none" and fitted["weighting"] != "none" and operator == fitted["operator"]:
+        changes.update(weighting=fitted["weighting"], beta=float(fitted["beta"]))
+    return changes

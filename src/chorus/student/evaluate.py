@@ -156,9 +156,10 @@ def _predictable(pos: Positions) -> Positions | None:
 def evaluate_model(model, store: str, *, split: str = "valid", batch_size: int = 8, max_rows: int | None = None,
                    teachers: list[str] | None = None, chunk_size: int | None = None, operator: str = "mixture",
                    weighting: str = "none", alpha: float = 0.5, beta: float = 1.0,
-                   storage_options: dict | None = None) -> dict:
+                   domain_weights: dict | None = None, storage_options: dict | None = None) -> dict:
     """Metrics of ``model`` (a :class:`~chorus.student.model.Student`, or a causal LM it wraps) on
-    ``split``. ``teachers``: cached teachers to compare with (None: every complete one)."""
+    ``split``. ``teachers``: cached teachers to compare with (None: every complete one), pooled by ``operator``
+    with ``domain_weights`` ({domain: {teacher: weight}}, default 1) as each position's prior."""
     st = Store.open(store, "r", storage_options)
     m = st.manifest
     names = list(m.domains)
@@ -176,6 +177,8 @@ def evaluate_model(model, store: str, *, split: str = "valid", batch_size: int =
     kl = {t: _Sums() for t in teachers}
     agree = {t: _Sums() for t in teachers}
     jsd, differs, weights = _Sums(), {t: _Sums() for t in teachers}, {t: _Sums() for t in teachers}
+    table = torch.tensor([[float((domain_weights or {}).get(d, {}).get(t, 1.0)) for t in teachers] for d in names],
+                         dtype=torch.float32, device=device)
     rows = 0
     for batch in data:
         rows += len(batch["row"])
@@ -197,7 +200,7 @@ def evaluate_model(model, store: str, *, split: str = "valid", batch_size: int =
                 agree[t].add((ensemble.top1(d) == pred).double(), dom, nd)
             if len(chunk) >= 2:
                 jsd.add(ensemble.mean_pairwise_jsd(chunk), dom, nd)
-                prior = torch.ones(len(gold), len(chunk), device=device)
+                prior = table[dom]
                 pooled, w = pool(chunk, prior, operator=operator, weighting=weighting, gold=gold, alpha=alpha, beta=beta)
                 top = ensemble.top1(pooled)
                 for i, (t, d) in enumerate(zip(teachers, chunk)):
@@ -213,7 +216,7 @@ def evaluate_model(model, store: str, *, split: str = "valid", batch_size: int =
                                              for d in kl[t].per_domain(names)}}
     if len(teachers) >= 2:
         out["ensemble"] = {
-            "operator": operator, "weighting": weighting,
+            "operator": operator, "weighting": weighting, "domain_weights": domain_weights or {},
             "mean_jsd": jsd.total(), "jsd_per_domain": jsd.per_domain(names),
             "weights_per_domain": {d: {t: weights[t].per_domain(names)[d] for t in teachers}
                                    for d in jsd.per_domain(names)},

@@ -30,7 +30,7 @@ from chorus.distill.targets import TargetBuilder, check_combination
 from chorus.errors import ChorusError
 from chorus.progress import Progress, say
 from chorus.prune.masks import Masks
-from chorus.store import Store, check_teachers, store_vocabulary, stored_blend
+from chorus.store import Store, blend_fill, check_teachers, store_vocabulary, stored_blend
 from chorus.store.tokenizer import store_tokenizer
 from chorus.student import checkpoint as ckpt
 from chorus.student.data import CachedRows, Positions, StreamLoader, positions
@@ -89,11 +89,7 @@ def _with_blend(cfg: TrainConfig, store: Store, dist: Dist) -> TrainConfig:
     fitted = stored_blend(store, cfg.teachers)
     if fitted is None:
         return cfg
-    changes: dict = {}
-    if not cfg.domain_weights:
-        changes["domain_weights"] = fitted["domain_weights"]
-    if cfg.weighting == "none" and fitted["weighting"] != "none" and cfg.aggregate == fitted["operator"]:
-        changes.update(weighting=fitted["weighting"], beta=float(fitted["beta"]))
+    changes = blend_fill(fitted, domain_weights=cfg.domain_weights, weighting=cfg.weighting, operator=cfg.aggregate)
     if cfg.calibrated and not cfg.teacher_temperatures and fitted.get("temperatures"):
         changes["teacher_temperatures"] = fitted["temperatures"]
     if changes and dist.main:
