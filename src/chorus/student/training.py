@@ -24,17 +24,16 @@ import yaml
 
 from chorus import __version__, rundir
 from chorus.config import TrainConfig, to_dict
-from chorus.distill.losses import get_loss
 from chorus.distill.sparse import IGNORE_INDEX
-from chorus.distill.targets import TargetBuilder, check_combination
 from chorus.errors import ChorusError
 from chorus.progress import Progress, say
 from chorus.prune.masks import Masks
-from chorus.store import Store, blend_fill, check_teachers, store_vocabulary, stored_blend
+from chorus.store import Store, store_vocabulary
 from chorus.store.tokenizer import store_tokenizer
 from chorus.student import checkpoint as ckpt
 from chorus.student.data import CachedRows, Positions, StreamLoader, positions
 from chorus.student.evaluate import evaluate_model
+from chorus.student.loss import DistillLoss
 from chorus.student.model import Student, load_student
 from chorus.student.parallel import Dist, accumulating, full_state, load_full_state, whole, wrap
 from chorus.student.train_log import EnsembleStats, MetricsLog
@@ -44,70 +43,6 @@ VOLATILE_KEYS = ("resume", "overwrite", "num_workers", "storage_options")
 
 
 # ---------------------------------------------------------------------------------------------- setup
-def _validate(cfg: TrainConfig, domains: tuple[str, ...]) -> None:
-    """Every setting a run needs, checked before the run directory is made (a refused run blocks no rerun)."""
-    check_combination(target=cfg.target, loss=cfg.loss, operator=cfg.aggregate, weighting=cfg.weighting,
-                      temperature=cfg.temperature)
-    for key in ("steps", "batch_size", "grad_accum", "log_every", "shuffle_buffer"):
-        if getattr(cfg, key) < 1:
-            raise ChorusError(f"train key '{key}': expected a positive integer, got {getattr(cfg, key)}")
-    for key in ("eval_every", "eval_rows", "save_every", "warmup_steps", "num_workers"):
-        if getattr(cfg, key) < 0:
-            raise ChorusError(f"train key '{key}': expected an integer >= 0, got {getattr(cfg, key)}")
-    for key in ("train_rows", "exclude_rows", "chunk_size"):
-        if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
-            raise ChorusError(f"train key '{key}': expected a positive integer, got {getattr(cfg, key)}")
-    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
-        raise ChorusError(f"train key 'lr': expected a positive finite number, got {cfg.lr}")
-    for key in ("weight_decay", "clip", "beta"):
-        if not (math.isfinite(getattr(cfg, key)) and getattr(cfg, key) >= 0):
-            raise ChorusError(f"train key '{key}': expected a finite number >= 0, got {getattr(cfg, key)}")
-    if not math.isfinite(cfg.alpha):
-        raise ChorusError(f"train key 'alpha': expected a finite number, got {cfg.alpha}")
-    if not 0.0 <= cfg.min_lr_ratio <= 1.0:
-        raise ChorusError(f"train key 'min_lr_ratio': expected a number in [0, 1], got {cfg.min_lr_ratio}")
-    if not 0.0 <= cfg.kd_weight <= 1.0:
-        raise ChorusError(f"train key 'kd_weight': expected a number in [0, 1], got {cfg.kd_weight}")
-    if len(set(cfg.teachers)) != len(cfg.teachers):
-        raise ChorusError(f"train key 'teachers': a teacher is listed twice in {cfg.teachers}")
-    for name in cfg.teacher_weights:
-        if name not in cfg.teachers:
-            raise ChorusError(f"teacher_weights names '{name}', which is not in --teachers ({', '.join(cfg.teachers)})")
-    for dom, ws in cfg.domain_weights.items():
-        if dom not in domains:
-            raise ChorusError(f"domain_weights names domain '{dom}'; the store has: {', '.join(domains)}")
-        if not isinstance(ws, dict) or any(t not in cfg.teachers for t in ws):
-            raise ChorusError(f"domain_weights['{dom}']: expected {{teacher: weight}} over --teachers, got {ws!r}")
-
-
-def _with_blend(cfg: TrainConfig, store: Store, dist: Dist) -> TrainConfig:
-    """The config with the store's fitted blend for these teachers (`chorus blend`) filled in where the
-    user left the defaults: per-domain weights unless domain_weights is set, and the per-token weighting
-    unless one is chosen. The run's config.yaml records the result."""
-    if not cfg.blend or len(cfg.teachers) < 2:
-        return cfg
-    fitted = stored_blend(store, cfg.teachers)
-    if fitted is None:
-        return cfg
-    changes = blend_fill(fitted, domain_weights=cfg.domain_weights, weighting=cfg.weighting, operator=cfg.aggregate)
-    if cfg.calibrated and not cfg.teacher_temperatures and fitted.get("temperatures"):
-        changes["teacher_temperatures"] = fitted["temperatures"]
-    if changes and dist.main:
-        say(f"using the store's fitted blend '{fitted['choice']}' for {', '.join(cfg.teachers)} "
-            f"({', '.join(sorted(changes))}; blend: false to ignore it)")
-    return dataclasses.replace(cfg, **changes)
-
-
-def _prior_table(cfg: TrainConfig, domains: tuple[str, ...]) -> torch.Tensor:
-    """(D, T) teacher weight per domain: global teacher_weights × per-domain domain_weights (default 1)."""
-    table = torch.tensor([[float(cfg.teacher_weights.get(t, 1.0)) * float(cfg.domain_weights.get(d, {}).get(t, 1.0))
-                           for t in cfg.teachers] for d in domains], dtype=torch.float32)
-    if cfg.teachers and (not torch.isfinite(table).all() or (table < 0).any() or (table.sum(1) <= 0).any()):
-        bad = [d for d, row in zip(domains, table) if row.sum() <= 0 or (row < 0).any()]
-        raise ChorusError(f"teacher weights must be >= 0 with a positive sum in every domain; check domain(s) {bad}")
-    return table
-
-
 def _prepare_run_dir(cfg: TrainConfig, dist: Dist) -> tuple[bool, Path | None]:
     """Refuse a directory holding another run. Returns (finished: this very run is already done,
     the checkpoint to resume from or None)."""
@@ -138,7 +73,8 @@ def _prepare_run_dir(cfg: TrainConfig, dist: Dist) -> tuple[bool, Path | None]:
     return False, (ckpt.latest(out) if cfg.resume else None)
 
 
-def _lr_lambda(cfg: TrainConfig):
+def lr_lambda(cfg: TrainConfig):
+    """Linear warmup over warmup_steps, then cosine decay to min_lr_ratio of the peak at ``steps``."""
     def f(step: int) -> float:  # step = optimizer steps taken so far
         if step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
@@ -148,7 +84,8 @@ def _lr_lambda(cfg: TrainConfig):
     return f
 
 
-def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW (0.9, 0.95); weight decay on matrices only (norms and biases keep theirs)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     rest = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]  # norms and biases: no decay
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}],
@@ -181,14 +118,8 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict:
     store = Store.open(cfg.store, "r", cfg.storage_options)
     m = store.manifest
     vocab, domains = m.tokenizer.vocab_size, m.domains
-    cfg = _with_blend(cfg, store, dist)
-    _validate(cfg, domains)
-    manifests = check_teachers(store, cfg.teachers, need_samples=cfg.target == "samples")
-    prior_table = _prior_table(cfg, domains).to(dist.device)
-    builder = TargetBuilder(manifests, vocab, target=cfg.target, loss=cfg.loss, operator=cfg.aggregate,
-                            weighting=cfg.weighting, temperature=cfg.temperature, calibrated=cfg.calibrated,
-                            alpha=cfg.alpha, beta=cfg.beta, warn=dist.main, softening=cfg.softening,
-                            teacher_temperatures=cfg.teacher_temperatures) if cfg.teachers else None
+    objective = DistillLoss.from_config(cfg, store, announce=dist.main)  # the blend filled in, every key checked
+    cfg = objective.cfg
     evals = cfg.eval_rows > 0 and m.split_rows.get("valid", 0) > 0
     if cfg.eval_rows > 0 and not evals and dist.main:
         say(f"warning: store '{cfg.store}' has no held-out rows; training without evaluation (prepare with "
@@ -213,8 +144,8 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict:
     if cfg.parallel == "fsdp" and masks:
         raise ChorusError("train key 'parallel': fsdp does not keep a sparse student's masks yet; use parallel=ddp")
     net = wrap(student, cfg.parallel, dist)
-    optimizer = _optimizer(student, cfg)  # after sharding: FSDP2 replaces the parameters
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
+    optimizer = make_optimizer(student, cfg)  # after sharding: FSDP2 replaces the parameters
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     autocast, amp_dtype = _autocast(cfg, dist.device)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=amp_dtype == torch.float16)
     data = CachedRows(cfg.store, batch_size=cfg.batch_size, teachers=cfg.teachers, split="train",
@@ -251,7 +182,6 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict:
     columns += [f"eval/{d}" for d in domains] + ["eval/mean", "eval/worst", "eval/ece"]
     columns += diag.columns() if diag else []
     log = MetricsLog(out, columns, start if resume_from is not None else None, dist.main)
-    loss_fn = get_loss(cfg.loss)
     if dist.main:
         what = f"distilling from {', '.join(cfg.teachers)} ({cfg.loss}, {cfg.target}" + \
             (f", {cfg.aggregate} pool, {cfg.weighting} weighting)" if diag else ")") if cfg.teachers else "CE only (no teachers)"
@@ -260,10 +190,8 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict:
 
     def targets_for(batch: dict, pos):
         """The pooled sparse target over the batch's positions, and each teacher's per-token weight."""
-        if builder is None:
-            return None, None, None
-        out = builder.build(batch, pos.select, pos.gold, prior_table[pos.domain], dist.device)
-        return out.pooled, out.weights, out.dists
+        out = objective.targets(batch, pos, dist.device)
+        return (out.pooled, out.weights, out.dists) if out is not None else (None, None, None)
 
     # ---- loop
     batches = iter(loader)
@@ -288,8 +216,7 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict:
                 with nullcontext() if sync else accumulating(net):  # gradients are reduced on the last one only
                     with autocast():
                         loss, parts = net(batch["input_ids"].to(dist.device, non_blocking=True), pos.attention_mask,
-                                          pos.select, pos.gold, targets, loss_fn=loss_fn, kd_weight=cfg.kd_weight,
-                                          temperature=cfg.temperature, chunk_size=cfg.chunk_size)
+                                          pos.select, pos.gold, targets, chunk_size=cfg.chunk_size, **objective.kwargs)
                     # DDP averages over ranks: × world turns that mean back into the global token mean
                     scaler.scale(loss * (n * dist.world) / step_tokens).backward()
                 pending[:3] += torch.stack([loss.detach(), parts["ce"], parts["kd"]]).double() * n
