@@ -142,6 +142,8 @@ class TrainConfig:
                                               "per shard))")
     chunk_size: Optional[int] = opt(None, "positions per chunk of the loss (bounds fp32 logits memory; default 1024 "
                                           "on a CPU, on a GPU at T = 1 up to 4096 within 2 GiB of fp32 logits)")
+    lora: dict = opt({}, "train LoRA adapters instead of the whole student (needs peft): {r: 16, alpha: 32, dropout: 0, "
+                         "target_modules: all-linear}; model/ gets the merged model, model/adapter/ the adapters")
     resume: bool = opt(False, "continue from the last checkpoint in --out")
     overwrite: bool = opt(False, "replace a run directory that holds another run")
     storage_options: dict = storage_options_field()

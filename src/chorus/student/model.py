@@ -236,3 +236,34 @@ class Student(nn.Module):
             for start in range(0, logits.shape[0], chunk_size):
                 sl = slice(start, start + chunk_size)
                 yield sl, F.log_softmax(logits[sl].float(), dim=-1)
+
+
+LORA_KEYS = ("r", "alpha", "dropout", "target_modules")
+
+
+def with_lora(model: nn.Module, lora: dict, *, seed: int = 0) -> nn.Module:
+    """``model`` with LoRA adapters (peft) on ``lora["target_modules"]`` (default every linear layer but the LM
+    head); only the adapters train. Their init is seeded, so a run and its resumption build the same adapters."""
+    if not lora:
+        return model
+    unknown = sorted(set(lora) - set(LORA_KEYS))
+    if unknown:
+        raise ChorusError(f"train key 'lora': unknown setting '{unknown[0]}'; expected some of: {', '.join(LORA_KEYS)}")
+    r, alpha, dropout = lora.get("r", 16), lora.get("alpha", 2 * lora.get("r", 16)), lora.get("dropout", 0.0)
+    if not (isinstance(r, int) and r >= 1) or not isinstance(alpha, (int, float)) or not 0 <= dropout < 1:
+        raise ChorusError(f"train key 'lora': expected r a positive integer, alpha a number, dropout in [0, 1); got {lora}")
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ChorusError("train key 'lora' needs peft: pip install 'chorus[lora]'") from None
+    torch.manual_seed(seed)
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, task_type="CAUSAL_LM",
+                        target_modules=lora.get("target_modules", "all-linear"))
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:
+        raise ChorusError(f"train key 'lora': {str(e).splitlines()[0]}") from None
+
+
+def is_lora(model: nn.Module) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "merge_and_unload")

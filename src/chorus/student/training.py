@@ -34,7 +34,7 @@ from chorus.student import checkpoint as ckpt
 from chorus.student.data import CachedRows, Positions, StreamLoader, positions
 from chorus.student.evaluate import evaluate_model
 from chorus.student.loss import DistillLoss
-from chorus.student.model import Student, load_student
+from chorus.student.model import Student, is_lora, load_student, with_lora
 from chorus.student.parallel import Dist, accumulating, full_state, load_full_state, whole, wrap
 from chorus.student.train_log import EnsembleStats, MetricsLog
 
@@ -133,6 +133,10 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict:
                          tokenizer_fingerprint=m.tokenizer.fingerprint,
                          store_tokens=store_vocabulary(store)).to(dist.device)
     masks = _student_masks(cfg.student, model)  # a sparse student's pruned weights stay exactly zero
+    if cfg.lora and masks:
+        raise ChorusError("train key 'lora': a sparse student (masks.safetensors) cannot take LoRA adapters, whose "
+                          "merge would fill its pruned weights; train it whole")
+    model = with_lora(model, cfg.lora, seed=cfg.seed)
     finished, resume_from = _prepare_run_dir(cfg, dist)
     if finished:
         say(f"'{cfg.out}' already holds this finished run; nothing to do (pass --overwrite to train again)")
@@ -272,7 +276,9 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict:
     final = out / "model"
     plain = whole(student, dist)
     if dist.main:
-        _save_model(final, plain.model, masks, m, store)
+        saved = _save_model(final, plain.model, masks, m, store)
+        if saved is not plain.model:  # a LoRA student, merged: evaluated as saved
+            plain = Student(saved, vocab)
     dist.barrier()
     result = {}
     if evals:
@@ -293,12 +299,16 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict:
     return {"steps": cfg.steps, "eval": result, "out": str(out)}
 
 
-def _save_model(final: Path, model: torch.nn.Module, masks, m, store) -> None:
-    """A complete HF model directory: config, weights, generation config (the store's EOS and pad ids),
+def _save_model(final: Path, model: torch.nn.Module, masks, m, store) -> torch.nn.Module:
+    """A complete HF model directory: config, weights (a LoRA student's merged, its adapters in ``adapter/``),
+    generation config (the store's EOS and pad ids),
     the store's tokenizer when it can be found (else one warning), and ``chorus.json.partial``, which the
     recipe completes with the eval once it has run."""
     from transformers import GenerationConfig
 
+    if is_lora(model):  # the adapters alone (peft's format), then the merged model that every command reads
+        model.save_pretrained(final / "adapter")
+        model = model.merge_and_unload()
     model.config.eos_token_id, model.config.pad_token_id = m.tokenizer.eos_id, m.tokenizer.pad_id
     model.generation_config = GenerationConfig(eos_token_id=m.tokenizer.eos_id, pad_token_id=m.tokenizer.pad_id)
     model.save_pretrained(final)
@@ -315,6 +325,7 @@ def _save_model(final: Path, model: torch.nn.Module, masks, m, store) -> None:
     info = {"created_by": __version__, "corpus_fingerprint": m.fingerprint, "tokenizer": m.tokenizer.to_dict(),
             "tokenizer_source": source}
     (final / "chorus.json.partial").write_text(json.dumps(info, indent=2))
+    return model
 
 
 def _student_masks(spec: str, model: torch.nn.Module):
