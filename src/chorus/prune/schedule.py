@@ -200,10 +200,6 @@ class GradualPruner:
 
     def _bind(self, new: Masks) -> None:
         if self.masks:
-            for name, old in self.masks.masks.items():
-                if bool((new.masks[name].to(old.device) & ~old).any()):
-                    raise ChorusError(f"new masks would revive pruned weights of '{name}' (sparsity "
-                                      f"{self.sparsity}); masks made elsewhere must not be sparser than the schedule")
             self.masks.unbind()
         self.masks = new.bind(self.model)
 
@@ -225,8 +221,8 @@ class GradualPruner:
         mine = self._setup()
         changed = sorted(k for k in mine if state.get(k) != mine[k])
         if changed:
-            raise ChorusError(f"the saved pruning state was made with another setup (differs in: {', '.join(changed)}); "
-                              "resume with the same schedule, pattern, score and axes")
+            raise ChorusError(f"the saved pruning state was made with another setup (differs in: "
+                              f"{', '.join(changed)}); resume with the same schedule, pattern, score and axes")
         if self.masks:
             self.masks.unbind()
         self.masks = Masks(state["masks"]).bind(self.model) if state["masks"] else None
@@ -243,9 +239,10 @@ def plan_of(model: nn.Module, masks: Masks) -> structured.Plan:
         mine = {k: m for k, m in masks.masks.items() if k.startswith(f"model.layers.{i}.")}
         if not any(bool(m.any()) for m in mine.values()):
             continue
-        o, down = mine.get(f"model.layers.{i}.self_attn.o_proj.weight"), mine.get(f"model.layers.{i}.mlp.down_proj.weight")
+        o, down = (mine.get(f"model.layers.{i}.{m}.weight") for m in ("self_attn.o_proj", "mlp.down_proj"))
         if o is None or down is None:
-            raise ChorusError(f"masks of layer {i} lack o_proj or down_proj; they are not structured masks of this model")
+            raise ChorusError(f"masks of layer {i} lack o_proj or down_proj; they are not structured masks of "
+                              "this model")
         layers.append(i)
         kv_groups.append(torch.nonzero(o.cpu().any(0).reshape(s["kv"], -1).any(-1)).flatten().tolist())
         channels.append(torch.nonzero(down.cpu().any(0)).flatten().tolist())
