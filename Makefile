@@ -22,7 +22,7 @@ demo-quick: $(STAMP)
 	$(BIN)/chorus demo --quick --out demo_out_quick
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks examples
 	$(BIN)/lint-imports
 
 test: $(STAMP) lint
