@@ -41,6 +41,7 @@ make bench-quick    # the same with --quick (minutes), then this README
 | `gpu.py` | on one CUDA device: the bf16 teacher pass against the bare forward (V ≈ 50k and 128k, L = 2048 and 8192, a 0.6–0.9B and an 8B-shaped teacher), peak memory, the KD step against CE |
 | `real.py` | real pretrained teachers of two families and tokenizer families (SmolLM2-135M, Gemma-3-270M; `make bench-real`): each teacher's own bits per byte against its cache's gold statistics, held-out bits per byte, coverage and unplaced mass of the mapped teacher, the cache pass against the bare forward, and students (CE, each teacher, the blend) |
 | `ensemble.py` | many-teacher ablation: students from every blend operator × weighting × softening, the demo's stored blend, against CE and an oracle router |
+| `trainer_memory.py` | Hugging Face Trainer distilling from a cache: peak memory of the fused loss against the same loss from full logits and against HF's own CE (V = 32 000) |
 
 Timings are ratios measured in the same run on the same machine; absolute numbers name the machine.
 """
@@ -373,13 +374,28 @@ def real(res: dict) -> str:
     return "\n".join(lines)
 
 
+def trainer_memory(res: dict) -> str:
+    st, rows = res["settings"], res["results"]
+    fused = next(r for r in rows if r["mode"] == "fused")
+    head = (f"V = {st['vocab']}, {st['batch_size']} × {st['seq_len']} tokens per step, Llama hidden {st['hidden']} × "
+            f"{st['layers']} layers (untied head), {st['steps']} steps, each mode in a fresh process; peak above the "
+            "memory held before `trainer.train()` and in total (CPU: VmHWM).")
+    table = md_table(["mode", "what", "peak above start MB", "peak total MB", "fused / this (above)",
+                      "fused / this (total)", "s/step"],
+                     [[r["mode"], res["modes"][r["mode"]], _f(r["peak_above_start_mb"], ".0f"),
+                       _f(r["peak_total_mb"], ".0f"), _f(fused["peak_above_start_mb"] / r["peak_above_start_mb"], ".2f"),
+                       _f(fused["peak_total_mb"] / r["peak_total_mb"], ".2f"), _f(r["s_per_step"], ".2f")] for r in rows])
+    return head + "\n\n" + table
+
+
 def generic(res: dict) -> str:
     rows = [[k, _f(v)] for k, v in res.items() if isinstance(v, (int, float, str)) and k not in ("benchmark", "date")]
     return md_table(["key", "value"], rows) if rows else "(no scalar results)"
 
 
 RENDER = {"quality": quality, "prepare": prepare, "cache": cache, "train": train, "sparsekd": sparsekd,
-          "ensemble": ensemble, "gpu": gpu, "gpu-big": gpu, "real": real}
+          "ensemble": ensemble, "gpu": gpu, "gpu-big": gpu, "real": real, "trainer_memory": trainer_memory,
+          "trainer_memory_b8": trainer_memory}
 
 
 def section(name: str, res: dict) -> str:

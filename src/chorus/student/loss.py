@@ -106,16 +106,18 @@ class DistillLoss:
     and refusals as in `chorus train`). Call it as ``loss, parts = loss_fn(model, batch)`` with a Hugging Face causal
     LM and a collated :class:`~chorus.student.dataset.CacheDataset` batch; ``parts`` holds the CE and KD terms.
     :meth:`from_hidden` and :meth:`from_logits` take a forward pass the caller ran. No teachers: plain CE.
+    ``fused=False`` always goes through the model's full logits (a reference; it holds (N, V) fp32 log-probs).
     """
 
     def __init__(self, store: str, teachers: list[str] | tuple[str, ...] = (), *, storage_options: dict | None = None,
-                 announce: bool = False, **settings: Any) -> None:
+                 announce: bool = False, fused: bool = True, **settings: Any) -> None:
         unknown = sorted(set(settings) - set(LOSS_KEYS))
         if unknown:
             raise ChorusError(f"unknown loss setting '{unknown[0]}'; expected some of: {', '.join(LOSS_KEYS)}")
         cfg = TrainConfig(store=store, student="-", out="-", teachers=list(teachers),
                           storage_options=dict(storage_options or {}), **settings)
         self._setup(cfg, Store.open(store, "r", cfg.storage_options), announce=announce)
+        self.fused = fused
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, store: Store, *, announce: bool = False) -> DistillLoss:
@@ -139,6 +141,7 @@ class DistillLoss:
         self.divergence = get_loss(cfg.loss)
         self._split: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._prior_on: dict[str, Tensor] = {}
+        self.fused = True
 
     @property
     def teachers(self) -> list[str]:
@@ -170,7 +173,7 @@ class DistillLoss:
         device = next(model.parameters()).device
         ids = batch["input_ids"].to(device)
         mask = (batch["segment_ids"].to(device) > 0).long()
-        if self._splits(model):
+        if self.fused and self._splits(model):
             out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True,
                         logits_to_keep=torch.zeros(0, dtype=torch.long, device=device))
             head = _unwrap(model).get_output_embeddings()
