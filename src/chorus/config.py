@@ -160,7 +160,7 @@ class EvalConfig:
     teachers: list = opt([], "cached teachers to compare with, comma-separated (default: every complete one)")
     aggregate: str = opt("mixture", "operator for the ensemble diagnostics", choices=("mixture", "geometric", "power"))
     weighting: str = opt("none", "per-token weighting for the ensemble diagnostics",
-                         choices=("none", "confidence", "agreement", "likelihood"))
+                         choices=("none", "confidence", "agreement", "likelihood", "context"))
     alpha: float = opt(0.5, "alpha of the power pool")
     beta: float = opt(1.0, "sharpness of per-token weighting")
     blend: bool = opt(True, "pool the teachers with the blend `chorus blend` recorded for them, as `chorus train` "
@@ -216,10 +216,20 @@ class CompressConfig:
                                     "masks; 2:4: semi-structured masks (wanda scores)",
                       choices=("structured", "magnitude", "wanda", "2:4"))
     target_params: float = opt(0.5, "structured: fraction of the model's parameters to keep")
-    axes: list = opt(["heads", "mlp", "hidden"], "structured: what shrinks (heads, mlp, hidden; layers for depth)")
+    axes: Optional[list] = opt(None, "structured: what shrinks (heads, mlp, hidden; layers for depth); default "
+                                     "heads, mlp, hidden in separate stage runs, heads, mlp inside one run "
+                                     "(masks cannot shrink hidden channels)")
     sparsity: float = opt(0.5, "magnitude / wanda: fraction of each block matrix pruned (2:4 is always 0.5)")
-    stages: int = opt(1, "prune → distill stages from the model to the target (1: one-shot)")
-    steps: int = opt(400, "student steps in all, split evenly over the stages")
+    schedule: str = opt("stages", "how the sparsity grows: one-shot or stages (n = stages) prune → distill in a "
+                                  "train run per stage; linear or cubic (Zhu & Gupta) grow it every `every` steps "
+                                  "inside one train run", choices=("one-shot", "stages", "linear", "cubic"))
+    stages: int = opt(1, "schedule stages: prune → distill stages from the model to the target (1: one-shot)")
+    in_run: bool = opt(False, "one-shot / stages: prune inside one train run with masks, as linear and cubic do")
+    begin: int = opt(0, "inside one run: the step the pruning starts at")
+    end: Optional[int] = opt(None, "inside one run: the step the target is reached (default: 3/4 of the steps for "
+                                   "linear and cubic, so the last quarter recovers; all steps for stages)")
+    every: Optional[int] = opt(None, "linear / cubic: steps between mask updates (default: (end - begin) / 16)")
+    steps: int = opt(400, "student steps in all (split evenly over separate stage runs)")
     calibration_rows: int = opt(64, "training rows whose activations rank the units")
     seed: int = opt(0, "seed of every stage's distillation")
     train: dict = opt({}, "train keys for every stage (lr, batch_size, loss, kd_weight, temperature, ...)")

@@ -23,7 +23,7 @@ from chorus.distill import ensemble
 from chorus.distill.calibration import expected_calibration_error, top1_confidence
 from chorus.distill.losses import CPU_LOSS_CHUNK, forward_kl
 from chorus.distill.sparse import IGNORE_INDEX, gold_log_prob
-from chorus.distill.targets import TargetBuilder, pool
+from chorus.distill.targets import TargetBuilder, context_loglik, pool
 from chorus.errors import ChorusError
 from chorus.store import Store, check_teachers, complete_teachers, token_byte_lengths
 from chorus.student.data import CachedRows, Positions, positions
@@ -186,6 +186,7 @@ def evaluate_model(model, store: str, *, split: str = "valid", batch_size: int =
         if pos is None:  # every position of the batch is padding: nothing to score
             continue
         dists = [builder.teacher(i, batch["teachers"][t], pos.select, device) for i, t in enumerate(teachers)]
+        ctx = context_loglik(batch, teachers, pos.select, device) if weighting == "context" and len(teachers) >= 2 else None
         for sl, s_logp in student.log_probs_chunks(batch["input_ids"].to(device), pos.attention_mask, pos.select,
                                                    chunk_size or CPU_LOSS_CHUNK):
             gold, dom = pos.gold[sl], pos.domain[sl]
@@ -201,7 +202,8 @@ def evaluate_model(model, store: str, *, split: str = "valid", batch_size: int =
             if len(chunk) >= 2:
                 jsd.add(ensemble.mean_pairwise_jsd(chunk), dom, nd)
                 prior = table[dom]
-                pooled, w = pool(chunk, prior, operator=operator, weighting=weighting, gold=gold, alpha=alpha, beta=beta)
+                pooled, w = pool(chunk, prior, operator=operator, weighting=weighting, gold=gold, alpha=alpha, beta=beta,
+                                 context=ctx[sl] if ctx is not None else None)
                 top = ensemble.top1(pooled)
                 for i, (t, d) in enumerate(zip(teachers, chunk)):
                     differs[t].add((ensemble.top1(d) != top).double(), dom, nd)
