@@ -137,3 +137,24 @@ def test_batch_size_mismatch_is_refused(blend_store, student_dir, tmp_path):
     with pytest.raises(ChorusError, match="batch_size 4 but the trainer's per_device_train_batch_size is 8"):
         DistillTrainer(model=AutoModelForCausalLM.from_pretrained(student_dir), args=args,
                        train_dataset=CacheDataset(blend_store, batch_size=4), distill_loss=DistillLoss(blend_store))
+
+
+def test_dataset_resumes_from_its_state_and_ranks_split_each_global_batch(blend_store):
+    """A dataset restored from its state after n batches yields what an uninterrupted one yields next; two ranks'
+    batches j, side by side, are the one-rank batch j of twice the size."""
+    def batches(ds, n):
+        it = ds.batches()
+        return [next(it) for _ in range(n)]
+
+    whole = batches(CacheDataset(blend_store, batch_size=2, teachers=["a"], seed=3), 7)
+    first = CacheDataset(blend_store, batch_size=2, teachers=["a"], seed=3)
+    batches(first, 4)
+    again = CacheDataset(blend_store, batch_size=2, teachers=["a"], seed=3)
+    again.load_state_dict(first.state_dict())
+    for got, want in zip(batches(again, 3), whole[4:]):
+        assert torch.equal(got["row"], want["row"]) and torch.equal(got["input_ids"], want["input_ids"])
+    one = batches(CacheDataset(blend_store, batch_size=4, teachers=["a"], seed=3, world_size=1, rank=0), 3)
+    ranks = [batches(CacheDataset(blend_store, batch_size=2, teachers=["a"], seed=3, world_size=2, rank=r), 3)
+             for r in (0, 1)]
+    for j in range(3):
+        assert torch.equal(torch.cat([ranks[0][j]["row"], ranks[1][j]["row"]]), one[j]["row"])
