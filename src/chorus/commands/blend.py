@@ -21,6 +21,7 @@ import math
 
 import torch
 
+from chorus import failpoints
 from chorus.config import BlendConfig
 from chorus.distill.blend import TEMPERATURE_SCALES, compare
 from chorus.distill.calibration import DEFAULT_POSITIONS
@@ -84,7 +85,9 @@ def run(cfg: BlendConfig) -> dict:
                                               for k, c in cands.items()},
                    "teacher_nll_per_domain": teacher_nll, "positions": int(len(domain)), "split": cfg.split},
     }
+    failpoints.hit("record")
     store.group.attrs[BLEND_KEY] = record
+    failpoints.hit("recorded")
     _print(record, m.domains)
     say(f"blend '{best}' written to store '{cfg.store}'; `chorus train --teachers {','.join(names)}` uses it "
         "by default (blend: false to ignore it)")

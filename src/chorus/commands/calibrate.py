@@ -14,6 +14,7 @@ import math
 
 import torch
 
+from chorus import failpoints
 from chorus.config import CalibrateConfig
 from chorus.distill.calibration import (
     DEFAULT_POSITIONS,
@@ -70,7 +71,9 @@ def run(cfg: CalibrateConfig) -> dict:
     report = {"nll_before": _nll(dist, gold_t), "nll_after": _nll(fitted, gold_t),
               "ece_before": _ece(dist, gold_t), "ece_after": _ece(fitted, gold_t),
               "rows": data.rows_per_epoch, "tokens": int(len(gold_t)), "split": cfg.split}
+    failpoints.hit("record")
     store.write_teacher_manifest(teacher.replace(temperature=float(temperature), calibration=report))
+    failpoints.hit("recorded")
 
     print(f"teacher '{cfg.teacher}': temperature {temperature:.4f} fitted on {report['tokens']:,} tokens "
           f"({report['rows']} {cfg.split} rows)")

@@ -22,6 +22,7 @@ import threading
 import time
 import uuid
 
+from chorus import failpoints
 from chorus.errors import ChorusError
 
 LEASES = "_leases"
@@ -159,6 +160,7 @@ class ShardLeases:
                 if info is not None and info.get("owner") == self.owner:
                     try:
                         self.store.put_whole(self._path(key), self._record())
+                        failpoints.hit("lease-renew")
                     except OSError:
                         pass  # the next beat retries; a lease that goes stale is re-checked before commit
 

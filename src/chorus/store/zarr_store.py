@@ -24,6 +24,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BytesCodec, ZstdCodec
 
+from chorus import failpoints
 from chorus.errors import ChorusError, IntegrityError, StillCreating
 from chorus.store.fingerprint import checksum, matches
 from chorus.store.fs import CREATING_KEY, MANIFEST_KEY, check_replaceable, clean_stale_tmp, reader_pool, split_url
@@ -232,9 +233,11 @@ class Store:
         sums = {name: checksum(blobs[name]) for name in sorted(blobs)}
         commit = ShardCommit(unit=unit, shard=shard, row_start=row_start, row_stop=row_stop, checksums=sums,
                              fingerprint=fingerprint)
+        failpoints.hit("shard-written")
         if before_commit is not None:
             before_commit(commit)
         self._create_commit(commit)
+        failpoints.hit("commit")
         return commit
 
     def encode_chunk(self, unit: str, name: str, data: np.ndarray) -> bytes:
@@ -275,6 +278,7 @@ class Store:
         tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
         with open(tmp, "wb") as f:
             f.write(blob)
+        failpoints.hit("chunk")
         os.replace(tmp, path)
 
     def commit_path(self, unit: str, shard: int) -> str:

@@ -16,6 +16,7 @@ import fsspec
 import numpy as np
 import torch
 
+from chorus import failpoints
 from chorus.errors import ChorusError
 from chorus.store.fs import clean_stale_tmp
 
@@ -54,6 +55,7 @@ def save(run_dir: str | Path, step: int, state: dict, keep: int = 1) -> Path:
     torch.save(state, tmp)
     with open(tmp, "rb+") as f:  # on disk before the rename makes it visible
         os.fsync(f.fileno())
+    failpoints.hit("checkpoint")
     os.replace(tmp, final)
     for old in checkpoints(run_dir)[:-keep]:
         old.unlink(missing_ok=True)

@@ -15,6 +15,7 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -22,11 +23,12 @@ import numpy as np
 import torch
 import yaml
 
-from chorus import __version__, rundir
+from chorus import __version__, failpoints, rundir
 from chorus.config import TrainConfig, to_dict
 from chorus.distill.sparse import IGNORE_INDEX
 from chorus.errors import ChorusError
 from chorus.progress import Progress, say
+from chorus.prune import GradualPruner
 from chorus.prune.masks import Masks
 from chorus.store import Store, store_vocabulary
 from chorus.store.tokenizer import store_tokenizer
@@ -104,16 +106,20 @@ def _autocast(cfg: TrainConfig, device: torch.device):
 
 
 # ---------------------------------------------------------------------------------------------- the loop
-def train(cfg: TrainConfig) -> dict:
-    """One training run as ``cfg`` says: resumes a run directory it wrote, refuses any other."""
+def train(cfg: TrainConfig, *, pruner: Callable[[torch.nn.Module], GradualPruner] | None = None) -> dict:
+    """One training run as ``cfg`` says: resumes a run directory it wrote, refuses any other.
+
+    ``pruner``: builds a :class:`~chorus.prune.GradualPruner` on the loaded student; its masks then follow its
+    schedule during the run (updated before each step, applied after each optimizer step, checkpointed), and the
+    final masks are saved with the model (``masks.safetensors``)."""
     dist = Dist(cfg.device)
     try:
-        return _train(cfg, dist)
+        return _train(cfg, dist, pruner)
     finally:
         dist.close()
 
 
-def _train(cfg: TrainConfig, dist: Dist) -> dict:
+def _train(cfg: TrainConfig, dist: Dist, make_pruner=None) -> dict:
     # ---- setup: store, teachers, run directory
     store = Store.open(cfg.store, "r", cfg.storage_options)
     m = store.manifest
@@ -137,6 +143,10 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict:
         raise ChorusError("train key 'lora': a sparse student (masks.safetensors) cannot take LoRA adapters, whose "
                           "merge would fill its pruned weights; train it whole")
     model = with_lora(model, cfg.lora, seed=cfg.seed)
+    if make_pruner is not None and (masks or cfg.lora):
+        raise ChorusError("a gradual pruning schedule needs a dense student trained whole (no masks.safetensors, "
+                          "no lora)")
+    pruner = make_pruner(model) if make_pruner is not None else None
     finished, resume_from = _prepare_run_dir(cfg, dist)
     if finished:
         say(f"'{cfg.out}' already holds this finished run; nothing to do (pass --overwrite to train again)")
@@ -145,7 +155,7 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict:
 
     # ---- setup: optimizer, data
     student = Student(model, vocab)
-    if cfg.parallel == "fsdp" and masks:
+    if cfg.parallel == "fsdp" and (masks or pruner is not None):
         raise ChorusError("train key 'parallel': fsdp does not keep a sparse student's masks yet; use parallel=ddp")
     net = wrap(student, cfg.parallel, dist)
     optimizer = make_optimizer(student, cfg)  # after sharding: FSDP2 replaces the parameters
@@ -177,6 +187,8 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict:
         final_row = state["log"].get("final_row") or {}
         if diag:
             diag.load_state_dict(state["log"]["diag"])
+        if pruner is not None:
+            pruner.load_state_dict(state["pruner"])
         if dist.main:
             say(f"resuming from {resume_from.name} (step {start})")
     elif cfg.resume and dist.main:
@@ -209,6 +221,8 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict:
             # The step's micro-batches first: positions are found on the host (no device sync), and the loss
             # is normalized by the step's token count over every micro-batch and rank (a micro-batch of few
             # tokens weighs what its tokens weigh, as in one big batch).
+            if pruner is not None:
+                pruner.update(step - 1)  # the sparsity after step - 1 optimizer steps
             micro_batches = [next(batches) for _ in range(cfg.grad_accum)]
             host = [positions(b) for b in micro_batches]
             counts = [int((p.gold != IGNORE_INDEX).sum()) for p in host]
@@ -234,6 +248,9 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict:
             scaler.step(optimizer)
             if masks:
                 masks.apply()
+            if pruner is not None:
+                pruner.apply()
+            failpoints.hit("step")
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
@@ -268,7 +285,8 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict:
                 final_row = row  # written with the final eval, once the model is saved
             if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
                 log_state = {"acc": acc, "diag": diag.state_dict() if diag else None, "final_row": final_row}
-                _save_checkpoint(out, step, tokens_seen, student, optimizer, scheduler, scaler, loader, log_state, dist)
+                _save_checkpoint(out, step, tokens_seen, student, optimizer, scheduler, scaler, loader, log_state, dist,
+                                 extra={"pruner": pruner.state_dict()} if pruner is not None else {})
             t_last += time.perf_counter() - paused  # eval and checkpoints are not training time (tokens/s)
 
     # ---- cleanup: the model first (weights, tokenizer, generation config), then the final eval, then
@@ -276,7 +294,7 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict:
     final = out / "model"
     plain = whole(student, dist)
     if dist.main:
-        saved = _save_model(final, plain.model, masks, m, store)
+        saved = _save_model(final, plain.model, pruner.masks if pruner is not None else masks, m, store)
         if saved is not plain.model:  # a LoRA student, merged: evaluated as saved
             plain = Student(saved, vocab)
     dist.barrier()
@@ -367,12 +385,12 @@ def _to_device(pos: Positions, device: torch.device) -> Positions:
 
 
 def _save_checkpoint(out: Path, step: int, tokens: int, student: Student, optimizer, scheduler, scaler,
-                     loader: StreamLoader, log_state: dict, dist: Dist) -> None:
+                     loader: StreamLoader, log_state: dict, dist: Dist, extra: dict) -> None:
     rngs = dist.gather(ckpt.rng_state())  # every rank's generators, so dropout resumes exactly
     model_state, optim_state = full_state(student, optimizer)
     if dist.main:
         ckpt.save(out, step, {"step": step, "tokens": tokens, "model": model_state,
                               "optimizer": optim_state, "scheduler": scheduler.state_dict(),
                               "scaler": scaler.state_dict(), "loader": loader.state_dict(), "rng": rngs, "log": log_state,
-                              "created_by": __version__})
+                              "created_by": __version__, **extra})
     dist.barrier()
