@@ -6,14 +6,14 @@ is one SparseDist over the union of the teachers' supports (width U = Σ_t k_t, 
 whose tail is the pooled mass outside the union.
 
 An id in the union but outside teacher t's top-k gets t's imputed probability p̂_t
-(:func:`~chorus.distill.sparse.log_missing`: the size-biased mean of t's tail from its cached
-statistics, or the even-tail share without them); t's remaining tail mass
+(:func:`~chorus.distill.sparse.log_missing`: a midpoint estimate of t's tail ids from its cached
+statistics, at most its k-th cached value, or the even-tail share without them); t's remaining tail mass
 τ'_t = τ_t − (|U| − k_t)·p̂_t lies outside the union. There the pool treats the out-of-union
-bucket as one more outcome with mass τ'_t per teacher — exact for the mixture, and for the
-geometric and power pools exact when the teachers' tails are proportional (Hölder's bound
-otherwise). For distributions without statistics every operator equals pooling the dense
-even-tail distributions and is tested against that; with statistics it is tested against
-dense pooling of the true distributions.
+bucket as one more outcome with mass τ'_t per teacher. Exact on the ids every teacher resolves; elsewhere the
+true pool lies in a box the sparse form determines (each missing value in [0, p_t,(k)]), and so does chorus's:
+per position, TV ≤ ½·W for the mixture and ≤ W / Σ lo for the geometric and power pools, W the box widths
+(tests/reliability/test_exact.py, against dense float64 pooling of the true distributions). Without statistics
+every operator equals pooling the dense even-tail distributions.
 
 The union is built with one sort of the concatenated ids and one scatter of each teacher's
 values into its union slots (no (N, U, k) broadcast, no dense (N, V)).
@@ -233,15 +233,15 @@ def _pool_weighted(
 
 
 def mixture(dists: Sequence[SparseDist], weights: Tensor) -> SparseDist:
-    """Linear pool q(i) = Σ_t w_t p_t(i), p_t(i) the explicit value or τ_t / (V - n_t).
-    The tail is Σ_t w_t τ_t (V - |U|) / (V - n_t): teacher t's tail mass outside the union.
+    """Linear pool q(i) = Σ_t w_t p_t(i), p_t(i) the explicit value or t's imputed value (module docstring).
+    The tail is Σ_t w_t τ'_t: teacher t's tail mass outside the union.
     Any id some positive-weight teacher gives mass keeps positive mass."""
     return _pool_weighted(dists, weights, "mixture", 1.0)
 
 
 def geometric(dists: Sequence[SparseDist], weights: Tensor) -> SparseDist:
-    """Normalized log pool log q(i) ∝ Σ_t w_t log p_t(i); ids missing from a teacher take its
-    even-tail share, ids outside the union Π_t (τ_t / (V - n_t))^{w_t}. An id that a
+    """Normalized log pool log q(i) ∝ Σ_t w_t log p_t(i); ids missing from a teacher take its imputed
+    value, the out-of-union bucket Π_t (τ'_t)^{w_t} per id (module docstring). An id that a
     positive-weight teacher with zero tail leaves out gets q = 0 (the log pool's veto); if
     that leaves nothing, the position falls back to the linear pool."""
     return _pool_weighted(dists, weights, "geometric", 0.0)
@@ -273,8 +273,10 @@ def _jsd_terms(la: Tensor, lb: Tensor) -> Tensor:
 
 
 def _pairwise_jsd(un: _Union) -> Tensor:
-    """(N, T, T) exact full-vocabulary JSD (nats) between every pair of teachers: the union
-    ids explicitly, the |V| - |U| ids outside it through the teachers' even-tail shares."""
+    """(N, T, T) JSD (nats) between every pair of teachers: the union ids explicitly, the |V| - |U| ids outside
+    it through the teachers' even-tail shares. Exact for even tails; for real tails it is off by at most
+    ½ln2·(a(R) + b(R)) − JSD of the two-bucket (R, not R) split, R the ids outside both supports
+    (tests/reliability/test_exact.py)."""
     n, t, _ = un.logp.shape
     n_out = (un.vocab_size - un.size).to(torch.float32)
     out = torch.zeros(n, t, t, device=un.logp.device)

@@ -76,7 +76,12 @@ def linear(dist: SparseDist, temperature: float) -> SparseDist:
     tail_fn = None
     if dist.tail_fn is not None:  # every tail id is scaled by the same factor: A_q(β) = A_p(β) + β log(scale)
         tail_fn = Tail(dist.tail_fn.betas, dist.tail_fn.logz + dist.tail_fn.betas.to(scale)[None, :] * scale.log()[:, None])
-    return SparseDist(dist.ids, logp, tail, v, tail_fn, None, None)
+    gold = None
+    if dist.gold_logp is not None:  # exact too: the gold gains the top's share when it is a top id (its value is the
+        # top's, up to the fp16 rounding of a stored value)
+        at_top = has & ((dist.gold_logp - top[:, 0]).abs() <= 2.0 ** -10 * top[:, 0].abs().clamp_min(1.0))
+        gold = (dist.gold_logp.exp() * scale + torch.where(at_top, share[:, 0], 0.0)).log()
+    return SparseDist(dist.ids, logp, tail, v, tail_fn, None, gold)
 
 
 SOFTENINGS: dict[str, Callable[[SparseDist, float], SparseDist]] = {"power": soften, "linear": linear}

@@ -7,8 +7,9 @@ distribution: log tail mass, entropy, gold log-prob and the tail's softening cur
 calibration) works on :class:`SparseDist` and never builds an ``(N, V)`` tensor, except
 :func:`to_dense`, which exists for tests and references.
 
-With statistics (``tail_fn``, ``exact_entropy``, ``gold_logp``), softening, entropy and the
-gold token's probability are exact (softening up to the stated interpolation error). Without
+With statistics (``tail_fn``, ``exact_entropy``, ``gold_logp``), the gold token's probability is exact, and so
+are softening and entropy at the cached temperatures β (between them, up to the tail curve's interpolation:
+the bound is tested in tests/reliability/test_exact.py). Without
 them (format v1 caches, pooled or hand-built distributions) the *even-tail* convention applies:
 the tail mass is spread evenly over the ``V - n_valid`` ids outside the support, so the
 representation denotes one full-vocabulary distribution with an exact dense meaning.
