@@ -1,10 +1,9 @@
 """kill -9 where it hurts: each kill is an event of the run being killed (chorus.failpoints), the test asserts where it
 landed, and every command resumes to the bytes of the run that was never killed.
 
-22 kill points: cache 11 (after a commit, inside a chunk write, between a shard's chunks and its commit record,
-during a lease renewal), train 5 (after an optimizer step, inside a checkpoint write), calibrate 2 and blend 2
-(just before and just after the result is written to the store), compress 2 (between stages, inside a stage's
-checkpoint)."""
+20 kill points (KILL_POINTS): cache 11 (after a commit, inside a chunk write, between a shard's chunks and its commit
+record, during a lease renewal), train 5 (after an optimizer step, inside a checkpoint write), calibrate 2 and blend 2
+(just before and just after the result is written to the store)."""
 
 from __future__ import annotations
 
@@ -76,6 +75,7 @@ def test_cache_killed_anywhere_resumes_to_the_same_bytes(prepared_store, teacher
 
 
 # ---------------------------------------------------------------------------------------------- train
+TRAIN_KILLS = [("checkpoint", 2), ("step", 2), ("checkpoint", 1), ("checkpoint", 2), ("step", 4)]
 def _train_args(store: str, student: str, out: Path) -> list[str]:
     return ["train", "--store", store, "--student", student, "--out", str(out), "--teachers", "a", "--steps", "12",
             "--save-every", "3", "--batch-size", "4", "--lr", "0.003", "warmup_steps=2", "eval_every=0",
@@ -103,7 +103,7 @@ def test_train_killed_anywhere_resumes_to_the_same_run(teacher_store, tmp_path):
     # each run resumes from the last checkpoint: inside the write of 6 (3 kept), after step 5 (3), inside the
     # write of 6 again (3), inside the write of 9 (6 kept), after step 10 (9 kept)
     saved = []
-    for point, k in [("checkpoint", 2), ("step", 2), ("checkpoint", 1), ("checkpoint", 2), ("step", 4)]:
+    for point, k in TRAIN_KILLS:
         _kill(_train_args(teacher_store, student, cut), point, k, log)
         assert not (cut / "model").exists()
         saved.append([int(p.name[5:13]) for p in checkpoints(cut)])
@@ -116,7 +116,8 @@ def test_train_killed_anywhere_resumes_to_the_same_run(teacher_store, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- calibrate, blend
-@pytest.mark.parametrize("point", ["record", "recorded"])
+RECORD_POINTS = ["record", "recorded"]  # each kills calibrate, then blend
+@pytest.mark.parametrize("point", RECORD_POINTS)
 def test_calibrate_and_blend_killed_at_their_write_give_the_same_record(teacher_store, tmp_path, point):
     ref = str(tmp_path / "ref.zarr")
     shutil.copytree(teacher_store, ref)
@@ -136,3 +137,6 @@ def test_calibrate_and_blend_killed_at_their_write_give_the_same_record(teacher_
     assert a.teacher_manifest("a").calibration == b.teacher_manifest("a").calibration
     assert json.dumps(a.group.attrs[BLEND_KEY], sort_keys=True) == json.dumps(b.group.attrs[BLEND_KEY],
                                                                                   sort_keys=True)
+
+
+KILL_POINTS = [*CACHE_KILLS, *TRAIN_KILLS, *(p for p in RECORD_POINTS for _ in ("calibrate", "blend"))]
