@@ -37,7 +37,7 @@ make bench-quick    # the same with --quick (minutes), then this README
 | `prepare.py` | `chorus prepare` throughput against a bare tokenizer loop |
 | `cache.py` | `chorus cache` throughput, bytes/token and value error of the target encodings |
 | `train.py` | training step cost of CE, cached KD and online KD; pooling cost; loader throughput |
-| `sparsekd.py` | `chorus compress`: one-shot against staged prune → distill at equal student steps (KD, CE-only recovery, KD from scratch); forward wall time of the pruned models |
+| `sparsekd.py` | `chorus compress`: one-shot, stages (separate runs and in one run) and gradual schedules (cubic, linear) at equal student steps, structured, unstructured and 2:4, distilled from a stronger teacher; CE-only recovery and the same shape from scratch |
 | `gpu.py` | on one CUDA device: the bf16 teacher pass against the bare forward (V ≈ 50k and 128k, L = 2048 and 8192, a 0.6–0.9B and an 8B-shaped teacher), peak memory, the KD step against CE |
 | `real.py` | real pretrained teachers of two families and tokenizer families (SmolLM2-135M, Gemma-3-270M; `make bench-real`): each teacher's own bits per byte against its cache's gold statistics, held-out bits per byte, coverage and unplaced mass of the mapped teacher, the cache pass against the bare forward, and students (CE, each teacher, the blend) |
 | `ensemble.py` | many-teacher ablation: students from every blend operator × weighting × softening, the demo's stored blend, against CE and an oracle router |
@@ -246,42 +246,8 @@ def _pm(xs: list, fmt: str = ".4f", scale: float = 1.0) -> str:
 
 
 def sparsekd(res: dict) -> str:
-    s, summary = res["scale"], res["summary"]
-    lines = [f"Original: Llama 128×2 trained with CE for {s['original_steps']} steps, held-out loss "
-             f"{res['original_loss']:.4f}, cached as its own teacher (top-64). Every compressed model: structured "
-             f"pruning to the target, {s['steps']} student steps in all × {s['batch']} rows × {s['seq_len']} tokens, "
-             f"V = {s['vocab']}, seeds {', '.join(map(str, s['seeds']))}.", "",
-             md_table(["target", "method", "params", "held-out loss", "Δ vs one-shot KD"],
-                      [[f"{r['target']:.0%}", r["method"], f"{r['params']:,}", _pm(r["losses"]),
-                        "ref" if r["method"] == "KD, 1 stage" else f"{r['vs_one_shot']:+.4f}"] for r in summary]), "",
-             "Held-out loss: mean ± half-range over seeds (valid split). Δ: mean loss − the one-shot KD row's at the "
-             "same target (negative is better)."]
-    fw = res.get("forward_ms", {})
-    if "original" in fw:
-        base = fw["original"]
-        lines += ["", f"Forward wall time, batch {s['batch']}×{s['seq_len']}, one thread: original {base:.2f} ms; "
-                      + "; ".join(f"{float(t):.0%}: {v:.2f} ms ({base / v:.2f}× faster)"
-                                  for t, v in fw.items() if t != "original") + "."]
-    verdicts = []
-    for target in dict.fromkeys(r["target"] for r in summary):
-        kd = {r["method"]: r for r in summary if r["target"] == target and r["method"].startswith("KD, ")}
-        one = kd.get("KD, 1 stage")
-        multi = [r for m, r in kd.items() if m != "KD, 1 stage"]
-        if one is None or not multi:
-            continue
-        best = min(multi, key=lambda r: r["mean_loss"])
-        noise = max(max(r["losses"]) - min(r["losses"]) for r in (one, best)) / 2
-        d = best["mean_loss"] - one["mean_loss"]
-        how = ("beat it" if d < -noise else "beat it, within the seed noise" if d < 0 else "did not beat it")
-        verdicts.append(f"at {target:.0%} the best multi-stage run ({best['method']}, {best['mean_loss']:.4f}) {how} "
-                        f"({d:+.4f} against one-shot's {one['mean_loss']:.4f}; noise ±{noise:.4f})")
-    if verdicts:
-        beat = sum("did not" not in v for v in verdicts)
-        head = ("Multi-stage KD beat one-shot KD at every target" if beat == len(verdicts)
-                else "Multi-stage KD did not beat one-shot KD at any target" if beat == 0
-                else "Multi-stage KD beat one-shot KD at some targets only")
-        lines += ["", f"{head}: " + "; ".join(verdicts) + "."]
-    return "\n".join(lines)
+    """The script renders its own tables and verdicts (they depend on which grid ran)."""
+    return res["markdown"]
 
 
 def ensemble(res: dict) -> str:

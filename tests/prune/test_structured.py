@@ -102,3 +102,17 @@ def test_sizes_for_reaches_the_target_or_says_why():
         structured.sizes_for(cfg, 0.1, ("mlp",))
     with pytest.raises(ChorusError, match="cannot keep 3 kv groups"):
         structured.make_plan(tiny(), importance.measure(tiny(), batches(1)), kv=3)
+
+
+def test_head_counts_the_hidden_size_cannot_split_are_skipped():
+    """4 KV groups of one head, hidden 128, pruning heads and MLP only: 3 heads cannot split 128 channels, so the
+    sizes step from 4 to 2 (an HF config of 3 heads would be refused), and the plan is made."""
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=4)
+    seen = {structured.sizes_for(cfg, f, ("heads", "mlp"))["kv"] for f in (0.9, 0.8, 0.75, 0.7, 0.6, 0.5, 0.4)}
+    assert seen <= {1, 2, 4} and len(seen) > 1
+    for f in (0.9, 0.75, 0.5):
+        sizes = structured.sizes_for(cfg, f, ("heads", "mlp"))
+        assert 128 % sizes["kv"] == 0

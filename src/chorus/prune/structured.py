@@ -156,7 +156,9 @@ def sizes_for(config, fraction: float, axes: tuple[str, ...] = WIDTH_AXES, of_pa
     def at(f: float) -> dict:
         sc = lambda n, a: max(1, round(n * f)) if a in axes else n  # noqa: E731
         kv = sc(s["kv"], "heads")
-        q = kv * s["group"]  # HF Llama configs require hidden_size % num_attention_heads == 0
+        if "hidden" not in axes:  # HF Llama configs require hidden_size % num_attention_heads == 0: the largest
+            kv = max(k for k in range(1, kv + 1) if s["hidden"] % (k * s["group"]) == 0)  # count it allows
+        q = kv * s["group"]
         hidden = max(q, round(s["hidden"] * f / q) * q) if "hidden" in axes else s["hidden"]
         return {"layers": sc(s["layers"], "layers"), "kv": kv, "intermediate": sc(s["intermediate"], "mlp"),
                 "hidden": hidden}
