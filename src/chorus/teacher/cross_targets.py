@@ -47,24 +47,26 @@ def project(logits: torch.Tensor, *, columns: tuple, vocab: int, chain: torch.Te
     text's log-prob is the teacher's own ``chain`` (conditioned likewise), whatever the target holds at the id."""
     p = torch.softmax(logits, dim=-1)
     dest, cols, w = columns
-    q = torch.zeros(len(p), vocab, device=p.device).index_add_(1, dest, p[:, cols] if w is None else p[:, cols] * w)
+    wide = torch.zeros(len(p), vocab + 1, device=p.device)  # the last column: the unplaced bucket, filled at the end
+    q = wide[:, :vocab].index_add_(1, dest, p[:, cols] if w is None else p[:, cols] * w)
+    flat_q = wide.view(-1)
     scale = torch.ones(len(q), device=q.device)
     if inside is not None and bool(inside.any()):
         rows, tids, sids, w, all_rows, all_tids = extensions
         q[inside] = 0.0
-        q.view(-1).index_add_(0, rows * vocab + sids, p[rows, tids] * w)
+        flat_q.index_add_(0, rows * (vocab + 1) + sids, p[rows, tids] * w)
         z = torch.zeros(len(q), device=q.device).index_add_(0, all_rows, p[all_rows, all_tids])
         scale = torch.where(inside, 1.0 / z.clamp_min(torch.finfo(torch.float32).tiny), scale)
         q *= scale[:, None]
     gold_text = torch.exp(chain).float() * scale * torch.where(spans, 1.0, stop)
     rows, sids, w = moves
-    flat = rows * vocab + sids
-    removed = torch.minimum(gold_text[rows] * w, q.view(-1)[flat])
-    q.view(-1).index_add_(0, flat, -removed)
+    flat = rows * (vocab + 1) + sids
+    removed = torch.minimum(gold_text[rows] * w, flat_q[flat])
+    flat_q.index_add_(0, flat, -removed)
     q[torch.arange(len(q), device=q.device), gold] += gold_text
     bucket = (1.0 - q.sum(-1)).clamp_min(0.0)
-    logq = torch.log(torch.cat([q, bucket[:, None]], -1))
-    return logq, chain + torch.log(scale).double(), bucket
+    wide[:, vocab] = bucket
+    return wide.log_(), chain + torch.log(scale).double(), bucket
 
 
 def bucket_targets(logq: torch.Tensor, gold: torch.Tensor, gold_logprob: torch.Tensor, uniforms: torch.Tensor | None,
@@ -192,7 +194,7 @@ def _mapped_pass(cmap: CrossMap, logits, x: torch.Tensor, ids: np.ndarray, sel: 
         new = torch.nonzero((src_t >= s) & (src_t < e))[:, 0]
         z_new = z_all[src_t[new] - s]
         idx = torch.cat([pend_idx, new])
-        z = z_new if pend_z is None else torch.cat([pend_z, z_new])
+        z = z_new if pend_z is None or not len(pend_z) else torch.cat([pend_z, z_new])  # no copy when none wait
         ready = (end_t[idx] < e) | (e == n)  # every position its chain and lookahead read is done
         if bool(ready.any()):
             project_rows(idx[ready], z[ready])
