@@ -23,3 +23,4 @@ def test_counts_in_the_guarantees_are_the_tests_own():
     assert _stated(r"cache (\d+) \(") == len(test_kills.CACHE_KILLS)
     assert _stated(r"train (\d+) \(") == len(test_kills.TRAIN_KILLS)
     assert _stated(r"calibrate and blend (\d+) \(") == 2 * len(test_kills.RECORD_POINTS)
+    assert _stated(r"compress (\d+) \(") == len(test_kills.COMPRESS_KILLS)

@@ -1,9 +1,10 @@
 """kill -9 where it hurts: each kill is an event of the run being killed (chorus.failpoints), the test asserts where it
 landed, and every command resumes to the bytes of the run that was never killed.
 
-20 kill points (KILL_POINTS): cache 11 (after a commit, inside a chunk write, between a shard's chunks and its commit
+22 kill points (KILL_POINTS): cache 11 (after a commit, inside a chunk write, between a shard's chunks and its commit
 record, during a lease renewal), train 5 (after an optimizer step, inside a checkpoint write), calibrate 2 and blend 2
-(just before and just after the result is written to the store)."""
+(just before and just after the result is written to the store), compress 2 (between stages, inside a stage's
+checkpoint)."""
 
 from __future__ import annotations
 
@@ -139,4 +140,40 @@ def test_calibrate_and_blend_killed_at_their_write_give_the_same_record(teacher_
                                                                                   sort_keys=True)
 
 
-KILL_POINTS = [*CACHE_KILLS, *TRAIN_KILLS, *(p for p in RECORD_POINTS for _ in ("calibrate", "blend"))]
+# ---------------------------------------------------------------------------------------------- compress
+COMPRESS_KILLS = [("stage", 1), ("checkpoint", 1)]  # after stage 1's record; inside stage 2's first checkpoint
+
+
+def test_compress_killed_between_and_inside_stages_resumes_to_the_same_model(teacher_store, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from chorus.commands import compress
+    from chorus.config import CompressConfig
+
+    torch.manual_seed(0)
+    start = tmp_path / "start"
+    LlamaForCausalLM(LlamaConfig(vocab_size=Store.open(teacher_store, "r").manifest.tokenizer.vocab_size,
+                                 hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, max_position_embeddings=64)).save_pretrained(start)
+    train_keys = {"batch_size": 4, "lr": 0.01, "warmup_steps": 1, "log_every": 1, "save_every": 2}
+    full, cut, log = tmp_path / "full", tmp_path / "cut", tmp_path / "kills.log"
+
+    def cfg(out: Path) -> CompressConfig:
+        return CompressConfig(store=teacher_store, model=str(start), out=str(out), teachers=["a"], stages=2, steps=8,
+                              calibration_rows=8, eval_rows=8, train=dict(train_keys))
+
+    compress.run(cfg(full))
+    argv = ["compress", "--store", teacher_store, "--model", str(start), "--out", str(cut), "--teachers", "a",
+            "--stages", "2", "--steps", "8", "--calibration-rows", "8", "--eval-rows", "8",
+            "--train", json.dumps(train_keys)]
+    for point, k in COMPRESS_KILLS:
+        _kill(argv, point, k, log)
+    assert (cut / "stage-01" / "stage.json").is_file() and not (cut / "stage-02" / "stage.json").exists()
+    compress.run(cfg(cut))
+    a = _weights(full / "stage-02" / "train")
+    b = _weights(cut / "stage-02" / "train")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+KILL_POINTS = [*CACHE_KILLS, *TRAIN_KILLS, *(p for p in RECORD_POINTS for _ in ("calibrate", "blend")),
+               *COMPRESS_KILLS]

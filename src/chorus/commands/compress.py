@@ -52,7 +52,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from chorus import rundir
+from chorus import failpoints, rundir
 from chorus.config import CompressConfig, TrainConfig, build_config, to_dict
 from chorus.device import resolve_device
 from chorus.errors import ChorusError
@@ -366,6 +366,7 @@ def _stage_runs(s: _Setup) -> tuple[list[dict], str]:
         masks = Masks.load(trained)
         row = _row(i, n_params(model), s.p0, masks, res["eval"], s.speed(model), steps[i - 1])
         record.write_text(json.dumps(row, indent=2))
+        failpoints.hit("stage")
         rows.append(row)
         say(_line(row))
         current = str(trained)
