@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 # On CPU-only machines torch 2.13.0 is a local wheel; a user with a GPU installs their own torch first.
 TORCH   ?= torch==2.13.0
 
-.PHONY: demo demo-quick test lint bench bench-quick bench-real clean
+.PHONY: demo demo-quick test lint bench bench-quick bench-real mutate clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -44,6 +44,19 @@ bench-real: $(STAMP)
 	$(BIN)/python benchmarks/real.py
 	$(BIN)/python benchmarks/real_reach.py
 	$(BIN)/python benchmarks/_report.py
+
+# Mutation testing of the store and the writer protocol: what is mutated and which tests run in [tool.mutmut]
+# (pyproject.toml); the score and the survivors judged equivalent in docs/guarantees.md. Lists every mutant that
+# survived, prints the score and fails below 80 %.
+mutate: $(STAMP)
+	$(BIN)/mutmut --version 2>/dev/null | grep -q " 3\.8\.1$$" || $(BIN)/python -m pip install -q "mutmut==3.8.1"
+	rm -rf mutants
+	$(BIN)/mutmut run
+	$(BIN)/mutmut results
+	$(BIN)/mutmut export-cicd-stats
+	$(BIN)/python -c 'import json; s = json.load(open("mutants/mutmut-cicd-stats.json")); n = s["total"] - s["skipped"]; \
+		k = s["killed"] + s["timeout"]; print("mutation score: %.1f%% (%d of %d mutants killed; %d survived, %d without a test)" \
+		% (100 * k / n, k, n, s["survived"], s["no_tests"])); raise SystemExit(k < 0.8 * n)'
 
 clean:
 	rm -rf $(VENV) demo_out demo_out_quick

@@ -95,7 +95,10 @@ class CacheUnit:
                     time.sleep(0.2)
                     continue
                 try:
-                    again = self.current()
+                    try:
+                        again = self.current()
+                    except (ChorusError, ValueError):  # still unreadable: replaced under --overwrite (checked above)
+                        again = old
                     if again is not None and again.fingerprint == self.manifest.fingerprint:
                         return  # created by the other job while this one waited
                     if again is not None and old is None and not overwrite:
@@ -120,7 +123,8 @@ class CacheUnit:
                 f"cache '{self.name}' in '{self.store.url}' is being written by another job ({describe(live[0])}); "
                 "stop it (or let it finish) before --overwrite replaces the cache")
         if old is not None:
-            say(f"replacing cache '{self.name}' ({differences(old, self.manifest)})")
+            why = "it is unreadable" if old.status == "unreadable" else differences(old, self.manifest)
+            say(f"replacing cache '{self.name}' ({why})")
         self.store.delete_unit(self.unit)  # also a half-created unit with no manifest
         self.store.create_arrays(self.unit, specs, num_rows, rows_per_shard)
         self.store.write_teacher_manifest(self.manifest)  # last: a unit with a manifest has all its arrays
@@ -131,7 +135,7 @@ class CacheUnit:
         for line in self.store.verify(self.unit):
             shard = int(re.search(r" shard (\d+) ", line).group(1))
             if shard in mine:
-                say(f"rewriting {line.split(':')[0]} (its bytes do not match the commit record)")
+                say(f"rewriting {line.split(': ', 1)[0]} (its bytes do not match the commit record)")
                 self.store.forget_commit(self.unit, shard)
 
     # ------------------------------------------------------------------ shards
