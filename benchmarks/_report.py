@@ -41,6 +41,7 @@ make bench-quick    # the same with --quick (minutes), then this README
 | `gpu.py` | on one CUDA device: the bf16 teacher pass against the bare forward (V ≈ 50k and 128k, L = 2048 and 8192, a 0.6–0.9B and an 8B-shaped teacher), peak memory, the KD step against CE |
 | `real.py` | real pretrained teachers of two families and tokenizer families (SmolLM2-135M, Gemma-3-270M; `make bench-real`): each teacher's own bits per byte against its cache's gold statistics, held-out bits per byte, coverage and unplaced mass of the mapped teacher, the cache pass against the bare forward, and students (CE, each teacher, the blend) |
 | `ensemble.py` | many-teacher ablation: students from every blend operator × weighting × softening, the demo's stored blend, against CE and an oracle router |
+| `real_compress.py` | a real pretrained model compressed (SmolLM2-135M, `make bench-real`'s store): 2:4 and structured 50 %, one-shot against cubic, from its own cache and from a stronger teacher (Gemma-3-270M); held-out bits per byte before and after, parameters, forward time per row, at a stated small CPU budget |
 | `trainer_memory.py` | Hugging Face Trainer distilling from a cache: peak memory of the fused loss against the same loss from full logits and against HF's own CE (V = 32 000) |
 
 Timings are ratios measured in the same run on the same machine; absolute numbers name the machine.
@@ -340,6 +341,11 @@ def real(res: dict) -> str:
     return "\n".join(lines)
 
 
+def real_compress(res: dict) -> str:
+    """benchmarks/real_compress.py renders its own section (its budget, table and answer depend on the runs)."""
+    return res["markdown"]
+
+
 def trainer_memory(res: dict) -> str:
     st, rows = res["settings"], res["results"]
     fused = next(r for r in rows if r["mode"] == "fused")
@@ -360,7 +366,8 @@ def generic(res: dict) -> str:
 
 
 RENDER = {"quality": quality, "prepare": prepare, "cache": cache, "train": train, "sparsekd": sparsekd,
-          "ensemble": ensemble, "gpu": gpu, "gpu-big": gpu, "real": real, "trainer_memory": trainer_memory,
+          "ensemble": ensemble, "gpu": gpu, "gpu-big": gpu, "real": real, "real_compress": real_compress,
+          "trainer_memory": trainer_memory,
           "trainer_memory_b8": trainer_memory}
 
 
