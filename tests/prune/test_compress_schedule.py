@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from chorus import cli
 from chorus.commands import compress
@@ -19,16 +19,6 @@ from chorus.student import training
 
 TRAIN = {"batch_size": 4, "lr": 1e-2, "warmup_steps": 1, "chunk_size": 256, "log_every": 1}
 STEPS = 8
-
-
-@pytest.fixture(scope="module")
-def start_model(tmp_path_factory, vocab_size) -> str:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
-    out = tmp_path_factory.mktemp("start")
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    return str(out)
 
 
 def config(store: str, model: str, out, **kw) -> CompressConfig:
