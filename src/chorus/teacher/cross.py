@@ -211,7 +211,7 @@ class CrossMap:
         self._starting_ids: dict = {}
         self.prefixes: dict[bytes, int] = {b"": 0}  # prefix → id (0: none, a boundary position)
         self.extensions: list[tuple[np.ndarray, np.ndarray]] = [(np.zeros(0, np.int64), np.zeros(0, np.int64))]
-        self._columns: dict[str, tuple] = {}
+        self._destinations: dict = {}
         self.store_bytes = np.array([len(x or b"") for x in self.store_text.surfaces], dtype=np.int64)
         # what this process's batches measured (cross_targets): real positions, covered ones, inside ones, and over
         # the covered: −Σ log (the teacher's probability of the gold token's text), its bytes, Σ unplaced mass
@@ -330,17 +330,20 @@ class CrossMap:
         return (np.repeat(np.arange(len(parts)), lens), np.concatenate([p[0] for p in parts]),
                 np.concatenate([p[1] for p in parts]))
 
-    def columns(self, device) -> tuple:
-        """(store ids, teacher ids, weights or None when all are 1) of the teacher tokens placed at a boundary
-        position: q[:, store id] += w · p[:, teacher id]."""
+    def destinations(self, device):
+        """(Vt,) where each teacher token's probability goes at a boundary position: the store id its text begins
+        with, or ``store_vocab`` (a column the caller discards) for an unplaced token: q[:, dest[t]] += p[:, t]."""
         key = str(device)
-        if key not in self._columns:
+        if key not in self._destinations:
             import torch
 
             v, u, w = self.triples(self.teacher_spread)
-            weights = None if np.all(w == 1.0) else torch.from_numpy(w).float().to(device)
-            self._columns[key] = (torch.from_numpy(u).to(device), torch.from_numpy(v).to(device), weights)
-        return self._columns[key]
+            if len(np.unique(v)) != len(v) or not np.all(w == 1.0):  # every spread is one id, weight 1 (spread_id)
+                raise AssertionError("a teacher token placed on several store ids")
+            dest = np.full(len(self.teacher_spread), self.store_vocab, np.int64)
+            dest[v] = u
+            self._destinations[key] = torch.from_numpy(dest).to(device)
+        return self._destinations[key]
 
     def measurements(self) -> dict:
         """What :attr:`measured` says, as rates: coverage, the share of covered positions inside a teacher token,

@@ -26,47 +26,65 @@ MAPPED_CPU_CHUNK_BYTES = 1 << 28  # the mapped pass on a CPU: 256 positions at V
 # too few for the head's GEMM); the one-token-table path keeps CROSS_CHUNK_BYTES (bit-identical chunks)
 
 
-def project(logits: torch.Tensor, *, columns: tuple, vocab: int, chain: torch.Tensor,
-            moves: tuple[torch.Tensor, torch.Tensor, torch.Tensor], gold: torch.Tensor, spans: torch.Tensor,
-            stop: torch.Tensor,
-            extensions: tuple[torch.Tensor, ...] | None = None,
-            inside: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(C, Vt) fp32 teacher logits → ((C, Vs + 1) log-probs over the store's vocabulary and, last, the unplaced
-    bucket; (C,) float64 log-prob of the gold token's text; (C,) the bucket's mass).
+def boundary_mass(z: torch.Tensor, dest: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C, Vt) fp32 teacher logits → ((C, width) the teacher's next-token probabilities summed into the columns
+    ``dest`` (Vt,) names, (C,) its log-partition). The mapped pass's only work over the teacher's whole vocabulary:
+    one exp per logit, the sums normalized after the scatter (eager, two passes fewer than a logsumexp followed by
+    exp(z − lse), and closer to a float64 reference than torch.softmax's approximate exp). Not compiled: inductor's
+    scatter made the CPU pass slower."""
+    top = z.amax(dim=-1, keepdim=True)
+    e = torch.sub(z, top).exp_()
+    total = e.sum(dim=-1)
+    q = torch.zeros(z.shape[0], width, dtype=z.dtype, device=z.device).index_add_(1, dest, e)
+    return q.div_(total[:, None]), top[:, 0] + total.log()
 
-    Boundary rows: every teacher token's probability placed on the store token its text begins with
-    (``columns``: the store id and the teacher id of each placed teacher token, CrossMap.columns). Rows ``inside`` a teacher token: the teacher's distribution conditioned on the bytes
-    before the position — only the teacher tokens that extend them (``extensions``: (row, teacher id, store id,
-    weight) of the placed ones, then (row, teacher id) of all, for the normalizer), each placed by the rest of its
-    text. Where the gold token's text ``spans`` several teacher tokens (the next teacher token is a strict prefix of
+
+def place(z: torch.Tensor, lse: torch.Tensor, boundary: torch.Tensor, at: torch.Tensor, inside: torch.Tensor,
+          extensions: tuple[torch.Tensor, ...] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Store positions reading teacher rows ``at`` of a chunk (its logits ``z``, log-partitions ``lse`` and
+    :func:`boundary_mass` ``boundary``: every placed teacher token's probability on the store token its text begins
+    with) → ((N, Vs + 1) placed mass, the last column free for the bucket; (N,) ``scale``). Rows ``inside`` a teacher
+    token: the teacher's distribution conditioned on the bytes before the position — only the teacher tokens that
+    extend them (``extensions``: (row, teacher id, store id, weight) of the placed ones, then (row, teacher id) of
+    all, for the normalizer ``1 / scale``), each placed by the rest of its text."""
+    q = boundary[at]
+    scale = torch.ones(len(q), device=q.device)
+    if bool(inside.any()):
+        rows, tids, sids, w, all_rows, all_tids = extensions
+        q[inside] = 0.0
+        width = q.shape[1]
+        q.view(-1).index_add_(0, rows * width + sids, torch.exp(z[at[rows], tids] - lse[at[rows]]) * w)
+        mass = torch.exp(z[at[all_rows], all_tids] - lse[at[all_rows]])
+        norm = torch.zeros(len(q), device=q.device).index_add_(0, all_rows, mass)
+        scale = torch.where(inside, 1.0 / norm.clamp_min(torch.finfo(torch.float32).tiny), scale)
+        q *= scale[:, None]
+    return q, scale
+
+
+def project(q: torch.Tensor, scale: torch.Tensor, *, chain: torch.Tensor,
+            moves: tuple[torch.Tensor, torch.Tensor, torch.Tensor], gold: torch.Tensor, spans: torch.Tensor,
+            stop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`place`'s (N, Vs + 1) mass and scale → ((N, Vs + 1) log-probs over the store's vocabulary and, last, the
+    unplaced bucket; (N,) float64 log-prob of the gold token's text; (N,) the bucket's mass). Overwrites ``q``.
+
+    Where the gold token's text ``spans`` several teacher tokens (the next teacher token is a strict prefix of
     it), the teacher's probability of that whole text along its own tokens, ``exp(chain)``, is a lookahead the
     teacher itself made: it leaves the place of the next teacher token (``moves``: (row, store id, weight)) for the
     gold id. Where the next teacher token spells the gold exactly but is unplaced (a longer store token extends it),
     its probability times ``stop`` — the teacher's own probability, at its next position, that the text does not go
-    on into a longer store token — goes to the gold id. Mass the map could not place stays the teacher's, in the bucket, never on the gold token; the gold
-    text's log-prob is the teacher's own ``chain`` (conditioned likewise), whatever the target holds at the id."""
-    p = torch.softmax(logits, dim=-1)
-    dest, cols, w = columns
-    wide = torch.zeros(len(p), vocab + 1, device=p.device)  # the last column: the unplaced bucket, filled at the end
-    q = wide[:, :vocab].index_add_(1, dest, p[:, cols] if w is None else p[:, cols] * w)
-    flat_q = wide.view(-1)
-    scale = torch.ones(len(q), device=q.device)
-    if inside is not None and bool(inside.any()):
-        rows, tids, sids, w, all_rows, all_tids = extensions
-        q[inside] = 0.0
-        flat_q.index_add_(0, rows * (vocab + 1) + sids, p[rows, tids] * w)
-        z = torch.zeros(len(q), device=q.device).index_add_(0, all_rows, p[all_rows, all_tids])
-        scale = torch.where(inside, 1.0 / z.clamp_min(torch.finfo(torch.float32).tiny), scale)
-        q *= scale[:, None]
+    on into a longer store token — goes to the gold id. Mass the map could not place stays the teacher's, in the
+    bucket, never on the gold token; the gold text's log-prob is the teacher's own ``chain`` (conditioned likewise),
+    whatever the target holds at the id."""
+    vocab = q.shape[1] - 1
     gold_text = torch.exp(chain).float() * scale * torch.where(spans, 1.0, stop)
     rows, sids, w = moves
-    flat = rows * (vocab + 1) + sids
+    flat_q, flat = q.view(-1), rows * (vocab + 1) + sids
     removed = torch.minimum(gold_text[rows] * w, flat_q[flat])
     flat_q.index_add_(0, flat, -removed)
     q[torch.arange(len(q), device=q.device), gold] += gold_text
-    bucket = (1.0 - q.sum(-1)).clamp_min(0.0)
-    wide[:, vocab] = bucket
-    return wide.log_(), chain + torch.log(scale).double(), bucket
+    bucket = (1.0 - q[:, :vocab].sum(-1)).clamp_min(0.0)
+    q[:, vocab] = bucket
+    return q.log_(), chain + torch.log(scale).double(), bucket
 
 
 def bucket_targets(logq: torch.Tensor, gold: torch.Tensor, gold_logprob: torch.Tensor, uniforms: torch.Tensor | None,
@@ -135,10 +153,13 @@ def _mapped_pass(cmap: CrossMap, logits, x: torch.Tensor, ids: np.ndarray, sel: 
                  uniforms: torch.Tensor | None, write, *, n: int, step: int, top_k: int,
                  tail_betas: Sequence[float]) -> None:
     """One pass of the LM head over the teacher's ``n`` flat positions, in chunks of ``step``: each chunk's
-    log-partition gives the teacher's log-prob of its own next tokens (the chains) and the lookahead masses; a store
-    position is projected as soon as every teacher position its chain and lookahead read is done (its logits row
-    is kept until then), so the head runs once, not once for the chains and again for the targets."""
+    :func:`boundary_mass` gives the placed mass of its positions and the log-partition, hence the teacher's
+    log-prob of its own next tokens (the chains) and the lookahead masses; a store position is placed as soon as its
+    chunk is done, and projected once every teacher position its chain and lookahead read is (its (Vs + 1) mass is
+    kept until then), so the head runs once, not once for the chains and again for the targets."""
     device = x.device
+    vocab = cmap.store_vocab
+    dest = cmap.destinations(device)
     nxt = torch.roll(x, -1, dims=1).reshape(-1, 1)
     own = torch.zeros(n, dtype=torch.float64, device=device)  # log p(own next token) at each teacher position
     inner = np.flatnonzero(ends > 0)  # chains whose gold token ends inside their last teacher token
@@ -156,20 +177,20 @@ def _mapped_pass(cmap: CrossMap, logits, x: torch.Tensor, ids: np.ndarray, sel: 
     stop = torch.zeros(len(sel), dtype=torch.float32, device=device)
     src_t, end_t = torch.from_numpy(src).to(device), torch.from_numpy(end).to(device)
     spans_t = end_t - src_t > 1
-    pend_idx, pend_z = torch.zeros(0, dtype=torch.long, device=device), None
+    inside_t = torch.from_numpy(prefix > 0).to(device)
+    pend_idx = torch.zeros(0, dtype=torch.long, device=device)
+    pend_q, pend_scale = torch.zeros(0, vocab + 1, device=device), torch.zeros(0, device=device)
     sel_t = torch.from_numpy(sel).to(device)
 
-    def project_rows(pick: torch.Tensor, z: torch.Tensor) -> None:
+    def project_rows(pick: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> None:
         rows = pick.cpu().numpy()
         cum = torch.cat([torch.zeros(1, dtype=torch.float64, device=device), own.cumsum(0)])
         chain = cum[end_t[pick]] - cum[src_t[pick]]
         k = at_inner[pick]
         has = k >= 0  # the last token's own log-prob → P(its text strictly extends the gold's bytes there)
         chain[has] += starts[k[has]] - own[end_t[pick][has] - 1]
-        logq, gold_text, unplaced = project(
-            z, columns=cmap.columns(device), vocab=cmap.store_vocab, chain=chain, gold=gold[pick], spans=spans_t[pick],
-            stop=stop[pick], moves=_spread_rows(cmap, move[rows], device),
-            extensions=_extensions(cmap, prefix[rows], device), inside=torch.from_numpy(prefix[rows] > 0).to(device))
+        logq, gold_text, unplaced = project(q, scale, chain=chain, gold=gold[pick], spans=spans_t[pick],
+                                            stop=stop[pick], moves=_spread_rows(cmap, move[rows], device))
         part = bucket_targets(logq, gold[pick], gold_text, None if uniforms is None else uniforms[sel_t[pick]],
                               top_k=top_k, tail_betas=tail_betas)
         write(pick, part, gold_text, unplaced)
@@ -177,7 +198,7 @@ def _mapped_pass(cmap: CrossMap, logits, x: torch.Tensor, ids: np.ndarray, sel: 
     for s in range(0, n, step):
         e = min(n, s + step)
         z_all = logits(s, e)
-        lse = torch.logsumexp(z_all, -1)
+        boundary, lse = boundary_mass(z_all, dest, vocab + 1)
         own[s:e] = (z_all.gather(-1, nxt[s:e])[:, 0] - lse).double()
         for where, sets, fill in ((last, ends[inner], "starts"), (ahead, goes_on[look], "stop")):
             here = torch.nonzero((where >= s) & (where < e))[:, 0]
@@ -192,13 +213,22 @@ def _mapped_pass(cmap: CrossMap, logits, x: torch.Tensor, ids: np.ndarray, sel: 
             else:  # after a teacher token that spelled the gold exactly: P(the text stops at the gold)
                 stop[look_t[here]] = (1.0 - mass).clamp_min(0.0).float()
         new = torch.nonzero((src_t >= s) & (src_t < e))[:, 0]
-        z_new = z_all[src_t[new] - s]
-        idx = torch.cat([pend_idx, new])
-        z = z_new if pend_z is None or not len(pend_z) else torch.cat([pend_z, z_new])  # no copy when none wait
+        if len(new):
+            inside = inside_t[new]
+            q_new, scale_new = place(z_all, lse, boundary, src_t[new] - s, inside,
+                                     _extensions(cmap, prefix[new.cpu().numpy()], device) if bool(inside.any()) else None)
+            idx = torch.cat([pend_idx, new])
+            q, scale = (q_new, scale_new) if not len(pend_idx) else (torch.cat([pend_q, q_new]), torch.cat([pend_scale, scale_new]))
+        else:
+            idx, q, scale = pend_idx, pend_q, pend_scale
         ready = (end_t[idx] < e) | (e == n)  # every position its chain and lookahead read is done
+        if bool(ready.all()):
+            project_rows(idx, q, scale)
+            pend_idx, pend_q, pend_scale = idx[:0], q[:0], scale[:0]
+            continue
         if bool(ready.any()):
-            project_rows(idx[ready], z[ready])
-        pend_idx, pend_z = idx[~ready], z[~ready]
+            project_rows(idx[ready], q[ready], scale[ready])
+        pend_idx, pend_q, pend_scale = idx[~ready], q[~ready], scale[~ready]
 
 
 def cross_targets(teacher: Teacher, cmap: CrossMap, ids: np.ndarray, segs: np.ndarray, *, top_k: int, num_samples: int,
