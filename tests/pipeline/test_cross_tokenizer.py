@@ -721,3 +721,24 @@ def test_a_teacher_without_a_token_for_the_text_is_named_for_that(teachers, toke
     with pytest.raises(ChorusError, match=r"byte 12: b'\\xe5.*no token for some of these characters"):
         _segment_text(surfaces, store, teacher, row=7)
     assert _segment_text([store.surfaces[i] for i in store.encode("ncoding the of")], store, teacher, 7) is not None
+
+
+@pytest.mark.parametrize("shift", [0.0, 80.0, -40.0])
+def test_boundary_mass_against_float64(shift):
+    """The placed mass and log-partition of the mapped pass equal float64 ones, for logits exp() takes unshifted
+    and for rows it must shift (a largest logit past either end of UNSHIFTED_LOGITS): a row whose exp overflows or
+    flushes to zero is caught here, whichever branch it takes."""
+    from chorus.teacher.cross_targets import UNSHIFTED_LOGITS, boundary_mass
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(6, 5000, generator=g, dtype=torch.float64) * 4 + shift
+    z[0, :10] += 25.0  # one row with a peak: a large logit among small ones
+    dest = torch.randint(0, 301, (5000,), generator=g)
+    q, lse = boundary_mass(z.float(), dest, 301)
+    ref_lse = torch.logsumexp(z, -1)
+    ref = torch.zeros(6, 301, dtype=torch.float64).index_add_(1, dest, torch.exp(z - ref_lse[:, None]))
+    tops = z.float().amax(-1)
+    unshifted = bool(((tops > UNSHIFTED_LOGITS[0]) & (tops < UNSHIFTED_LOGITS[1])).all())
+    assert unshifted == (shift == 0.0)  # both branches run
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(q.double(), ref, rtol=1e-5, atol=1e-9)

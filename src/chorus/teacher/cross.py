@@ -212,6 +212,7 @@ class CrossMap:
         self.prefixes: dict[bytes, int] = {b"": 0}  # prefix → id (0: none, a boundary position)
         self.extensions: list[tuple[np.ndarray, np.ndarray]] = [(np.zeros(0, np.int64), np.zeros(0, np.int64))]
         self._destinations: dict = {}
+        self._placed_extensions: dict[int, tuple[np.ndarray, ...]] = {}
         self.store_bytes = np.array([len(x or b"") for x in self.store_text.surfaces], dtype=np.int64)
         # what this process's batches measured (cross_targets): real positions, covered ones, inside ones, and over
         # the covered: −Σ log (the teacher's probability of the gold token's text), its bytes, Σ unplaced mass
@@ -329,6 +330,16 @@ class CrossMap:
             return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
         return (np.repeat(np.arange(len(parts)), lens), np.concatenate([p[0] for p in parts]),
                 np.concatenate([p[1] for p in parts]))
+
+    def placed_extensions(self, prefix_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(teacher ids, store ids, weights) of the placed extensions of ``prefix_id``, then the teacher ids of all of
+        them (the normalizer's); once per prefix: a short prefix has tens of thousands of extensions."""
+        got = self._placed_extensions.get(prefix_id)
+        if got is None:
+            tids, spreads = self.extensions[prefix_id]
+            entry, sids, w = self.triples(spreads)
+            got = self._placed_extensions[prefix_id] = (tids[entry], sids, w.astype(np.float32), tids)
+        return got
 
     def destinations(self, device):
         """(Vt,) where each teacher token's probability goes at a boundary position: the store id its text begins

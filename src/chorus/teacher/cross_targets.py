@@ -26,17 +26,27 @@ MAPPED_CPU_CHUNK_BYTES = 1 << 28  # the mapped pass on a CPU: 256 positions at V
 # too few for the head's GEMM); the one-token-table path keeps CROSS_CHUNK_BYTES (bit-identical chunks)
 
 
+# exp(z) unshifted where every row's largest logit lies in this range: its sums cannot overflow float32 at any
+# vocabulary size below 2^32, and a token it flushes to zero is < e^-71 of the row's top one
+UNSHIFTED_LOGITS = (-16.0, 64.0)
+
+
 def boundary_mass(z: torch.Tensor, dest: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(C, Vt) fp32 teacher logits → ((C, width) the teacher's next-token probabilities summed into the columns
     ``dest`` (Vt,) names, (C,) its log-partition). The mapped pass's only work over the teacher's whole vocabulary:
-    one exp per logit, the sums normalized after the scatter (eager, two passes fewer than a logsumexp followed by
-    exp(z − lse), and closer to a float64 reference than torch.softmax's approximate exp). Not compiled: inductor's
-    scatter made the CPU pass slower."""
-    top = z.amax(dim=-1, keepdim=True)
-    e = torch.sub(z, top).exp_()
+    one exp per logit (unshifted when the logits allow: one pass fewer), one sum, one scatter, normalized after it —
+    closer to a float64 reference than torch.softmax's approximate exp. Not compiled: inductor's scatter made the
+    CPU pass slower."""
+    top = z.amax(dim=-1)
+    lo, hi = UNSHIFTED_LOGITS
+    if bool(((top > lo) & (top < hi)).all()):
+        top = torch.zeros_like(top)
+        e = torch.exp(z)
+    else:
+        e = torch.sub(z, top[:, None]).exp_()
     total = e.sum(dim=-1)
     q = torch.zeros(z.shape[0], width, dtype=z.dtype, device=z.device).index_add_(1, dest, e)
-    return q.div_(total[:, None]), top[:, 0] + total.log()
+    return q.div_(total[:, None]), top + total.log()
 
 
 def place(z: torch.Tensor, lse: torch.Tensor, boundary: torch.Tensor, at: torch.Tensor, inside: torch.Tensor,
@@ -120,15 +130,13 @@ def _sets(cmap: CrossMap, ids: np.ndarray, device) -> tuple[torch.Tensor, torch.
 def _extensions(cmap: CrossMap, prefix: np.ndarray, device) -> tuple[torch.Tensor, ...]:
     """(rows, teacher ids, store ids, weights) of the placed extensions of the rows with a prefix id > 0, then
     (rows, teacher ids) of all their extensions."""
-    rows, tids, spreads = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    cols: tuple[list, ...] = ([], [], [], [], [], [])
     for r in np.flatnonzero(prefix > 0):
-        t, sp = cmap.extensions[prefix[r]]
-        rows.append(np.full(len(t), r, np.int64))
-        tids.append(t)
-        spreads.append(sp)
-    rows, tids, spreads = (np.concatenate(x) for x in (rows, tids, spreads))
-    entry, sids, w = cmap.triples(spreads)
-    return tuple(torch.from_numpy(x).to(device) for x in (rows[entry], tids[entry], sids, w.astype(np.float32), rows, tids))
+        placed, sids, w, every = cmap.placed_extensions(int(prefix[r]))
+        for out, x in zip(cols, (np.full(len(placed), r), placed, sids, w, np.full(len(every), r), every)):
+            out.append(x)
+    return tuple(torch.from_numpy(np.concatenate(x) if x else np.zeros(0, np.float32 if k == 3 else np.int64)).to(device)
+                 for k, x in enumerate(cols))
 
 
 def windowed_hidden_states(teacher: Teacher, x: torch.Tensor, limit: int | None) -> torch.Tensor:
