@@ -42,6 +42,7 @@ make bench-quick    # the same with --quick (minutes), then this README
 | `real.py` | real pretrained teachers of two families and tokenizer families (SmolLM2-135M, Gemma-3-270M; `make bench-real`): each teacher's own bits per byte against its cache's gold statistics, held-out bits per byte, coverage and unplaced mass of the mapped teacher, the cache pass against the bare forward, and students (CE, each teacher, the blend) |
 | `ensemble.py` | many-teacher ablation: students from every blend operator × weighting × softening, the demo's stored blend, against CE and an oracle router |
 | `real_compress.py` | a real pretrained model compressed (SmolLM2-135M, `make bench-real`'s store): 2:4 and structured 50 %, one-shot against cubic, from its own cache and from a stronger teacher (Gemma-3-270M); held-out bits per byte before and after, parameters, forward time per row, at a stated small CPU budget |
+| `real_pretrained.sh` | a real pretrained student (SmolLM2-135M) fine-tuned on `real.py`'s store: CE only, KD from each teacher, the stored blend; held-out bits per byte and ECE (results in docs/results.md) |
 | `trainer_memory.py` | Hugging Face Trainer distilling from a cache: peak memory of the fused loss against the same loss from full logits and against HF's own CE (V = 32 000) |
 
 Timings are ratios measured in the same run on the same machine; absolute numbers name the machine.
