@@ -601,6 +601,21 @@ def entropy_bounds(ids: np.ndarray, values: np.ndarray, inputs: np.ndarray, seed
     return {f: round(v, 2) for f, v in out.items()}
 
 
+def text_store(work: str, name: str, tokenizer: str, text: str, chars: int, seq_len: int, batch: int) -> str:
+    """A store of ``text``'s paragraphs (about ``chars`` characters: ~4 per token) prepared with ``tokenizer``, one
+    shard per batch, nothing held out; its path."""
+    corpus = os.path.join(work, f"{name}-docs.jsonl")
+    with open(corpus, "w") as f:
+        for part in text.split("\n\n"):
+            if part.strip() and chars > 0:
+                f.write(json.dumps({"text": part}) + "\n")
+                chars -= len(part)
+    store = os.path.join(work, f"{name}-store.zarr")
+    prepare.run(PrepareConfig(dataset=corpus, tokenizer=tokenizer, out=store, seq_len=seq_len, valid_fraction=0.0,
+                              rows_per_shard=batch))
+    return store
+
+
 def bench_real_throughput(path: str, work: str, rows: int = 24, seq_len: int = 256, batch: int = 8,
                           repeats: int = 2) -> dict:
     """`chorus cache` on the real teacher against its bare forward (HF logits, nothing else), on the same batches:
@@ -620,17 +635,8 @@ def bench_real_throughput(path: str, work: str, rows: int = 24, seq_len: int = 2
     model = plain.eval()
     model.save_pretrained(teacher)
     tok.save_pretrained(teacher)
-    corpus = os.path.join(work, "real-docs.jsonl")
-    prose, code = docs_text()
-    with open(corpus, "w") as f:
-        left = rows * seq_len * 6  # characters: ~4 per token, and rows are packed whole documents
-        for part in code.split("\n\n"):
-            if part.strip() and left > 0:
-                f.write(json.dumps({"text": part}) + "\n")
-                left -= len(part)
-    store = os.path.join(work, "real-store.zarr")
-    prepare.run(PrepareConfig(dataset=corpus, tokenizer=teacher, out=store, seq_len=seq_len, valid_fraction=0.0,
-                              rows_per_shard=batch))
+    _, code = docs_text()
+    store = text_store(work, "real", teacher, code, rows * seq_len * 6, seq_len, batch)  # rows pack whole documents
     st = Store.open(store, "r")
     m = st.manifest
     shards = [st.read_shard("corpus", i, ["input_ids"])["input_ids"] for i in range(m.num_shards)]
@@ -714,17 +720,8 @@ def bench_mapped(work: str, rows: int = 32, seq_len: int = 256, batch: int = 8, 
     from chorus.teacher.model import load_teacher
 
     teacher_dir, store_tok = str(convert("gemma3-270m")), str(convert("smollm2-135m"))
-    corpus = os.path.join(work, "mapped-docs.jsonl")
     prose, code = docs_text()
-    with open(corpus, "w") as f:
-        left = rows * seq_len * 4  # characters: ~4 per token (the rows are reported as packed)
-        for part in (prose + "\n\n" + code).split("\n\n"):
-            if part.strip() and left > 0:
-                f.write(json.dumps({"text": part}) + "\n")
-                left -= len(part)
-    store = os.path.join(work, "mapped-store.zarr")
-    prepare.run(PrepareConfig(dataset=corpus, tokenizer=store_tok, out=store, seq_len=seq_len, valid_fraction=0.0,
-                              rows_per_shard=batch))
+    store = text_store(work, "mapped", store_tok, prose + "\n\n" + code, rows * seq_len * 4, seq_len, batch)
     st = Store.open(store, "r")
     m = st.manifest
     t_tok = AutoTokenizer.from_pretrained(teacher_dir)
