@@ -47,3 +47,11 @@ def table(headers: list[str], rows: list[list]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def rerender(name: str, finish) -> None:
+    """Render results/<name>.json again through ``finish`` (its summary and markdown), write it back, print it."""
+    path = RESULTS / f"{name}.json"
+    payload = finish(json.loads(path.read_text()))
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    print(payload["markdown"])

@@ -262,23 +262,30 @@ def rows_of(res: dict) -> tuple[list, list]:
     return head, rows
 
 
+# (pattern, run a, run b) pairs the summary compares: the schedules on the model's own cache, then its own cache
+# against the stronger teacher, one-shot
+SCHEDULES = (("2:4", "2:4 one-shot", "2:4 cubic"), ("structured 50%", "structured one-shot", "structured cubic"))
+TEACHERS = (("2:4", "2:4 one-shot", "2:4 one-shot, Gemma teacher"),
+            ("structured 50%", "structured one-shot", "structured one-shot, Gemma teacher"))
+
+
+def compared(by: dict, pairs) -> list[tuple[str, str, float, float]]:
+    """(pattern, run a, a's mean bits per byte, b's) of the ``pairs`` whose two runs were evaluated."""
+    return [(pattern, a, by[a]["eval"]["bpb_mean"], by[b]["eval"]["bpb_mean"]) for pattern, a, b in pairs
+            if a in by and b in by]
+
+
 def verdicts(res: dict) -> list[str]:
     """The answers, in numbers (one seed: no noise estimate)."""
     by = {r["label"]: r for r in res["runs"] if "eval" in r}
     before = res["before"]["eval"]["bpb_mean"]
     out = []
-    for pattern, a, b in (("2:4", "2:4 one-shot", "2:4 cubic"),
-                          ("structured 50%", "structured one-shot", "structured cubic")):
-        if a in by and b in by:
-            x, y = by[a]["eval"]["bpb_mean"], by[b]["eval"]["bpb_mean"]
-            out.append(f"{pattern}, own cache, {by[a]['steps']} steps: one-shot {x:.4f} vs cubic {y:.4f} bits/byte "
-                       f"(before {before:.4f}): {'one-shot' if x < y else 'cubic'} wins by {abs(x - y):.4f}.")
-    for pattern, a, b in (("2:4", "2:4 one-shot", "2:4 one-shot, Gemma teacher"),
-                          ("structured 50%", "structured one-shot", "structured one-shot, Gemma teacher")):
-        if a in by and b in by:
-            x, y = by[a]["eval"]["bpb_mean"], by[b]["eval"]["bpb_mean"]
-            out.append(f"{pattern}, one-shot: own cache {x:.4f} vs the stronger teacher (Gemma-3-270M) {y:.4f} "
-                       f"bits/byte: {'its own cache' if x < y else 'the stronger teacher'} is lower by {abs(x - y):.4f}.")
+    for pattern, a, x, y in compared(by, SCHEDULES):
+        out.append(f"{pattern}, own cache, {by[a]['steps']} steps: one-shot {x:.4f} vs cubic {y:.4f} bits/byte "
+                   f"(before {before:.4f}): {'one-shot' if x < y else 'cubic'} wins by {abs(x - y):.4f}.")
+    for pattern, _, x, y in compared(by, TEACHERS):
+        out.append(f"{pattern}, one-shot: own cache {x:.4f} vs the stronger teacher (Gemma-3-270M) {y:.4f} "
+                   f"bits/byte: {'its own cache' if x < y else 'the stronger teacher'} is lower by {abs(x - y):.4f}.")
     for r in by.values():
         if "pruned" in r:
             p = r["pruned"]["eval"]["bpb_mean"]
@@ -360,27 +367,20 @@ def markdown(res: dict) -> str:
 def answer(res: dict) -> str:
     by = {r["label"]: r for r in res["runs"] if "eval" in r}
     parts = []
-    for pattern, a, b in (("2:4", "2:4 one-shot", "2:4 cubic"),
-                          ("structured 50 %", "structured one-shot", "structured cubic")):
-        if a in by and b in by:
-            x, y = by[a]["eval"]["bpb_mean"], by[b]["eval"]["bpb_mean"]
-            parts.append(f"{'one-shot' if x < y else 'cubic'} beats {'cubic' if x < y else 'one-shot'} for {pattern} "
-                         f"({min(x, y):.3f} vs {max(x, y):.3f} bits/byte)")
+    for pattern, _, x, y in compared(by, SCHEDULES):
+        parts.append(f"{'one-shot' if x < y else 'cubic'} beats {'cubic' if x < y else 'one-shot'} for {pattern} "
+                     f"({min(x, y):.3f} vs {max(x, y):.3f} bits/byte)")
     if parts:
         steps = res["settings"]["steps"]
         parts[-1] += (f" — at {steps} steps cubic reaches its target at step {round(0.75 * steps)} and has "
                       f"{steps - round(0.75 * steps)} steps left to recover at it, one-shot all {steps}")
     t = []
-    for pattern, a, b in (("2:4", "2:4 one-shot", "2:4 one-shot, Gemma teacher"),
-                          ("structured", "structured one-shot", "structured one-shot, Gemma teacher")):
-        if a in by and b in by:
-            x, y = by[a]["eval"]["bpb_mean"], by[b]["eval"]["bpb_mean"]
-            t.append(f"{pattern} {x:.3f} own vs {y:.3f} Gemma ({'own' if x < y else 'Gemma'} lower by {abs(x - y):.3f})")
+    teachers = list(compared(by, TEACHERS))
+    for pattern, _, x, y in teachers:
+        t.append(f"{pattern} {x:.3f} own vs {y:.3f} Gemma ({'own' if x < y else 'Gemma'} lower by {abs(x - y):.3f})")
     before = res["before"]["eval"]["bpb_mean"]
     best = min((r["eval"]["bpb_mean"] for r in by.values()), default=None)
-    small = t and all(abs(by[a]["eval"]["bpb_mean"] - by[b]["eval"]["bpb_mean"]) < 0.05 for a, b in (
-        ("2:4 one-shot", "2:4 one-shot, Gemma teacher"), ("structured one-shot", "structured one-shot, Gemma teacher"))
-        if a in by and b in by)
+    small = t and all(abs(x - y) < 0.05 for _, _, x, y in teachers)
     return ("; ".join(parts) + (". Teacher, one-shot: " + "; ".join(t) + (
                 ": gaps under 0.05 bits/byte at one seed, so the stronger teacher does not win here (the student "
                 "first has to get back to its own original)" if small else "") if t else "") +
@@ -418,11 +418,9 @@ def main() -> None:
     ap.add_argument("--report", action="store_true", help="only re-render results/real_compress.json")
     args = ap.parse_args()
     if args.report:
-        from _common import RESULTS
+        from _common import rerender
 
-        res = finish(json.loads((RESULTS / "real_compress.json").read_text()))
-        (RESULTS / "real_compress.json").write_text(json.dumps(res, indent=2) + "\n")
-        print(res["markdown"])
+        rerender("real_compress", finish)
         return
     torch.set_num_threads(args.threads)
     global MAX_EVAL_ROWS

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import dataclasses
-import json
 import multiprocessing
 import os
 import shutil
@@ -300,11 +299,9 @@ def main() -> None:
     ap.add_argument("--report", action="store_true", help="only re-render results/sparsekd.json's summary")
     args = ap.parse_args()
     if args.report:
-        from _common import RESULTS
+        from _common import rerender
 
-        payload = finish(json.loads((RESULTS / "sparsekd.json").read_text()))
-        (RESULTS / "sparsekd.json").write_text(json.dumps(payload, indent=2) + "\n")
-        print(payload["markdown"])
+        rerender("sparsekd", finish)
         return
     os.environ.setdefault("CHORUS_PROGRESS", "off")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # the workers inherit it
