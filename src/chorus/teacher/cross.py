@@ -17,11 +17,11 @@ distribution before T is conditioned on the bytes text[a:c] already read: only t
 them keep their mass, each on the store token the rest of its surface begins with (an *inside* position: an
 approximation — it ignores teacher segmentations with a token boundary between a and c — whose error
 benchmarks/cross_tokenizer.py measures as bits per character against the teacher's own). A position whose bytes no
-teacher token extends, or whose text the teacher does not see (padding, a row's first position, a piece cut inside a
-UTF-8 character), has no target: it is cached as the hard label with entropy ``NO_TARGET_ENTROPY`` and the trainer
+teacher token extends, or whose text the teacher does not see (padding, a row's first position, the bytes of a
+character a row's edge cuts: the piece is read from its first whole character to its last), has no target: it is cached as the hard label with entropy ``NO_TARGET_ENTROPY`` and the trainer
 falls back to the hard label or the other teachers there (distill/targets.py).
 
-Vocabulary (METHOD "first-piece+gold-path+bucket", version 2). A teacher token's probability goes to the store token
+Vocabulary (METHOD "first-piece+gold-path+stop+bucket", version 2). A teacher token's probability goes to the store token
 its text begins with (its first store piece: the store token with that text, else the longest store token that is a
 prefix of it; special tokens by content, EOS to EOS) — when that is the token the store emits whatever text follows.
 When a longer store token extends the teacher token's text (the teacher's token is shorter than the store's word, and
@@ -30,7 +30,9 @@ has not predicted yet: that mass is *unplaced* and stays in a bucket of its own,
 treat as part of the tail. It never goes to the gold token: a target holds what the teacher said and nothing of the
 label. One lookahead the forward pass already holds is used: where the gold store token's text spans several teacher
 tokens, the teacher's probability of that whole text along its own tokens (the chain p(t_1)·p(t_2|t_1)···) moves from
-t_1's place to the gold token. The gold statistic is that chain at every position — the teacher's own probability of
+t_1's place to the gold token. Where the teacher's actual next token is unplaced, its next position (the same pass)
+says how likely its text stops there rather than going on into a longer store token: that share goes to the store
+token its text begins with (the gold's, where it spells the gold). The gold statistic is that chain at every position — the teacher's own probability of
 the gold token's text, whose last term, when the gold ends inside a teacher token, is the probability that the
 teacher's next token strictly extends the gold's bytes there (the set the next, inside, position normalizes by). So
 the gold statistics of a document telescope to the teacher's own log-likelihood of its tokens, and bits per byte
@@ -57,7 +59,7 @@ import numpy as np
 from chorus.errors import ChorusError
 from chorus.store import CROSS_MAPPING_VERSION, byte_level_table, component_types
 
-METHOD = "first-piece+gold-path+bucket"
+METHOD = "first-piece+gold-path+stop+bucket"
 METHOD_VERSION = CROSS_MAPPING_VERSION
 _BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
@@ -285,18 +287,17 @@ class CrossMap:
         return self._starting_ids[text]
 
     @_locked
-    def continuing_id(self, store_id: int) -> int:
-        """An id into ``starting`` for the teacher tokens that could carry the text on past store token
-        ``store_id`` into a longer store token (their text starts with the rest of one, or is a prefix of it): the
-        complement of their mass, after a teacher token that spelled the store token exactly, is the teacher's
-        probability that the store emits that token there (0: no longer store token, nothing to look ahead for)."""
-        key = ("continuing", store_id)
+    def continuing_id(self, surface: bytes) -> int:
+        """An id into ``starting`` for the teacher tokens that could carry text ending in ``surface`` (the rest of
+        an unplaced teacher token) on into a longer store token that extends it (their text starts with the rest of
+        one, or is a prefix of it): the complement of their mass, at the teacher's next position, is its probability
+        that the store's token there is the one ``surface`` begins with (0: no longer store token)."""
+        key = ("continuing", surface)
         if key not in self._starting_ids:
-            surf = self.store_text.surfaces[store_id] or b""
             by_prefix = self._index_prefixes()
             ids: set[int] = set()
-            for longer, _ in self.index.extending(surf) if surf else ():
-                rest = longer[len(surf):]
+            for longer, _ in self.index.extending(surface) if surface else ():
+                rest = longer[len(surface):]
                 ids.update(by_prefix.get(rest, []), self._by_surface.get(rest, []))
                 for n in range(1, len(rest)):
                     ids.update(self._by_surface.get(rest[:n], []))
@@ -395,15 +396,36 @@ class Alignment:
     move: np.ndarray
     prefix: np.ndarray
     ends: np.ndarray  # > 0 where the gold token ends inside a teacher token: CrossMap.starting id of its bytes so far
+    # where the teacher's actual next token (its text after the prefix) is unplaced: CrossMap.continuing_id of that
+    # text (0: none) and the store id it begins with, which gets the share of it after which the text stops
+    cont: np.ndarray
+    after: np.ndarray
     real: np.ndarray  # (B, L) bool: the position predicts a real token (segment[t] > 0 and segment[t + 1] > 0)
+
+
+def _whole_characters(text: bytes) -> tuple[int, int]:
+    """(bytes before the first, bytes after the last whole UTF-8 character) of a piece a row cut mid-character."""
+    lead = 0
+    while lead < min(3, len(text)) and 0x80 <= text[lead] < 0xC0:
+        lead += 1
+    for back in range(1, min(4, len(text) - lead) + 1):  # the last lead byte and whether its character is whole
+        b = text[-back]
+        if b < 0x80 or b >= 0xC0:
+            size = 1 if b < 0x80 else 2 if b < 0xE0 else 3 if b < 0xF0 else 4
+            return lead, back if size > back else 0
+    return lead, 0
 
 
 def _segment_text(surfaces: list[bytes], store: TokenText, teacher: TokenText, row: int):
     """A piece's text → (text bytes, store starts, store ends, teacher ids, teacher surfaces, teacher starts, ends),
-    or None when it is no readable text (cut inside a UTF-8 character)."""
+    or None when it is no readable text. A piece a row cuts inside a UTF-8 character is read from its first whole
+    character to its last: the store tokens holding the cut bytes get no target (their ends equal their starts)."""
     data = b"".join(surfaces)
     strip = 1 if store.dummy_prefix and data.startswith(b" ") else 0
-    text = data[strip:]
+    lead, cut = _whole_characters(data[strip:])
+    text = data[strip + lead: len(data) - cut]
+    if not text:
+        return None
     try:
         t_ids = teacher.encode(text.decode("utf-8"))
     except UnicodeDecodeError:
@@ -422,10 +444,14 @@ def _segment_text(surfaces: list[bytes], store: TokenText, teacher: TokenText, r
             + ("it has no token for some of these characters (an unknown-token id, no byte fallback)" if unknown else
                "a normalizer changes the text") + ": use a teacher whose tokenizer round-trips text exactly")
     s_len = np.array([len(s) for s in surfaces], dtype=np.int64)
-    s_end = np.cumsum(s_len) - strip
+    s_end = np.cumsum(s_len) - strip - lead
+    s_start = np.maximum(s_end - s_len, 0)
+    if lead or cut:  # a token holding a cut byte: no target
+        whole = (s_end - s_len >= 0) & (s_end <= len(text))
+        s_end = np.where(whole, s_end, s_start)
     t_len = np.array([len(s) for s in t_surf], dtype=np.int64)
     t_end = np.cumsum(t_len) - phantom
-    return np.maximum(s_end - s_len, 0), s_end, t_ids, t_surf, t_end - t_len, t_end
+    return s_start, s_end, t_ids, t_surf, t_end - t_len, t_end
 
 
 def _pieces(ids: np.ndarray, segs: np.ndarray):
@@ -453,11 +479,12 @@ def check_text(ids: np.ndarray, segs: np.ndarray, cmap: CrossMap, *, row_start: 
 
 
 def _row(ids: np.ndarray, segs: np.ndarray, cmap: CrossMap, row: int):
-    """One store row → (teacher ids, tpos, tend, move, prefix (L,) each); see :class:`Alignment`."""
+    """One store row → (teacher ids, tpos, tend, move, prefix, ends, cont, after (L,) each); see :class:`Alignment`."""
     teacher, store = cmap.teacher_text, cmap.store_text
     length = len(ids)
     out: list[int] = []
-    tpos, tend, move, prefix, ends = (np.full(length, -1, dtype=np.int64) for _ in range(5))
+    tpos, tend, move, prefix, ends, after = (np.full(length, -1, dtype=np.int64) for _ in range(6))
+    cont = np.zeros(length, dtype=np.int64)
     after_eos = -1  # the teacher position of the EOS that ended the previous piece (its next token starts a text)
     for p, q in _pieces(ids, segs):
         piece = ids[p:q]
@@ -491,6 +518,9 @@ def _row(ids: np.ndarray, segs: np.ndarray, cmap: CrossMap, row: int):
                 continue  # no teacher token extends those bytes: no target
             move[p + k - 1] = (cmap.spread_id(t_surf[jk][:cut], t_surf[jk][cut:]) if cut > 0
                                else cmap.teacher_spread[t_ids[jk]])
+            if move[p + k - 1] == 0:  # unplaced: the teacher's next position says how much of it stops there
+                cont[p + k - 1] = cmap.continuing_id(t_surf[jk][cut:])
+                after[p + k - 1] = cmap.index.first(t_surf[jk][cut:]) if cont[p + k - 1] else -1
             tpos[p + k - 1], tend[p + k - 1], prefix[p + k - 1] = pred, q0 + int(b[k]), pid
             bk = min(int(b[k]), len(t_ids) - 1)  # the gold token ends inside teacher token bk: P(text starts so)
             ends[p + k - 1] = (cmap.starting_id(t_surf[bk][: int(s_end[k] - t_start[bk])])) \
@@ -502,7 +532,7 @@ def _row(ids: np.ndarray, segs: np.ndarray, cmap: CrossMap, row: int):
             tpos[last], tend[last], move[last], prefix[last], ends[last] = (
                 len(out) - 2, len(out) - 1, cmap.teacher_spread[teacher.eos_id], 0, 0)
             after_eos = len(out) - 1
-    return out, tpos, tend, move, prefix, ends
+    return out, tpos, tend, move, prefix, ends, cont, after
 
 
 def _real(segs: np.ndarray) -> np.ndarray:
@@ -520,11 +550,11 @@ def align(ids: np.ndarray, segs: np.ndarray, cmap: CrossMap, *, row_start: int) 
         pos = np.broadcast_to(np.arange(length), (b, length)).copy()
         ids64 = ids.astype(np.int64)
         zero = np.zeros_like(pos)
-        return Alignment(cmap.permutation[ids64], pos, pos + 1, zero, zero, zero, _real(segs))
+        return Alignment(cmap.permutation[ids64], pos, pos + 1, zero, zero, zero, zero, zero - 1, _real(segs))
     rows = [_row(ids[r], segs[r], cmap, row_start + r) for r in range(len(ids))]
     width = max(len(r[0]) for r in rows)
     t_ids = np.full((len(rows), width), cmap.teacher_text.pad_id, dtype=np.int64)
     for r, row in enumerate(rows):
         t_ids[r, : len(row[0])] = row[0]
-    tpos, tend, move, prefix, ends = (np.stack([r[i] for r in rows]) for i in range(1, 6))
-    return Alignment(t_ids, tpos, tend, move, prefix, ends, _real(segs))
+    tpos, tend, move, prefix, ends, cont, after = (np.stack([r[i] for r in rows]) for i in range(1, 8))
+    return Alignment(t_ids, tpos, tend, move, prefix, ends, cont, after, _real(segs))

@@ -73,25 +73,29 @@ def place(z: torch.Tensor, lse: torch.Tensor, boundary: torch.Tensor, at: torch.
 
 def project(q: torch.Tensor, scale: torch.Tensor, *, chain: torch.Tensor,
             moves: tuple[torch.Tensor, torch.Tensor, torch.Tensor], gold: torch.Tensor, spans: torch.Tensor,
-            stop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            step: torch.Tensor, stop: torch.Tensor, after: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`place`'s (N, Vs + 1) mass and scale → ((N, Vs + 1) log-probs over the store's vocabulary and, last, the
     unplaced bucket; (N,) float64 log-prob of the gold token's text; (N,) the bucket's mass). Overwrites ``q``.
 
     Where the gold token's text ``spans`` several teacher tokens (the next teacher token is a strict prefix of
     it), the teacher's probability of that whole text along its own tokens, ``exp(chain)``, is a lookahead the
     teacher itself made: it leaves the place of the next teacher token (``moves``: (row, store id, weight)) for the
-    gold id. Where the next teacher token spells the gold exactly but is unplaced (a longer store token extends it),
-    its probability times ``stop`` — the teacher's own probability, at its next position, that the text does not go
-    on into a longer store token — goes to the gold id. Mass the map could not place stays the teacher's, in the
-    bucket, never on the gold token; the gold text's log-prob is the teacher's own ``chain`` (conditioned likewise),
-    whatever the target holds at the id."""
+    gold id. Where the next teacher token is unplaced (a longer store token extends its text), its probability
+    (``exp(step)``, its own log-prob there) times ``stop`` — the teacher's own probability, at its next position,
+    that the text does not go on into a longer store token — goes to the store id its text begins with (``after``;
+    the gold's where it spells the gold exactly). Mass the map could not place stays the teacher's, in the bucket,
+    never on the gold token; the gold text's log-prob is the teacher's own ``chain`` (conditioned likewise), whatever
+    the target holds at the id."""
     vocab = q.shape[1] - 1
-    gold_text = torch.exp(chain).float() * scale * torch.where(spans, 1.0, stop)
+    gold_text = torch.exp(chain).float() * scale * spans
     rows, sids, w = moves
     flat_q, flat = q.view(-1), rows * (vocab + 1) + sids
     removed = torch.minimum(gold_text[rows] * w, flat_q[flat])
     flat_q.index_add_(0, flat, -removed)
-    q[torch.arange(len(q), device=q.device), gold] += gold_text
+    at = torch.arange(len(q), device=q.device)
+    q[at, gold] += gold_text
+    stops = stop > 0
+    q[at[stops], after[stops]] += torch.exp(step[stops]).float() * scale[stops] * stop[stops]
     bucket = (1.0 - q[:, :vocab].sum(-1)).clamp_min(0.0)
     q[:, vocab] = bucket
     return q.log_(), chain + torch.log(scale).double(), bucket
@@ -156,9 +160,9 @@ def windowed_hidden_states(teacher: Teacher, x: torch.Tensor, limit: int | None)
     return torch.cat(parts, 1)
 
 
-def _mapped_pass(cmap: CrossMap, logits, x: torch.Tensor, ids: np.ndarray, sel: np.ndarray, src: np.ndarray,
-                 end: np.ndarray, move: np.ndarray, prefix: np.ndarray, ends: np.ndarray, gold: torch.Tensor,
-                 uniforms: torch.Tensor | None, write, *, n: int, step: int, top_k: int,
+def _mapped_pass(cmap: CrossMap, logits, x: torch.Tensor, sel: np.ndarray, src: np.ndarray, end: np.ndarray,
+                 move: np.ndarray, prefix: np.ndarray, ends: np.ndarray, cont: np.ndarray, after: np.ndarray,
+                 gold: torch.Tensor, uniforms: torch.Tensor | None, write, *, n: int, step: int, top_k: int,
                  tail_betas: Sequence[float]) -> None:
     """One pass of the LM head over the teacher's ``n`` flat positions, in chunks of ``step``: each chunk's
     :func:`boundary_mass` gives the placed mass of its positions and the log-partition, hence the teacher's
@@ -175,14 +179,12 @@ def _mapped_pass(cmap: CrossMap, logits, x: torch.Tensor, ids: np.ndarray, sel: 
     starts = torch.zeros(len(inner), dtype=torch.float64, device=device)
     at_inner = torch.full((len(sel),), -1, dtype=torch.long, device=device)
     at_inner[torch.from_numpy(inner).to(device)] = torch.arange(len(inner), device=device)
-    # a next teacher token whose text is the gold's, unplaced (a longer store token extends it): its own next
-    # distribution, at the following teacher position, says whether the store stops at the gold there
-    goes_on = np.zeros(len(sel), dtype=np.int64)
-    cand = np.flatnonzero((end - src == 1) & (ends == 0) & (move == 0))
-    goes_on[cand] = [cmap.continuing_id(int(u)) for u in np.roll(ids, -1, axis=1).reshape(-1)[sel][cand]]
-    look = np.flatnonzero(goes_on > 0)
-    look_t, ahead = torch.from_numpy(look).to(device), torch.from_numpy(end[look]).to(device)
+    # an unplaced next teacher token (a longer store token extends its text): its own next distribution, at the
+    # following teacher position, says whether the store's token stops where its text does
+    look = np.flatnonzero(cont > 0)
+    look_t, ahead = torch.from_numpy(look).to(device), torch.from_numpy(src[look] + 1).to(device)
     stop = torch.zeros(len(sel), dtype=torch.float32, device=device)
+    after_t = torch.from_numpy(np.maximum(after, 0)).to(device)
     src_t, end_t = torch.from_numpy(src).to(device), torch.from_numpy(end).to(device)
     spans_t = end_t - src_t > 1
     inside_t = torch.from_numpy(prefix > 0).to(device)
@@ -198,7 +200,8 @@ def _mapped_pass(cmap: CrossMap, logits, x: torch.Tensor, ids: np.ndarray, sel: 
         has = k >= 0  # the last token's own log-prob → P(its text strictly extends the gold's bytes there)
         chain[has] += starts[k[has]] - own[end_t[pick][has] - 1]
         logq, gold_text, unplaced = project(q, scale, chain=chain, gold=gold[pick], spans=spans_t[pick],
-                                            stop=stop[pick], moves=_spread_rows(cmap, move[rows], device))
+                                            step=own[src_t[pick]], stop=stop[pick], after=after_t[pick],
+                                            moves=_spread_rows(cmap, move[rows], device))
         part = bucket_targets(logq, gold[pick], gold_text, None if uniforms is None else uniforms[sel_t[pick]],
                               top_k=top_k, tail_betas=tail_betas)
         write(pick, part, gold_text, unplaced)
@@ -208,7 +211,7 @@ def _mapped_pass(cmap: CrossMap, logits, x: torch.Tensor, ids: np.ndarray, sel: 
         z_all = logits(s, e)
         boundary, lse = boundary_mass(z_all, dest, vocab + 1)
         own[s:e] = (z_all.gather(-1, nxt[s:e])[:, 0] - lse).double()
-        for where, sets, fill in ((last, ends[inner], "starts"), (ahead, goes_on[look], "stop")):
+        for where, sets, fill in ((last, ends[inner], "starts"), (ahead, cont[look], "stop")):
             here = torch.nonzero((where >= s) & (where < e))[:, 0]
             if not len(here):
                 continue
@@ -218,7 +221,7 @@ def _mapped_pass(cmap: CrossMap, logits, x: torch.Tensor, ids: np.ndarray, sel: 
             mass.index_add_(0, rows, (z_all[at, tids] - lse[at]).double().exp())
             if fill == "starts":  # log Σ p(v) over the teacher tokens that strictly extend the gold's bytes there
                 starts[here] = mass.log()
-            else:  # after a teacher token that spelled the gold exactly: P(the text stops at the gold)
+            else:  # after an unplaced teacher token: P(the store's token ends where its text does)
                 stop[look_t[here]] = (1.0 - mass).clamp_min(0.0).float()
         new = torch.nonzero((src_t >= s) & (src_t < e))[:, 0]
         if len(new):
@@ -292,8 +295,8 @@ def cross_targets(teacher: Teacher, cmap: CrossMap, ids: np.ndarray, segs: np.nd
                                         uniforms[sel_t[pick]], top_k=top_k, tail_betas=tail_betas)
                 write(pick, part, gold_text, torch.zeros(len(pick), device=device))
     elif len(sel):
-        _mapped_pass(cmap, logits, x, ids, sel, src, end, move, prefix, al.ends.reshape(-1)[sel], gold, uniforms,
-                     write, n=n, step=chunk_positions(teacher.vocab_size, teacher.chunk_size, MAPPED_CPU_CHUNK_BYTES)
+        _mapped_pass(cmap, logits, x, sel, src, end, move, prefix, al.ends.reshape(-1)[sel], al.cont.reshape(-1)[sel],
+                     al.after.reshape(-1)[sel], gold, uniforms, write, n=n, step=chunk_positions(teacher.vocab_size, teacher.chunk_size, MAPPED_CPU_CHUNK_BYTES)
                      if device.type == "cpu" else step,
                      top_k=top_k, tail_betas=tail_betas)
     cmap.measured["positions"] += int(al.real.sum())
