@@ -220,10 +220,14 @@ def cache(res: dict) -> str:
         lines += ["", f"(e) A teacher of another tokenizer: {mt['teacher']} mapped into a store of {mt['store_tokenizer']} "
                       f"({mt['rows']} rows × {mt['seq_len']} store tokens, batch {mt['batch_size']}, {mt['torch_threads']} "
                       f"torch threads, best of {mt['repeats']} interleaved); {mt['note']}.", "",
-                  md_table(["run", "store tok/s", "× bare forward", "CPU-time ratio"],
-                           [["bare HF forward (its own tokens)", f"{mt['bare_store_tokens_per_s']:,.0f}", "1.000", "1.000"]]
+                  md_table(["run", "store tok/s", "× bare forward", "CPU-time ratio", "mean unplaced mass"],
+                           [["bare HF forward (its own tokens)", f"{mt['bare_store_tokens_per_s']:,.0f}", "1.000", "1.000",
+                             ""]]
                            + [[k, f"{mt[k]['store_tokens_per_s']:,.0f}", f"{mt[k]['ratio']:.3f}",
-                               f"{mt[k]['cpu_time_ratio']:.3f}"] for k in ("cache", "pass")])]
+                               f"{mt[k]['cpu_time_ratio']:.3f}",
+                               f"{mt.get('unplaced_mass', {}).get(u, float('nan')):.3f}"]
+                              for k, u in (("cache", "pass_b0"), ("pass", "pass_b0"), ("pass_b1", "pass_b1"),
+                                           ("pass_b2", "pass_b2")) if k in mt])]
     g = res.get("gpu", {})
     without = f" ({g['tokens_per_s_without_stats']:,.0f} without statistics)" if "tokens_per_s_without_stats" in g else ""
     lines += ["", "(c) GPU bf16: " + (f"{g['tokens_per_s']:,.0f} tok/s{without}, {g['params'] / 1e6:.0f}M params on {g['gpu']}"

@@ -740,13 +740,19 @@ def bench_mapped(work: str, rows: int = 32, seq_len: int = 256, batch: int = 8, 
                 model(input_ids=torch.from_numpy(al.teacher_ids), use_cache=False)
         return time.perf_counter() - t, time.process_time() - c
 
-    def mapped_pass() -> tuple[float, float]:
+    unplaced: dict[str, float] = {}
+
+    def mapped_pass(branches: int = 0) -> tuple[float, float]:
+        was = dict(cmap.measured)
         t, c = time.perf_counter(), time.process_time()
         with torch.inference_mode():
             for i, (s, al) in enumerate(zip(shards, aligned)):
                 cross_targets(teacher, cmap, s["input_ids"], s["segment_ids"], top_k=64, num_samples=0, seed=0,
-                              row_start=i * batch, tail_betas=TAIL_BETAS, alignment=al)
-        return time.perf_counter() - t, time.process_time() - c
+                              row_start=i * batch, tail_betas=TAIL_BETAS, alignment=al, branches=branches)
+        took = time.perf_counter() - t, time.process_time() - c
+        unplaced[f"pass_b{branches}"] = ((cmap.measured["unplaced_mass"] - was["unplaced_mass"])
+                                         / max(cmap.measured["covered"] - was["covered"], 1))
+        return took
 
     inner = cache._cache_shards
     loop: list[tuple[float, float]] = []
@@ -765,20 +771,25 @@ def bench_mapped(work: str, rows: int = 32, seq_len: int = 256, batch: int = 8, 
             cache._cache_shards = inner
         return loop[-1]
 
-    times: dict[str, list] = {"bare": [], "pass": [], "cache": []}
+    times: dict[str, list] = {"bare": [], "pass": [], "cache": [], "pass_b1": [], "pass_b2": []}
     for r in range(repeats):
         times["bare"].append(bare())
         times["pass"].append(mapped_pass())
         times["cache"].append(run_cache(f"mapped-{r}"))
+        times["pass_b1"].append(mapped_pass(1))
+        times["pass_b2"].append(mapped_pass(2))
     best = {k: (min(t[0] for t in v), min(t[1] for t in v)) for k, v in times.items()}
     out = {"teacher": f"gemma3-270m ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params, vocab {len(t_tok)})",
            "store_tokenizer": f"smollm2-135m (vocab {m.tokenizer.vocab_size})", "rows": m.num_rows, "seq_len": seq_len,
            "batch_size": batch, "repeats": repeats,
            "torch_threads": torch.get_num_threads(), "wall_and_cpu_s": times,
            "note": "best of interleaved repeats; cache: the loop of `chorus cache` (read, align, forward, map, targets "
-                   "and statistics, background encode + write); pass: cross_targets alone over the same batches"}
+                   "and statistics, background encode + write); pass: cross_targets alone over the same batches; "
+                   "pass_bN: with N branch tokens per position (--branches N)",
+           "unplaced_mass": {"pass_b0": unplaced["pass_b0"], "pass_b1": unplaced["pass_b1"],
+                             "pass_b2": unplaced["pass_b2"]}}
     tokens = m.num_rows * seq_len
-    for k in ("pass", "cache"):
+    for k in ("pass", "cache", "pass_b1", "pass_b2"):
         out[k] = {"store_tokens_per_s": tokens / best[k][0], "ratio": best["bare"][0] / best[k][0],
                   "cpu_time_ratio": best["bare"][1] / best[k][1]}
     out["bare_store_tokens_per_s"] = tokens / best["bare"][0]
@@ -789,7 +800,10 @@ def mapped_table(r: dict) -> list[str]:
     return [f"(e) mapped teacher {r['teacher']} into {r['store_tokenizer']}: {r['rows']} rows x {r['seq_len']}, "
             f"{r['torch_threads']} torch threads; bare forward {r['bare_store_tokens_per_s']:.0f} store tok/s; "
             f"cache {r['cache']['store_tokens_per_s']:.0f} (ratio {r['cache']['ratio']:.3f}, CPU time "
-            f"{r['cache']['cpu_time_ratio']:.3f}); the mapped pass alone {r['pass']['ratio']:.3f}"]
+            f"{r['cache']['cpu_time_ratio']:.3f}); the mapped pass alone {r['pass']['ratio']:.3f}",
+            "    branch tokens per position (--branches): " + "; ".join(
+                f"{n}: pass ratio {r[k]['ratio']:.3f}, unplaced mass {r['unplaced_mass'][u]:.3f}"
+                for n, k, u in ((0, "pass", "pass_b0"), (1, "pass_b1", "pass_b1"), (2, "pass_b2", "pass_b2")))]
 
 
 def real_table(r: dict) -> list[str]:

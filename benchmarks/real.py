@@ -206,6 +206,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1", help="student seeds")
     ap.add_argument("--steps", type=int, default=150, help="student steps")
     ap.add_argument("--skip-students", action="store_true")
+    ap.add_argument("--branches", type=int, default=0, help="`chorus cache --branches` for the mapped teacher")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     global STORE_DIR
@@ -219,11 +220,11 @@ def main() -> None:
     prepare.run(PrepareConfig(dataset=str(docs), tokenizer=str(STORE_DIR), out=url, seq_len=256, domain_field="domain",
                               valid_fraction=0.25, rows_per_shard=8, overwrite=True))
     rows, out = [], {"rows": Store.open(url, "r").manifest.num_rows, "seq_len": 256, "student_steps": args.steps,
-                     "teachers": {}}
+                     "branches": args.branches, "teachers": {}}
     for name, d in dirs.items():
         t = time.perf_counter()
         cache.run(CacheConfig(store=url, teacher=str(d), name=name, top_k=32, batch_size=8, dtype="fp32",
-                              overwrite=True))
+                              overwrite=True, branches=args.branches if name == OTHER else 0))
         cache_s = time.perf_counter() - t
         bare_s = bare_forward_s(d, url, 8, cross=name != STORE_TEACHER)
         chain = own_chain(d, url, name)

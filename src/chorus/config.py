@@ -76,6 +76,10 @@ class CacheConfig:
                            choices=("fp16", "q8"))
     shard: Optional[str] = opt(None, "i/n: this worker fills shards i, i+n, ... (torchrun sets it from RANK/WORLD_SIZE)")
     seed: int = opt(0, "seed for sampled targets (per row, so reruns draw the same)")
+    branches: int = opt(0, "a teacher of another tokenizer: the unplaced teacher tokens per position (most probable "
+                           "first) it is asked, with one more token each in the same pass (tree attention), where their "
+                           "text stops; that share is placed instead of left in the bucket. Each costs about one "
+                           "teacher position")
     revision: Optional[str] = opt(None, "model revision (hub) to load")
     tokenizer: Optional[str] = opt(None, "the teacher's tokenizer, checked against the store's (default: the model's own)")
     trust_remote_code: bool = opt(False, "allow the model's own code to run")

@@ -99,6 +99,8 @@ def _check_args(cfg: CacheConfig, corpus: CorpusManifest) -> str:
         raise ChorusError(f"--top-k must be between 1 and the vocabulary size {vocab}, got {cfg.top_k}")
     if cfg.samples < 0:
         raise ChorusError(f"--samples must be >= 0 (0: no sampled targets), got {cfg.samples}")
+    if cfg.branches < 0:
+        raise ChorusError(f"--branches must be >= 0 (0: unplaced mass stays in the bucket), got {cfg.branches}")
     if cfg.batch_size < 1:
         raise ChorusError(f"--batch-size must be >= 1, got {cfg.batch_size}")
     check_sampler(corpus.seq_len, cfg.samples)
@@ -137,7 +139,7 @@ def run(cfg: CacheConfig) -> TeacherManifest:
     if cmap is not None:
         _check_text(store, corpus, cmap, mine)
     params = value_params(cfg.value_codec)
-    manifest = _manifest(cfg, name, corpus, teacher, params, cross=_mapping_record(teacher_info, cmap))
+    manifest = _manifest(cfg, name, corpus, teacher, params, cross=_mapping_record(teacher_info, cmap, cfg.branches))
     specs = target_specs(corpus.seq_len, cfg.top_k, cfg.samples, corpus.tokenizer.vocab_size, cfg.value_codec, params,
                          tail_betas=manifest.tail_betas)
     cache = CacheUnit(store, manifest)
@@ -225,10 +227,11 @@ def _check_text(store: Store, corpus: CorpusManifest, cmap: CrossMap, shards: li
         f"({time.perf_counter() - t0:.1f} s)")
 
 
-def _mapping_record(info: TokenizerInfo, cmap: CrossMap | None) -> dict:
+def _mapping_record(info: TokenizerInfo, cmap: CrossMap | None, branches: int) -> dict:
     if cmap is None:
         return {}
-    return {"tokenizer": info.to_dict(), "method": METHOD, "version": METHOD_VERSION, "vocab": cmap.summary()}
+    return {"tokenizer": info.to_dict(), "method": METHOD, "version": METHOD_VERSION,
+            "branches": branches if cmap.permutation is None else 0, "vocab": cmap.summary()}
 
 
 def coverage(store: Store, name: str, commits: dict) -> float:
@@ -252,7 +255,7 @@ def _manifest(cfg: CacheConfig, name: str, corpus: CorpusManifest, teacher: Teac
     if cfg.samples:
         settings["sampler"] = SAMPLER
     if cross:  # the teacher's own tokenizer and the mapping (method, version) are part of what the targets are
-        settings["cross_tokenizer"] = {k: cross[k] for k in ("tokenizer", "method", "version")}
+        settings["cross_tokenizer"] = {k: cross[k] for k in ("tokenizer", "method", "version", "branches")}
     fp = fingerprint("teacher-cache", corpus.fingerprint, corpus.tokenizer.fingerprint, teacher.weights_fingerprint,
                      teacher.model_id, teacher.revision, settings)
     return TeacherManifest(
@@ -308,7 +311,8 @@ def _cache_shards(cache: CacheUnit, corpus: CorpusManifest, teacher: Teacher, to
                                 targets = cross_targets(teacher, cmap, ids[offset: offset + cfg.batch_size], segs, top_k=cfg.top_k,
                                                         num_samples=cfg.samples, seed=cfg.seed,
                                                         row_start=row_start + offset, tail_betas=tail_betas,
-                                                        alignment=rows["alignments"][offset // cfg.batch_size])
+                                                        alignment=rows["alignments"][offset // cfg.batch_size],
+                                                        branches=cfg.branches)
                     except OutOfMemory:
                         raise ChorusError(
                             f"out of memory on {teacher.device} at --batch-size {cfg.batch_size} (shard {shard}); "

@@ -132,8 +132,11 @@ def _print_mapping(t: dict) -> None:
         return
     tok, cov = mp["tokenizer"], mp.get("coverage")
     where = f"{100 * cov:.1f}% of positions have a target" if cov is not None else "coverage known once complete"
-    print(f"  own tokenizer {tok['name']} (vocab {tok['vocab_size']}), mapped by {mp['method']} v{mp['version']}: "
-          f"{where}; elsewhere the hard label")
+    unplaced = mp.get("measured", {}).get("unplaced_mass")
+    where += f", mean unplaced mass {unplaced:.3f}" if unplaced is not None else ""
+    branches = f" with {mp['branches']} branch tokens" if mp.get("branches") else ""
+    print(f"  own tokenizer {tok['name']} (vocab {tok['vocab_size']}), mapped by {mp['method']} v{mp['version']}"
+          f"{branches}: {where}; elsewhere the hard label")
 
 
 def _print_statistics(t: dict) -> None:

@@ -357,6 +357,26 @@ class CrossMap:
             self._destinations[key] = torch.from_numpy(dest).to(device)
         return self._destinations[key]
 
+    def branch_candidates(self, device):
+        """The teacher ids branch-token lookahead may ask about: unplaced at a boundary position, with a store token
+        their text begins with (cross_targets.branch_stops)."""
+        key = ("branch", str(device))
+        if key not in self._destinations:
+            import torch
+
+            ids = [v for v, (spread, surf) in enumerate(zip(self.teacher_spread, self.teacher_text.surfaces))
+                   if spread == 0 and surf and self.index.first(surf) >= 0]
+            cand = torch.tensor(ids, dtype=torch.long, device=device)
+            column = torch.full((len(self.teacher_spread),), -1, dtype=torch.long, device=device)
+            column[cand] = torch.arange(len(cand), device=device)
+            self._destinations[key] = (cand, column)
+        return self._destinations[key][0]
+
+    def branch_column(self, device):
+        """(Vt,) each teacher id's column in :meth:`branch_candidates` (-1: not one)."""
+        self.branch_candidates(device)
+        return self._destinations[("branch", str(device))][1]
+
     def measurements(self) -> dict:
         """What :attr:`measured` says, as rates: coverage, the share of covered positions inside a teacher token,
         the teacher's bits per byte of the gold text along the store's positions (compare with its own bits per

@@ -7,6 +7,7 @@ full log-probs, so every reader treats the cache like any other. The mapping its
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import numpy as np
@@ -160,15 +161,89 @@ def windowed_hidden_states(teacher: Teacher, x: torch.Tensor, limit: int | None)
     return torch.cat(parts, 1)
 
 
+def _with_cache(teacher: Teacher, cache) -> dict:
+    """The forward's arguments that fill and read ``cache`` (transformers 5 renamed ``past_key_values`` ``cache``)."""
+    name = "cache" if "cache" in inspect.signature(teacher.model.forward).parameters else "past_key_values"
+    return {name: cache, "use_cache": True}
+
+
+def _fits_tree(teacher: Teacher, lt: int) -> bool:
+    """Whether branches can read rows of ``lt`` teacher tokens with one cached forward pass and a custom mask: the
+    row is one window, and a sliding-window layer would see all of it anyway (the mask is the same for every layer)."""
+    cfg = teacher.model.config.get_text_config() if hasattr(teacher.model.config, "get_text_config") else teacher.model.config
+    limit = getattr(cfg, "max_position_embeddings", None)
+    window = getattr(cfg, "sliding_window", None)
+    return (limit is None or lt <= limit) and (window is None or lt <= window)
+
+
+def branch_stops(teacher: Teacher, cmap: CrossMap, cache, x: torch.Tensor, flat: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor | None, ops, srcs: np.ndarray, *, branches: int,
+                 step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, torch.Tensor]:
+    """Branch-token lookahead. At flat teacher positions ``srcs`` (boundary positions of the store), the
+    ``branches`` most probable unplaced teacher tokens other than the actual next one each run as one more token after
+    that position (tree attention: the row's cached keys up to it, then itself) → (src, teacher id, store id it
+    begins with, (nb,) the teacher's probability after it that its text stops there rather than going on into a
+    longer store token), so that share is placed like the actual next token's (see :func:`project`)."""
+    device, b, lt = x.device, x.shape[0], x.shape[1]
+    cand = cmap.branch_candidates(device)
+    if not len(srcs) or not len(cand):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64), torch.zeros(0, device=device)
+    src_t = torch.from_numpy(srcs).to(device)
+    z = _apply_ops(F.linear(flat[src_t], weight[cand], None if bias is None else bias[cand]), ops).float()
+    nxt = x.reshape(-1)[(src_t + 1).clamp_max(b * lt - 1)]
+    col = cmap.branch_column(device)[nxt]
+    has = col >= 0
+    z[torch.nonzero(has)[:, 0], col[has]] = float("-inf")  # the actual next token: its own next position tells
+    top = torch.topk(z, min(branches, len(cand)), dim=-1)
+    real = torch.isfinite(top.values).reshape(-1).cpu().numpy()  # not the excluded next token
+    tok = cand[top.indices].reshape(-1).cpu().numpy()[real]
+    src = np.repeat(srcs, top.values.shape[1])[real]
+    conts = np.array([cmap.continuing_id(cmap.teacher_text.surfaces[t]) for t in tok], dtype=np.int64)
+    after = np.array([cmap.index.first(cmap.teacher_text.surfaces[t]) for t in tok], dtype=np.int64)
+    stop = torch.ones(len(tok), device=device)
+    ask = np.flatnonzero(conts > 0)  # a token no teacher token can carry on stops for sure
+    if len(ask):
+        rows, pos = src[ask] // lt, src[ask] % lt
+        order = np.argsort(rows, kind="stable")
+        slot = np.zeros(len(ask), np.int64)
+        counts = np.bincount(rows, minlength=b)
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        slot[order] = np.arange(len(ask)) - np.repeat(starts, counts)
+        m = int(counts.max())
+        ids = torch.full((b, m), cmap.teacher_text.pad_id, dtype=torch.long, device=device)
+        where = torch.zeros((b, m), dtype=torch.long, device=device)
+        mask = torch.full((b, 1, m, lt + m), torch.finfo(teacher.dtype).min, dtype=teacher.dtype, device=device)
+        mask[:, 0, :, 0] = 0  # padding slots read the row's first token (never used)
+        r_t, s_t = torch.from_numpy(rows).to(device), torch.from_numpy(slot).to(device)
+        ids[r_t, s_t] = torch.from_numpy(tok[ask]).to(device)
+        where[r_t, s_t] = torch.from_numpy(pos + 1).to(device)
+        keys = torch.arange(lt, device=device)
+        mask[r_t, 0, s_t, :lt] = torch.where(keys[None, :] <= torch.from_numpy(pos).to(device)[:, None], 0.0,
+                                             torch.finfo(teacher.dtype).min).to(teacher.dtype)
+        mask[r_t, 0, s_t, lt + s_t] = 0
+        h = teacher.hidden_states(ids, **_with_cache(teacher, cache), position_ids=where,
+                                  attention_mask=mask)[r_t, s_t].to(weight.device)
+        for a in range(0, len(ask), step):
+            e = min(len(ask), a + step)
+            zb = _apply_ops(F.linear(h[a:e], weight, bias), ops).float()
+            lse = torch.logsumexp(zb, dim=-1)
+            sr, tids = _sets(cmap, conts[ask[a:e]], device)
+            mass = torch.zeros(e - a, dtype=torch.float64, device=device)
+            mass.index_add_(0, sr, (zb[sr, tids] - lse[sr]).double().exp())
+            stop[torch.from_numpy(ask[a:e]).to(device)] = (1.0 - mass).clamp_min(0.0).float()
+    return src, tok, after, stop
+
+
 def _mapped_pass(cmap: CrossMap, logits, x: torch.Tensor, sel: np.ndarray, src: np.ndarray, end: np.ndarray,
                  move: np.ndarray, prefix: np.ndarray, ends: np.ndarray, cont: np.ndarray, after: np.ndarray,
                  gold: torch.Tensor, uniforms: torch.Tensor | None, write, *, n: int, step: int, top_k: int,
-                 tail_betas: Sequence[float]) -> None:
+                 tail_betas: Sequence[float], branch: tuple[torch.Tensor, ...] | None = None) -> None:
     """One pass of the LM head over the teacher's ``n`` flat positions, in chunks of ``step``: each chunk's
     :func:`boundary_mass` gives the placed mass of its positions and the log-partition, hence the teacher's
     log-prob of its own next tokens (the chains) and the lookahead masses; a store position is placed as soon as its
     chunk is done, and projected once every teacher position its chain and lookahead read is (its (Vs + 1) mass is
-    kept until then), so the head runs once, not once for the chains and again for the targets."""
+    kept until then), so the head runs once, not once for the chains and again for the targets. ``branch``: (store
+    position index into ``sel``, teacher id, store id, stop) of :func:`branch_stops`' tokens, placed with the rest."""
     device = x.device
     vocab = cmap.store_vocab
     dest = cmap.destinations(device)
@@ -228,6 +303,13 @@ def _mapped_pass(cmap: CrossMap, logits, x: torch.Tensor, sel: np.ndarray, src: 
             inside = inside_t[new]
             q_new, scale_new = place(z_all, lse, boundary, src_t[new] - s, inside,
                                      _extensions(cmap, prefix[new.cpu().numpy()], device) if bool(inside.any()) else None)
+            if branch is not None:  # boundary positions: the share of each branch token that stops there
+                br_k, br_tok, br_after, br_stop = branch
+                hit = torch.nonzero((src_t[br_k] >= s) & (src_t[br_k] < e))[:, 0]
+                if len(hit):
+                    at = src_t[br_k[hit]] - s
+                    mass = torch.exp(z_all[at, br_tok[hit]] - lse[at]) * br_stop[hit]
+                    q_new.index_put_((torch.searchsorted(new, br_k[hit]), br_after[hit]), mass, accumulate=True)
             idx = torch.cat([pend_idx, new])
             q, scale = (q_new, scale_new) if not len(pend_idx) else (torch.cat([pend_q, q_new]), torch.cat([pend_scale, scale_new]))
         else:
@@ -244,9 +326,11 @@ def _mapped_pass(cmap: CrossMap, logits, x: torch.Tensor, sel: np.ndarray, src: 
 
 def cross_targets(teacher: Teacher, cmap: CrossMap, ids: np.ndarray, segs: np.ndarray, *, top_k: int, num_samples: int,
                   seed: int, row_start: int, tail_betas: Sequence[float],
-                  alignment: Alignment | None = None) -> dict[str, torch.Tensor]:
+                  alignment: Alignment | None = None, branches: int = 0) -> dict[str, torch.Tensor]:
     """Store rows (B, L) and their segment ids → the targets of ``chunked_targets`` over the store's vocabulary,
-    from a teacher with its own tokenizer; positions with no target hold the hard label (``NO_TARGET_ENTROPY``)."""
+    from a teacher with its own tokenizer; positions with no target hold the hard label (``NO_TARGET_ENTROPY``).
+    ``branches``: unplaced teacher tokens per boundary position asked about by :func:`branch_stops` (rows the tree
+    cannot read in one pass — longer than the teacher's context or a sliding window — keep them in the bucket)."""
     al = alignment if alignment is not None else align(ids, segs, cmap, row_start=row_start)
     device = teacher.device
     b, length = ids.shape
@@ -254,7 +338,14 @@ def cross_targets(teacher: Teacher, cmap: CrossMap, ids: np.ndarray, segs: np.nd
     x = torch.from_numpy(al.teacher_ids).to(device)
     weight, bias, ops = teacher.head(x)
     limit = getattr(teacher.model.config, "max_position_embeddings", None)
-    flat = windowed_hidden_states(teacher, x, limit).reshape(b * lt, -1).to(weight.device)
+    cache = None
+    if branches and cmap.permutation is None and _fits_tree(teacher, lt):
+        from transformers import DynamicCache
+
+        cache = DynamicCache()  # no config: every layer keeps all keys, which the branches' mask reads
+        flat = teacher.hidden_states(x, **_with_cache(teacher, cache)).reshape(b * lt, -1).to(weight.device)
+    else:
+        flat = windowed_hidden_states(teacher, x, limit).reshape(b * lt, -1).to(weight.device)
     step = chunk_positions(teacher.vocab_size, teacher.chunk_size, CROSS_CHUNK_BYTES.get(device.type, CROSS_CHUNK_BYTES["cuda"]))
 
     def logits(s: int, e: int) -> torch.Tensor:  # the same-tokenizer path's chunks (same bits for one token table)
@@ -295,10 +386,19 @@ def cross_targets(teacher: Teacher, cmap: CrossMap, ids: np.ndarray, segs: np.nd
                                         uniforms[sel_t[pick]], top_k=top_k, tail_betas=tail_betas)
                 write(pick, part, gold_text, torch.zeros(len(pick), device=device))
     elif len(sel):
+        if device.type == "cpu":
+            step = chunk_positions(teacher.vocab_size, teacher.chunk_size, MAPPED_CPU_CHUNK_BYTES)
+        branch = None
+        if cache is not None:
+            bound = np.flatnonzero(prefix == 0)
+            br_src, br_tok, br_after, br_stop = branch_stops(teacher, cmap, cache, x, flat, weight, bias, ops,
+                                                             np.unique(src[bound]), branches=branches, step=step)
+            order = np.argsort(src[bound], kind="stable")
+            k = bound[order][np.searchsorted(src[bound][order], br_src)]
+            branch = tuple(torch.from_numpy(a).to(device) for a in (k, br_tok, br_after)) + (br_stop,)
         _mapped_pass(cmap, logits, x, sel, src, end, move, prefix, al.ends.reshape(-1)[sel], al.cont.reshape(-1)[sel],
-                     al.after.reshape(-1)[sel], gold, uniforms, write, n=n, step=chunk_positions(teacher.vocab_size, teacher.chunk_size, MAPPED_CPU_CHUNK_BYTES)
-                     if device.type == "cpu" else step,
-                     top_k=top_k, tail_betas=tail_betas)
+                     al.after.reshape(-1)[sel], gold, uniforms, write, n=n, step=step,
+                     top_k=top_k, tail_betas=tail_betas, branch=branch)
     cmap.measured["positions"] += int(al.real.sum())
     return {k: t.reshape(b, length, *t.shape[1:]) for k, t in out.items()}
 

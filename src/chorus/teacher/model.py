@@ -78,11 +78,12 @@ class Teacher:
         out = self.model(input_ids=input_ids, use_cache=False)
         return out.logits[..., : self.vocab_size]
 
-    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor, **forward) -> torch.Tensor:
         """(B, L) token ids → (B, L, H) final hidden states, the LM head's input.
 
         The model's own forward runs (so whatever it does before the head — final norm, embedding scale — is
-        kept), with a pre-hook that records the head's input and hands the head zero positions instead."""
+        kept), with a pre-hook that records the head's input and hands the head zero positions instead.
+        ``forward``: more arguments of that forward (a cache, position ids, a 4D attention mask)."""
         head = self.model.get_output_embeddings()
         seen: list[torch.Tensor] = []
 
@@ -92,7 +93,7 @@ class Teacher:
 
         handle = head.register_forward_pre_hook(capture)
         try:
-            self.model(input_ids=input_ids, use_cache=False)
+            self.model(input_ids=input_ids, **{"use_cache": False, **forward})
         finally:
             handle.remove()
         if len(seen) != 1:
