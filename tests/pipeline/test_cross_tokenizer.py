@@ -869,3 +869,28 @@ def test_a_row_cut_inside_a_character_keeps_the_targets_of_its_whole_characters(
             torch.testing.assert_close(cut[k][: b - 1], whole[k][: b - 1], rtol=1e-5, atol=1e-6, equal_nan=True, msg=k)
         checked += int((~no_target(whole["entropy"][: b - 1].numpy())).sum())
     assert checked > 50
+
+
+def test_a_branch_token_reads_what_a_forward_pass_of_its_own_reads(teachers):
+    """Branch tokens of one tree-masked pass over two rows' cached keys (several per row, padded rows) have the final
+    hidden states of a plain forward pass over their row up to their position, then the token."""
+    from transformers import AutoTokenizer, DynamicCache
+
+    from chorus.teacher.cross_targets import _with_cache, branch_hidden_states
+    from chorus.teacher.model import load_teacher
+
+    t_tok = AutoTokenizer.from_pretrained(teachers["unigram"])
+    teacher = load_teacher(teachers["unigram"], vocab_size=len(t_tok), device=torch.device("cpu"), dtype=torch.float32,
+                           revision=None, trust_remote_code=False, tokenizer_match="cross")
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.integers(3, len(t_tok), (2, 24)))
+    cache = DynamicCache()
+    with torch.inference_mode():
+        teacher.hidden_states(x, **_with_cache(teacher, cache))
+        src = np.array([0, 3, 3, 11, 23, 24 + 5, 24 + 6, 24 + 20])  # flat positions; two branches after position 3
+        tok = rng.integers(3, len(t_tok), len(src))
+        got = branch_hidden_states(teacher, cache, 2, 24, src, tok, pad=0)
+        for k, (s, t) in enumerate(zip(src, tok)):
+            r, i = divmod(int(s), 24)
+            want = teacher.hidden_states(torch.cat([x[r, : i + 1], torch.tensor([t])])[None])[0, -1]
+            torch.testing.assert_close(got[k], want, rtol=1e-5, atol=1e-5, msg=f"branch {k} after position {i} of row {r}")

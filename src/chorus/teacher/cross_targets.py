@@ -176,6 +176,35 @@ def _fits_tree(teacher: Teacher, lt: int) -> bool:
     return (limit is None or lt <= limit) and (window is None or lt <= window)
 
 
+def branch_hidden_states(teacher: Teacher, cache, b: int, lt: int, src: np.ndarray, tok: np.ndarray, *,
+                         pad: int) -> torch.Tensor:
+    """Branch tokens ``tok`` (nb,), each one more token after flat teacher position ``src`` of rows (b, lt) whose keys
+    ``cache`` holds → (nb, H) their final hidden states: what a forward pass over that row up to ``src``, then the
+    token, gives (tree attention: one pass, each branch sees its prefix and itself, at the position after ``src``).
+    Memory: a (b, 1, m, lt + m) mask, m the most branches of one row."""
+    device = teacher.device
+    rows, pos = src // lt, src % lt
+    order = np.argsort(rows, kind="stable")
+    slot = np.zeros(len(src), np.int64)
+    counts = np.bincount(rows, minlength=b)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    slot[order] = np.arange(len(src)) - np.repeat(starts, counts)
+    m = int(counts.max())
+    low = torch.finfo(teacher.dtype).min
+    ids = torch.full((b, m), pad, dtype=torch.long, device=device)
+    where = torch.zeros((b, m), dtype=torch.long, device=device)
+    mask = torch.full((b, 1, m, lt + m), low, dtype=teacher.dtype, device=device)
+    mask[:, 0, :, 0] = 0  # padding slots read the row's first token (never used)
+    r_t, s_t = torch.from_numpy(rows).to(device), torch.from_numpy(slot).to(device)
+    ids[r_t, s_t] = torch.from_numpy(tok).to(device)
+    where[r_t, s_t] = torch.from_numpy(pos + 1).to(device)
+    keys = torch.arange(lt, device=device)
+    mask[r_t, 0, s_t, :lt] = torch.where(keys[None, :] <= torch.from_numpy(pos).to(device)[:, None], 0.0,
+                                         low).to(teacher.dtype)
+    mask[r_t, 0, s_t, lt + s_t] = 0
+    return teacher.hidden_states(ids, **_with_cache(teacher, cache), position_ids=where, attention_mask=mask)[r_t, s_t]
+
+
 def branch_stops(teacher: Teacher, cmap: CrossMap, cache, x: torch.Tensor, flat: torch.Tensor, weight: torch.Tensor,
                  bias: torch.Tensor | None, ops, srcs: np.ndarray, *, branches: int,
                  step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, torch.Tensor]:
@@ -203,26 +232,8 @@ def branch_stops(teacher: Teacher, cmap: CrossMap, cache, x: torch.Tensor, flat:
     stop = torch.ones(len(tok), device=device)
     ask = np.flatnonzero(conts > 0)  # a token no teacher token can carry on stops for sure
     if len(ask):
-        rows, pos = src[ask] // lt, src[ask] % lt
-        order = np.argsort(rows, kind="stable")
-        slot = np.zeros(len(ask), np.int64)
-        counts = np.bincount(rows, minlength=b)
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        slot[order] = np.arange(len(ask)) - np.repeat(starts, counts)
-        m = int(counts.max())
-        ids = torch.full((b, m), cmap.teacher_text.pad_id, dtype=torch.long, device=device)
-        where = torch.zeros((b, m), dtype=torch.long, device=device)
-        mask = torch.full((b, 1, m, lt + m), torch.finfo(teacher.dtype).min, dtype=teacher.dtype, device=device)
-        mask[:, 0, :, 0] = 0  # padding slots read the row's first token (never used)
-        r_t, s_t = torch.from_numpy(rows).to(device), torch.from_numpy(slot).to(device)
-        ids[r_t, s_t] = torch.from_numpy(tok[ask]).to(device)
-        where[r_t, s_t] = torch.from_numpy(pos + 1).to(device)
-        keys = torch.arange(lt, device=device)
-        mask[r_t, 0, s_t, :lt] = torch.where(keys[None, :] <= torch.from_numpy(pos).to(device)[:, None], 0.0,
-                                             torch.finfo(teacher.dtype).min).to(teacher.dtype)
-        mask[r_t, 0, s_t, lt + s_t] = 0
-        h = teacher.hidden_states(ids, **_with_cache(teacher, cache), position_ids=where,
-                                  attention_mask=mask)[r_t, s_t].to(weight.device)
+        h = branch_hidden_states(teacher, cache, b, lt, src[ask], tok[ask], pad=cmap.teacher_text.pad_id)
+        h = h.to(weight.device)
         for a in range(0, len(ask), step):
             e = min(len(ask), a + step)
             zb = _apply_ops(F.linear(h[a:e], weight, bias), ops).float()
