@@ -28,13 +28,15 @@ When a longer store token extends the teacher token's text (the teacher's token 
 the teacher has no token of its own for that longer text), which store token comes next depends on text the teacher
 has not predicted yet: that mass is *unplaced* and stays in a bucket of its own, which the statistics and the losses
 treat as part of the tail. It never goes to the gold token: a target holds what the teacher said and nothing of the
-label. One lookahead the forward pass already holds is used: where the gold store token's text spans several teacher
+label. Two lookaheads the forward pass already holds are used. Where the gold store token's text spans several teacher
 tokens, the teacher's probability of that whole text along its own tokens (the chain p(t_1)·p(t_2|t_1)···) moves from
 t_1's place to the gold token. Where the teacher's actual next token is unplaced, its next position (the same pass)
 says how likely its text stops there rather than going on into a longer store token: that share goes to the store
-token its text begins with (the gold's, where it spells the gold). The gold statistic is that chain at every position — the teacher's own probability of
-the gold token's text, whose last term, when the gold ends inside a teacher token, is the probability that the
-teacher's next token strictly extends the gold's bytes there (the set the next, inside, position normalizes by). So
+token its text begins with (the gold's, where it spells the gold). ``chorus cache --branches N`` asks the same of the
+N most probable other unplaced tokens, with one more token each (cross_targets.branch_stops). The gold statistic is
+that chain at every position — the teacher's own probability of the gold token's text, whose last term, when the
+gold ends inside a teacher token, is the probability that the teacher's next token strictly extends the gold's bytes
+there (the set the next, inside, position normalizes by). So
 the gold statistics of a document telescope to the teacher's own log-likelihood of its tokens, and bits per byte
 compare across tokenizers (tests/pipeline/test_cross_tokenizer.py checks both against brute force from the teacher).
 Tail mass, entropy and tail log-partitions are those of the mapped distribution with the bucket as one atom, so
