@@ -715,7 +715,8 @@ def bench_mapped(work: str, rows: int = 32, seq_len: int = 256, batch: int = 8, 
     sys.path.insert(0, os.path.dirname(__file__))
     from _models import convert
 
-    from chorus.teacher.cross import CrossMap, TokenText, align
+    from chorus.teacher.alignment import align
+    from chorus.teacher.cross import CrossMap, TokenText
     from chorus.teacher.cross_targets import cross_targets
     from chorus.teacher.model import load_teacher
 

@@ -47,7 +47,8 @@ from chorus.config import CacheConfig, PrepareConfig, TrainConfig  # noqa: E402
 from chorus.demo import corpus as _demo_corpus  # noqa: E402
 from chorus.store import Store  # noqa: E402
 from chorus.store.manifest import no_target  # noqa: E402
-from chorus.teacher.cross import CrossMap, TokenText, align  # noqa: E402
+from chorus.teacher.alignment import align  # noqa: E402
+from chorus.teacher.cross import CrossMap, TokenText  # noqa: E402
 
 
 @dataclass(frozen=True)

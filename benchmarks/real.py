@@ -43,7 +43,8 @@ from chorus.commands import eval as evaluate  # noqa: E402
 from chorus.config import CacheConfig, EvalConfig, PrepareConfig  # noqa: E402
 from chorus.store import Store, decode_stats, decode_topk, token_byte_lengths  # noqa: E402
 from chorus.store.manifest import no_target  # noqa: E402
-from chorus.teacher.cross import CrossMap, TokenText, align  # noqa: E402
+from chorus.teacher.alignment import align  # noqa: E402
+from chorus.teacher.cross import CrossMap, TokenText  # noqa: E402
 
 STORE_TEACHER, OTHER = "smollm2-135m", "gemma3-270m"
 STORE_DIR = Path()  # the store tokenizer's model directory (set by main)

@@ -789,7 +789,7 @@ def test_a_teacher_without_a_token_for_the_text_is_named_for_that(teachers, toke
     that names the characters at the byte where they are — not its dummy-prefix space, which is not what differs."""
     from transformers import AutoTokenizer
 
-    from chorus.teacher.cross import _segment_text
+    from chorus.teacher.alignment import _segment_text
 
     spec = json.loads(open(os.path.join(teachers["unigram"], "tokenizer.json")).read())
     spec["model"]["byte_fallback"] = False

@@ -42,7 +42,8 @@ from chorus.store import (
 )
 from chorus.store.manifest import NAME_PATTERN, TokenizerInfo, no_target
 from chorus.store.tokenizer import store_tokenizer
-from chorus.teacher.cross import METHOD, METHOD_VERSION, CrossMap, TokenText, align, check_text
+from chorus.teacher.alignment import align, check_text
+from chorus.teacher.cross import METHOD, METHOD_VERSION, CrossMap, TokenText
 from chorus.teacher.cross_targets import cross_targets
 from chorus.teacher.model import (
     OutOfMemory,

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from chorus.store.manifest import NO_TARGET_ENTROPY
-from chorus.teacher.cross import Alignment, CrossMap, align
+from chorus.teacher.alignment import Alignment, align
+from chorus.teacher.cross import CrossMap
 from chorus.teacher.model import Teacher, _apply_ops, chunk_positions
 from chorus.teacher.position import position_targets, tail_statistics
 from chorus.teacher.sampler import draw_ids, row_uniforms
