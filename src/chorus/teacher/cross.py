@@ -213,6 +213,7 @@ class CrossMap:
         self._by_surface: dict[bytes, list[int]] = {}
         self.starting: list[np.ndarray] = [np.zeros(0, np.int64)]  # 0: none
         self._starting_ids: dict = {}
+        self._outside: dict[int, np.ndarray] = {}
         self.prefixes: dict[bytes, int] = {b"": 0}  # prefix → id (0: none, a boundary position)
         self.extensions: list[tuple[np.ndarray, np.ndarray]] = [(np.zeros(0, np.int64), np.zeros(0, np.int64))]
         self._destinations: dict = {}
@@ -311,6 +312,15 @@ class CrossMap:
         return self._starting_ids[key]
 
     @_locked
+    def outside(self, set_id: int) -> np.ndarray:
+        """The teacher ids not in ``starting[set_id]``, sorted (kept): where a set holds most of the vocabulary, the
+        teacher's probability of a token outside it is a sum over fewer ids."""
+        if set_id not in self._outside:
+            self._outside[set_id] = np.setdiff1d(np.arange(len(self.teacher_spread)), self.starting[set_id],
+                                                 assume_unique=True)
+        return self._outside[set_id]
+
+    @_locked
     def prefix_id(self, prefix: bytes) -> int:
         """An id for the teacher tokens that extend ``prefix`` (0 when none does: no target)."""
         if prefix in self.prefixes:
@@ -346,7 +356,7 @@ class CrossMap:
 
     def destinations(self, device):
         """(Vt,) where each teacher token's probability goes at a boundary position: the store id its text begins
-        with, or ``store_vocab`` (a column the caller discards) for an unplaced token: q[:, dest[t]] += p[:, t]."""
+        with, or ``store_vocab`` (a column the caller keeps for the bucket) for an unplaced token: q[dest[t]] += p[t]."""
         key = str(device)
         if key not in self._destinations:
             import torch

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from chorus.store.manifest import NO_TARGET_ENTROPY
 from chorus.teacher.alignment import Alignment, align
 from chorus.teacher.cross import CrossMap
-from chorus.teacher.model import Teacher, _apply_ops, chunk_positions
+from chorus.teacher.model import Teacher, _apply_ops, chunk_positions, slab_positions
 from chorus.teacher.position import position_targets, tail_statistics
 from chorus.teacher.sampler import draw_ids, row_uniforms
 
@@ -28,45 +28,64 @@ MAPPED_CPU_CHUNK_BYTES = 1 << 28  # the mapped pass on a CPU: 256 positions at V
 # too few for the head's GEMM); the one-token-table path keeps CROSS_CHUNK_BYTES (bit-identical chunks)
 
 
+# a set of teacher ids holding more than this share of the vocabulary is summed over the ids outside it
+OUTSIDE_SHARE = 0.5
+
 # exp(z) unshifted where every row's largest logit lies in this range: its sums cannot overflow float32 at any
 # vocabulary size below 2^32, and a token it flushes to zero is < e^-71 of the row's top one
 UNSHIFTED_LOGITS = (-16.0, 64.0)
 
 
-def boundary_mass(z: torch.Tensor, dest: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(C, Vt) fp32 teacher logits → ((C, width) the teacher's next-token probabilities summed into the columns
-    ``dest`` (Vt,) names, (C,) its log-partition). The mapped pass's only work over the teacher's whole vocabulary:
-    one exp per logit (unshifted when the logits allow: one pass fewer), one sum, one scatter, normalized after it —
-    closer to a float64 reference than torch.softmax's approximate exp. Not compiled: inductor's scatter made the
-    CPU pass slower."""
-    top = z.amax(dim=-1)
+def _exps(z: torch.Tensor, buffers: dict | None, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Vt, C) fp32 logits, one column a position → (exp(z − top), top (C,)): unshifted (top = 0) when every
+    column's largest logit lies in UNSHIFTED_LOGITS (one pass fewer). Into ``buffers[name]`` when given."""
+    top = z.amax(dim=0)
     lo, hi = UNSHIFTED_LOGITS
+    out = None if buffers is None else _buffer(buffers, name, z.shape, z.dtype, z.device)
     if bool(((top > lo) & (top < hi)).all()):
-        top = torch.zeros_like(top)
-        e = torch.exp(z)
-    else:
-        e = torch.sub(z, top[:, None]).exp_()
-    total = e.sum(dim=-1)
-    q = torch.zeros(z.shape[0], width, dtype=z.dtype, device=z.device).index_add_(1, dest, e)
-    return q.div_(total[:, None]), top + total.log()
+        return (torch.exp(z, out=out) if out is not None else torch.exp(z)), torch.zeros_like(top)
+    return (torch.sub(z, top, out=out) if out is not None else torch.sub(z, top)).exp_(), top
 
 
-def place(z: torch.Tensor, lse: torch.Tensor, boundary: torch.Tensor, at: torch.Tensor, inside: torch.Tensor,
+def boundary_mass(z: torch.Tensor, dest: torch.Tensor, width: int,
+                  buffers: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Vt, C) fp32 teacher logits, one column a position → ((C, width) the teacher's next-token probabilities summed
+    into the columns ``dest`` (Vt,) names (a transposed view), (C,) its log-partition). The mapped pass's only work
+    over the teacher's whole vocabulary: one exp per logit, one sum, one index_add of whole rows (a position a
+    column: each added row is contiguous), normalized after it — closer to a float64 reference than torch.softmax's
+    approximate exp. ``buffers``: where the exps go, kept across chunks (a fresh (Vt, C) tensor is new pages from
+    the kernel each chunk, slower than the exp itself). Not compiled: inductor's scatter made the CPU pass slower."""
+    e, top = _exps(z, buffers, "exp")
+    total = e.sum(dim=0)
+    q = torch.zeros(width, z.shape[1], dtype=z.dtype, device=z.device).index_add_(0, dest, e)
+    return q.div_(total).T, top + total.log()
+
+
+def _buffer(buffers: dict, name: str, shape: tuple[int, int], dtype: torch.dtype, device) -> torch.Tensor:
+    """A contiguous (shape) tensor over storage kept in ``buffers[name]`` (grown, never shrunk), uninitialized."""
+    n = shape[0] * shape[1]
+    have = buffers.get(name)
+    if have is None or have.numel() < n or have.dtype != dtype or have.device != torch.device(device):
+        have = buffers[name] = torch.empty(n, dtype=dtype, device=device)
+    return have[:n].view(shape)
+
+
+def place(logprob, boundary: torch.Tensor, at: torch.Tensor, inside: torch.Tensor,
           extensions: tuple[torch.Tensor, ...] | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Store positions reading teacher rows ``at`` of a chunk (its logits ``z``, log-partitions ``lse`` and
-    :func:`boundary_mass` ``boundary``: every placed teacher token's probability on the store token its text begins
-    with) → ((N, Vs + 1) placed mass, the last column free for the bucket; (N,) ``scale``). Rows ``inside`` a teacher
-    token: the teacher's distribution conditioned on the bytes before the position — only the teacher tokens that
-    extend them (``extensions``: (row, teacher id, store id, weight) of the placed ones, then (row, teacher id) of
+    """Store positions reading teacher rows ``at`` of a chunk (``logprob(rows, teacher ids)``: the teacher's log-probs
+    there, and :func:`boundary_mass` ``boundary``: every placed teacher token's probability on the store token its
+    text begins with) → ((N, Vs + 1) placed mass, the last column free for the bucket; (N,) ``scale``). Rows
+    ``inside`` a teacher token: the teacher's distribution conditioned on the bytes before the position — only the
+    teacher tokens that extend them (``extensions``: (row, teacher id, store id, weight) of the placed ones, then (row, teacher id) of
     all, for the normalizer ``1 / scale``), each placed by the rest of its text."""
-    q = boundary[at]
+    q = boundary[at]  # contiguous, from a transposed view as from a plain one
     scale = torch.ones(len(q), device=q.device)
     if bool(inside.any()):
         rows, tids, sids, w, all_rows, all_tids = extensions
         q[inside] = 0.0
         width = q.shape[1]
-        q.view(-1).index_add_(0, rows * width + sids, torch.exp(z[at[rows], tids] - lse[at[rows]]) * w)
-        mass = torch.exp(z[at[all_rows], all_tids] - lse[at[all_rows]])
+        q.view(-1).index_add_(0, rows * width + sids, torch.exp(logprob(at[rows], tids)) * w)
+        mass = torch.exp(logprob(at[all_rows], all_tids))
         norm = torch.zeros(len(q), device=q.device).index_add_(0, all_rows, mass)
         scale = torch.where(inside, 1.0 / norm.clamp_min(torch.finfo(torch.float32).tiny), scale)
         q *= scale[:, None]
@@ -76,8 +95,9 @@ def place(z: torch.Tensor, lse: torch.Tensor, boundary: torch.Tensor, at: torch.
 def project(q: torch.Tensor, scale: torch.Tensor, *, chain: torch.Tensor,
             moves: tuple[torch.Tensor, torch.Tensor, torch.Tensor], gold: torch.Tensor, spans: torch.Tensor,
             step: torch.Tensor, stop: torch.Tensor, after: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`place`'s (N, Vs + 1) mass and scale → ((N, Vs + 1) log-probs over the store's vocabulary and, last, the
-    unplaced bucket; (N,) float64 log-prob of the gold token's text; (N,) the bucket's mass). Overwrites ``q``.
+    """:func:`place`'s (N, Vs + 1) mass and scale → ((N, Vs + 1) the teacher's probabilities over the store's
+    vocabulary and, last, the unplaced bucket (``q``, completed in place: the caller takes their logs slab by slab);
+    (N,) float64 log-prob of the gold token's text; (N,) the bucket's mass).
 
     Where the gold token's text ``spans`` several teacher tokens (the next teacher token is a strict prefix of
     it), the teacher's probability of that whole text along its own tokens, ``exp(chain)``, is a lookahead the
@@ -100,7 +120,7 @@ def project(q: torch.Tensor, scale: torch.Tensor, *, chain: torch.Tensor,
     q[at[stops], after[stops]] += torch.exp(step[stops]).float() * scale[stops] * stop[stops]
     bucket = (1.0 - q[:, :vocab].sum(-1)).clamp_min(0.0)
     q[:, vocab] = bucket
-    return q.log_(), chain + torch.log(scale).double(), bucket
+    return q, chain + torch.log(scale).double(), bucket
 
 
 def bucket_targets(logq: torch.Tensor, gold: torch.Tensor, gold_logprob: torch.Tensor, uniforms: torch.Tensor | None,
@@ -131,6 +151,19 @@ def _sets(cmap: CrossMap, ids: np.ndarray, device) -> tuple[torch.Tensor, torch.
     parts = [cmap.starting[i] for i in ids]
     rows = np.repeat(np.arange(len(parts)), [len(p) for p in parts])
     return torch.from_numpy(rows).to(device), torch.from_numpy(np.concatenate(parts)).to(device)
+
+
+def _outside_mass(cmap: CrossMap, ids: np.ndarray, logprob, device) -> torch.Tensor:
+    """(n,) float64: at each entry i, the teacher's probability of a token outside the set ``cmap.starting[ids[i]]``
+    (``logprob(entries, teacher ids)``: its log-probs), summed over whichever side of the set has fewer ids — the
+    continuing sets of short texts hold most of a large vocabulary."""
+    most = len(cmap.teacher_spread) * OUTSIDE_SHARE
+    big = np.array([len(cmap.starting[i]) > most for i in ids], dtype=bool)
+    parts = [cmap.outside(i) if b else cmap.starting[i] for i, b in zip(ids, big)]
+    rows = torch.from_numpy(np.repeat(np.arange(len(parts)), [len(p) for p in parts])).to(device)
+    tids = torch.from_numpy(np.concatenate(parts) if parts else np.zeros(0, np.int64)).to(device)
+    mass = torch.zeros(len(ids), dtype=torch.float64, device=device).index_add_(0, rows, logprob(rows, tids).double().exp())
+    return torch.where(torch.from_numpy(big).to(device), mass, 1.0 - mass).clamp_min(0.0)
 
 
 def _extensions(cmap: CrossMap, prefix: np.ndarray, device) -> tuple[torch.Tensor, ...]:
@@ -182,7 +215,8 @@ def branch_hidden_states(teacher: Teacher, cache, b: int, lt: int, src: np.ndarr
     """Branch tokens ``tok`` (nb,), each one more token after flat teacher position ``src`` of rows (b, lt) whose keys
     ``cache`` holds → (nb, H) their final hidden states: what a forward pass over that row up to ``src``, then the
     token, gives (tree attention: one pass, each branch sees its prefix and itself, at the position after ``src``).
-    Memory: a (b, 1, m, lt + m) mask, m the most branches of one row."""
+    ``cache`` holds the rows only again afterwards. Memory: a (b, 1, m, lt + m) mask, m the most branches of one
+    row."""
     device = teacher.device
     rows, pos = src // lt, src % lt
     order = np.argsort(rows, kind="stable")
@@ -203,28 +237,35 @@ def branch_hidden_states(teacher: Teacher, cache, b: int, lt: int, src: np.ndarr
     mask[r_t, 0, s_t, :lt] = torch.where(keys[None, :] <= torch.from_numpy(pos).to(device)[:, None], 0.0,
                                          low).to(teacher.dtype)
     mask[r_t, 0, s_t, lt + s_t] = 0
-    return teacher.hidden_states(ids, **_with_cache(teacher, cache), position_ids=where, attention_mask=mask)[r_t, s_t]
+    try:
+        return teacher.hidden_states(ids, **_with_cache(teacher, cache), position_ids=where,
+                                     attention_mask=mask)[r_t, s_t]
+    finally:
+        cache.crop(-m)  # the branches' keys out again: the next call's branches see the rows only
 
 
 def branch_stops(teacher: Teacher, cmap: CrossMap, cache, x: torch.Tensor, flat: torch.Tensor, weight: torch.Tensor,
-                 bias: torch.Tensor | None, ops, srcs: np.ndarray, *, branches: int,
-                 step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, torch.Tensor]:
+                 bias: torch.Tensor | None, ops, head, srcs: np.ndarray, *, branches: int, step: int,
+                 buffers: dict | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, torch.Tensor]:
     """Branch-token lookahead. At flat teacher positions ``srcs`` (boundary positions of the store), the
     ``branches`` most probable unplaced teacher tokens other than the actual next one each run as one more token after
-    that position (tree attention: the row's cached keys up to it, then itself) → (src, teacher id, store id it
-    begins with, (nb,) the teacher's probability after it that its text stops there rather than going on into a
-    longer store token), so that share is placed like the actual next token's (see :func:`project`)."""
+    that position (tree attention: the row's cached keys up to it, then itself, in one forward pass over all of them;
+    ``head``: their logits, one column a branch) → (src, teacher id, store id it begins with, (nb,) the teacher's
+    probability after it that its text stops there rather than going on into a longer store token), so that share is
+    placed like the actual next token's (see :func:`project`). The candidates are scored by a head over their rows
+    only: choosing them from the main pass's logits would need a branch pass per head chunk, whose batch is mostly
+    rows without branches."""
     device, b, lt = x.device, x.shape[0], x.shape[1]
     cand = cmap.branch_candidates(device)
     if not len(srcs) or not len(cand):
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64), torch.zeros(0, device=device)
     src_t = torch.from_numpy(srcs).to(device)
-    z = _apply_ops(F.linear(flat[src_t], weight[cand], None if bias is None else bias[cand]), ops).float()
+    zc = _apply_ops(F.linear(flat[src_t], weight[cand], None if bias is None else bias[cand]), ops).float()
     nxt = x.reshape(-1)[(src_t + 1).clamp_max(b * lt - 1)]
     col = cmap.branch_column(device)[nxt]
     has = col >= 0
-    z[torch.nonzero(has)[:, 0], col[has]] = float("-inf")  # the actual next token: its own next position tells
-    top = torch.topk(z, min(branches, len(cand)), dim=-1)
+    zc[torch.nonzero(has)[:, 0], col[has]] = float("-inf")  # the actual next token: its own next position tells
+    top = torch.topk(zc, min(branches, len(cand)), dim=-1)
     real = torch.isfinite(top.values).reshape(-1).cpu().numpy()  # not the excluded next token
     tok = cand[top.indices].reshape(-1).cpu().numpy()[real]
     src = np.repeat(srcs, top.values.shape[1])[real]
@@ -234,32 +275,31 @@ def branch_stops(teacher: Teacher, cmap: CrossMap, cache, x: torch.Tensor, flat:
     ask = np.flatnonzero(conts > 0)  # a token no teacher token can carry on stops for sure
     if len(ask):
         h = branch_hidden_states(teacher, cache, b, lt, src[ask], tok[ask], pad=cmap.teacher_text.pad_id)
-        h = h.to(weight.device)
         for a in range(0, len(ask), step):
             e = min(len(ask), a + step)
-            zb = _apply_ops(F.linear(h[a:e], weight, bias), ops).float()
-            lse = torch.logsumexp(zb, dim=-1)
-            sr, tids = _sets(cmap, conts[ask[a:e]], device)
-            mass = torch.zeros(e - a, dtype=torch.float64, device=device)
-            mass.index_add_(0, sr, (zb[sr, tids] - lse[sr]).double().exp())
-            stop[torch.from_numpy(ask[a:e]).to(device)] = (1.0 - mass).clamp_min(0.0).float()
+            zb = head(h[a:e], "branch")
+            ex, shift = _exps(zb, buffers, "exp")  # the chunk's exps are done with
+            lse = shift + ex.sum(dim=0).log()
+            stop[torch.from_numpy(ask[a:e]).to(device)] = _outside_mass(
+                cmap, conts[ask[a:e]], lambda r, t, zb=zb, lse=lse: zb[t, r] - lse[r], device).float()
     return src, tok, after, stop
 
 
 def _mapped_pass(cmap: CrossMap, logits, x: torch.Tensor, sel: np.ndarray, src: np.ndarray, end: np.ndarray,
                  move: np.ndarray, prefix: np.ndarray, ends: np.ndarray, cont: np.ndarray, after: np.ndarray,
                  gold: torch.Tensor, uniforms: torch.Tensor | None, write, *, n: int, step: int, top_k: int,
-                 tail_betas: Sequence[float], branch: tuple[torch.Tensor, ...] | None = None) -> None:
+                 tail_betas: Sequence[float], branch=None, buffers: dict | None = None) -> None:
     """One pass of the LM head over the teacher's ``n`` flat positions, in chunks of ``step``: each chunk's
     :func:`boundary_mass` gives the placed mass of its positions and the log-partition, hence the teacher's
     log-prob of its own next tokens (the chains) and the lookahead masses; a store position is placed as soon as its
     chunk is done, and projected once every teacher position its chain and lookahead read is (its (Vs + 1) mass is
     kept until then), so the head runs once, not once for the chains and again for the targets. ``branch``: (store
-    position index into ``sel``, teacher id, store id, stop) of :func:`branch_stops`' tokens, placed with the rest."""
+    position index into ``sel``, teacher id, store id, stop) of :func:`branch_stops`' tokens, placed with the rest.
+    ``logits(s, e)``: (Vt, e - s) the head's logits of positions s..e, one column a position."""
     device = x.device
     vocab = cmap.store_vocab
     dest = cmap.destinations(device)
-    nxt = torch.roll(x, -1, dims=1).reshape(-1, 1)
+    nxt = torch.roll(x, -1, dims=1).reshape(-1)
     own = torch.zeros(n, dtype=torch.float64, device=device)  # log p(own next token) at each teacher position
     inner = np.flatnonzero(ends > 0)  # chains whose gold token ends inside their last teacher token
     last = torch.from_numpy(end[inner] - 1).to(device)
@@ -279,6 +319,8 @@ def _mapped_pass(cmap: CrossMap, logits, x: torch.Tensor, sel: np.ndarray, src: 
     pend_q, pend_scale = torch.zeros(0, vocab + 1, device=device), torch.zeros(0, device=device)
     sel_t = torch.from_numpy(sel).to(device)
 
+    slab = slab_positions(vocab + 1, device)  # the per-position math in cache-sized slabs, as the same-tokenizer pass
+
     def project_rows(pick: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> None:
         rows = pick.cpu().numpy()
         cum = torch.cat([torch.zeros(1, dtype=torch.float64, device=device), own.cumsum(0)])
@@ -286,41 +328,45 @@ def _mapped_pass(cmap: CrossMap, logits, x: torch.Tensor, sel: np.ndarray, src: 
         k = at_inner[pick]
         has = k >= 0  # the last token's own log-prob → P(its text strictly extends the gold's bytes there)
         chain[has] += starts[k[has]] - own[end_t[pick][has] - 1]
-        logq, gold_text, unplaced = project(q, scale, chain=chain, gold=gold[pick], spans=spans_t[pick],
+        probs, gold_text, unplaced = project(q, scale, chain=chain, gold=gold[pick], spans=spans_t[pick],
                                             step=own[src_t[pick]], stop=stop[pick], after=after_t[pick],
                                             moves=_spread_rows(cmap, move[rows], device))
-        part = bucket_targets(logq, gold[pick], gold_text, None if uniforms is None else uniforms[sel_t[pick]],
-                              top_k=top_k, tail_betas=tail_betas)
-        write(pick, part, gold_text, unplaced)
+        if not len(pick):
+            return
+        g, u = gold[pick], None if uniforms is None else uniforms[sel_t[pick]]
+        parts = [bucket_targets(probs[a:a + slab].log_(), g[a:a + slab], gold_text[a:a + slab], None if u is None else
+                                u[a:a + slab], top_k=top_k, tail_betas=tail_betas) for a in range(0, len(pick), slab)]
+        write(pick, {k: torch.cat([p[k] for p in parts]) for k in parts[0]}, gold_text, unplaced)
 
     for s in range(0, n, step):
         e = min(n, s + step)
-        z_all = logits(s, e)
-        boundary, lse = boundary_mass(z_all, dest, vocab + 1)
-        own[s:e] = (z_all.gather(-1, nxt[s:e])[:, 0] - lse).double()
-        for where, sets, fill in ((last, ends[inner], "starts"), (ahead, cont[look], "stop")):
-            here = torch.nonzero((where >= s) & (where < e))[:, 0]
-            if not len(here):
-                continue
-            rows, tids = _sets(cmap, sets[here.cpu().numpy()], device)
-            at = where[here][rows] - s
+        z_all = logits(s, e)  # (Vt, e - s)
+        boundary, lse = boundary_mass(z_all, dest, vocab + 1, buffers)
+
+        def logprob(at: torch.Tensor, tids: torch.Tensor, z_all=z_all, lse=lse) -> torch.Tensor:
+            return z_all[tids, at] - lse[at]
+
+        own[s:e] = (z_all[nxt[s:e], torch.arange(e - s, device=device)] - lse).double()
+        here = torch.nonzero((last >= s) & (last < e))[:, 0]
+        if len(here):  # log Σ p(v) over the teacher tokens that strictly extend the gold's bytes there
+            rows, tids = _sets(cmap, ends[inner][here.cpu().numpy()], device)
             mass = torch.zeros(len(here), dtype=torch.float64, device=device)
-            mass.index_add_(0, rows, (z_all[at, tids] - lse[at]).double().exp())
-            if fill == "starts":  # log Σ p(v) over the teacher tokens that strictly extend the gold's bytes there
-                starts[here] = mass.log()
-            else:  # after an unplaced teacher token: P(the store's token ends where its text does)
-                stop[look_t[here]] = (1.0 - mass).clamp_min(0.0).float()
+            starts[here] = mass.index_add_(0, rows, logprob(last[here][rows] - s, tids).double().exp()).log()
+        here = torch.nonzero((ahead >= s) & (ahead < e))[:, 0]
+        if len(here):  # after an unplaced teacher token: P(the store's token ends where its text does)
+            at = ahead[here] - s
+            stop[look_t[here]] = _outside_mass(cmap, cont[look][here.cpu().numpy()],
+                                               lambda r, t, at=at: logprob(at[r], t), device).float()
         new = torch.nonzero((src_t >= s) & (src_t < e))[:, 0]
         if len(new):
             inside = inside_t[new]
-            q_new, scale_new = place(z_all, lse, boundary, src_t[new] - s, inside,
+            q_new, scale_new = place(logprob, boundary, src_t[new] - s, inside,
                                      _extensions(cmap, prefix[new.cpu().numpy()], device) if bool(inside.any()) else None)
             if branch is not None:  # boundary positions: the share of each branch token that stops there
                 br_k, br_tok, br_after, br_stop = branch
                 hit = torch.nonzero((src_t[br_k] >= s) & (src_t[br_k] < e))[:, 0]
                 if len(hit):
-                    at = src_t[br_k[hit]] - s
-                    mass = torch.exp(z_all[at, br_tok[hit]] - lse[at]) * br_stop[hit]
+                    mass = torch.exp(logprob(src_t[br_k[hit]] - s, br_tok[hit])) * br_stop[hit]
                     q_new.index_put_((torch.searchsorted(new, br_k[hit]), br_after[hit]), mass, accumulate=True)
             idx = torch.cat([pend_idx, new])
             q, scale = (q_new, scale_new) if not len(pend_idx) else (torch.cat([pend_q, q_new]), torch.cat([pend_scale, scale_new]))
@@ -400,17 +446,30 @@ def cross_targets(teacher: Teacher, cmap: CrossMap, ids: np.ndarray, segs: np.nd
     elif len(sel):
         if device.type == "cpu":
             step = chunk_positions(teacher.vocab_size, teacher.chunk_size, MAPPED_CPU_CHUNK_BYTES)
+        # the head's logits transposed (one column a position): index_add then adds whole contiguous rows. On a CPU
+        # into buffers kept across chunks and calls, as _head_chunk (inference tensors: only in inference mode)
+        buffers = teacher.mapped_head if device.type == "cpu" and torch.is_inference_mode_enabled() else None
+
+        def head(h: torch.Tensor, name: str = "logits") -> torch.Tensor:  # (C, H) hidden states → (Vt, C) logits
+            out = None if buffers is None else _buffer(buffers, name, (weight.shape[0], len(h)), weight.dtype, device)
+            h = h.to(weight.device).T
+            z = torch.mm(weight, h, out=out) if bias is None else torch.addmm(bias[:, None], weight, h, out=out)
+            return _apply_ops(z, ops).float()
+
         branch = None
         if cache is not None:
             bound = np.flatnonzero(prefix == 0)
-            br_src, br_tok, br_after, br_stop = branch_stops(teacher, cmap, cache, x, flat, weight, bias, ops,
-                                                             np.unique(src[bound]), branches=branches, step=step)
-            order = np.argsort(src[bound], kind="stable")
-            k = bound[order][np.searchsorted(src[bound][order], br_src)]
+            bound = bound[np.argsort(src[bound], kind="stable")]
+            br_src, br_tok, br_after, br_stop = branch_stops(teacher, cmap, cache, x, flat, weight, bias, ops, head,
+                                                             np.unique(src[bound]), branches=branches, step=step,
+                                                             buffers=buffers)
+            k = bound[np.searchsorted(src[bound], br_src)]
             branch = tuple(torch.from_numpy(a).to(device) for a in (k, br_tok, br_after)) + (br_stop,)
-        _mapped_pass(cmap, logits, x, sel, src, end, move, prefix, al.ends.reshape(-1)[sel], al.cont.reshape(-1)[sel],
+
+        _mapped_pass(cmap, lambda s, e: head(flat[s:e]), x, sel, src, end, move, prefix, al.ends.reshape(-1)[sel],
+                     al.cont.reshape(-1)[sel],
                      al.after.reshape(-1)[sel], gold, uniforms, write, n=n, step=step,
-                     top_k=top_k, tail_betas=tail_betas, branch=branch)
+                     top_k=top_k, tail_betas=tail_betas, branch=branch, buffers=buffers)
     cmap.measured["positions"] += int(al.real.sum())
     return {k: t.reshape(b, length, *t.shape[1:]) for k, t in out.items()}
 

@@ -68,6 +68,7 @@ class Teacher:
     from_logits: bool | None = None  # logit_targets on the chunk's logits (None: when compiled; else position_targets)
     chain: bool | None = None  # logit_targets' statistics as a CPU's (chain_statistics; None: on a CPU)
     scratch: dict = field(default_factory=dict, repr=False, compare=False)  # chunked_targets' reused head output (CPU)
+    mapped_head: dict = field(default_factory=dict, repr=False, compare=False)  # cross_targets' (V, chunk) buffers (CPU)
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, L) token ids → (B, L, V) logits in the model's dtype (a view: padded columns are dropped).
