@@ -277,8 +277,8 @@ def branch_stops(teacher: Teacher, cmap: CrossMap, cache, x: torch.Tensor, flat:
         h = branch_hidden_states(teacher, cache, b, lt, src[ask], tok[ask], pad=cmap.teacher_text.pad_id)
         for a in range(0, len(ask), step):
             e = min(len(ask), a + step)
-            zb = head(h[a:e], "branch")
-            ex, shift = _exps(zb, buffers, "exp")  # the chunk's exps are done with
+            zb = head(h[a:e])  # before the main pass: its buffers are free
+            ex, shift = _exps(zb, buffers, "exp")
             lse = shift + ex.sum(dim=0).log()
             stop[torch.from_numpy(ask[a:e]).to(device)] = _outside_mass(
                 cmap, conts[ask[a:e]], lambda r, t, zb=zb, lse=lse: zb[t, r] - lse[r], device).float()
@@ -450,8 +450,8 @@ def cross_targets(teacher: Teacher, cmap: CrossMap, ids: np.ndarray, segs: np.nd
         # into buffers kept across chunks and calls, as _head_chunk (inference tensors: only in inference mode)
         buffers = teacher.mapped_head if device.type == "cpu" and torch.is_inference_mode_enabled() else None
 
-        def head(h: torch.Tensor, name: str = "logits") -> torch.Tensor:  # (C, H) hidden states → (Vt, C) logits
-            out = None if buffers is None else _buffer(buffers, name, (weight.shape[0], len(h)), weight.dtype, device)
+        def head(h: torch.Tensor) -> torch.Tensor:  # (C, H) hidden states → (Vt, C) logits
+            out = None if buffers is None else _buffer(buffers, "logits", (weight.shape[0], len(h)), weight.dtype, device)
             h = h.to(weight.device).T
             z = torch.mm(weight, h, out=out) if bias is None else torch.addmm(bias[:, None], weight, h, out=out)
             return _apply_ops(z, ops).float()
@@ -467,8 +467,7 @@ def cross_targets(teacher: Teacher, cmap: CrossMap, ids: np.ndarray, segs: np.nd
             branch = tuple(torch.from_numpy(a).to(device) for a in (k, br_tok, br_after)) + (br_stop,)
 
         _mapped_pass(cmap, lambda s, e: head(flat[s:e]), x, sel, src, end, move, prefix, al.ends.reshape(-1)[sel],
-                     al.cont.reshape(-1)[sel],
-                     al.after.reshape(-1)[sel], gold, uniforms, write, n=n, step=step,
+                     al.cont.reshape(-1)[sel], al.after.reshape(-1)[sel], gold, uniforms, write, n=n, step=step,
                      top_k=top_k, tail_betas=tail_betas, branch=branch, buffers=buffers)
     cmap.measured["positions"] += int(al.real.sum())
     return {k: t.reshape(b, length, *t.shape[1:]) for k, t in out.items()}
