@@ -213,7 +213,6 @@ class CrossMap:
         self._by_surface: dict[bytes, list[int]] = {}
         self.starting: list[np.ndarray] = [np.zeros(0, np.int64)]  # 0: none
         self._starting_ids: dict = {}
-        self._outside: dict[int, np.ndarray] = {}
         self.prefixes: dict[bytes, int] = {b"": 0}  # prefix → id (0: none, a boundary position)
         self.extensions: list[tuple[np.ndarray, np.ndarray]] = [(np.zeros(0, np.int64), np.zeros(0, np.int64))]
         self._destinations: dict = {}
@@ -311,14 +310,12 @@ class CrossMap:
                 self._starting_ids[key] = len(self.starting) - 1
         return self._starting_ids[key]
 
-    @_locked
     def outside(self, set_id: int) -> np.ndarray:
-        """The teacher ids not in ``starting[set_id]``, sorted (kept): where a set holds most of the vocabulary, the
-        teacher's probability of a token outside it is a sum over fewer ids."""
-        if set_id not in self._outside:
-            self._outside[set_id] = np.setdiff1d(np.arange(len(self.teacher_spread)), self.starting[set_id],
-                                                 assume_unique=True)
-        return self._outside[set_id]
+        """The teacher ids not in ``starting[set_id]``, sorted: where a set holds most of the vocabulary, the
+        teacher's probability of a token outside it is a sum over fewer ids. Not kept: the sets already are."""
+        keep = np.ones(len(self.teacher_spread), dtype=bool)
+        keep[self.starting[set_id]] = False
+        return np.flatnonzero(keep)
 
     @_locked
     def prefix_id(self, prefix: bytes) -> int:
