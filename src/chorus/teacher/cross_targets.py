@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from chorus.store.manifest import NO_TARGET_ENTROPY
 from chorus.teacher.alignment import Alignment, align
 from chorus.teacher.cross import CrossMap
-from chorus.teacher.model import Teacher, _apply_ops, chunk_positions, slab_positions
+from chorus.teacher.model import Teacher, _apply_ops, chunk_positions, kept_buffer, slab_positions
 from chorus.teacher.position import position_targets, tail_statistics
 from chorus.teacher.sampler import draw_ids, row_uniforms
 
@@ -41,10 +41,10 @@ def _exps(z: torch.Tensor, buffers: dict | None, name: str) -> tuple[torch.Tenso
     column's largest logit lies in UNSHIFTED_LOGITS (one pass fewer). Into ``buffers[name]`` when given."""
     top = z.amax(dim=0)
     lo, hi = UNSHIFTED_LOGITS
-    out = None if buffers is None else _buffer(buffers, name, z.shape, z.dtype, z.device)
+    out = None if buffers is None else kept_buffer(buffers, name, z.shape, z.dtype, z.device)
     if bool(((top > lo) & (top < hi)).all()):
-        return (torch.exp(z, out=out) if out is not None else torch.exp(z)), torch.zeros_like(top)
-    return (torch.sub(z, top, out=out) if out is not None else torch.sub(z, top)).exp_(), top
+        return torch.exp(z, out=out), torch.zeros_like(top)
+    return torch.sub(z, top, out=out).exp_(), top
 
 
 def boundary_mass(z: torch.Tensor, dest: torch.Tensor, width: int,
@@ -61,23 +61,14 @@ def boundary_mass(z: torch.Tensor, dest: torch.Tensor, width: int,
     return q.div_(total).T, top + total.log()
 
 
-def _buffer(buffers: dict, name: str, shape: tuple[int, int], dtype: torch.dtype, device) -> torch.Tensor:
-    """A contiguous (shape) tensor over storage kept in ``buffers[name]`` (grown, never shrunk), uninitialized."""
-    n = shape[0] * shape[1]
-    have = buffers.get(name)
-    if have is None or have.numel() < n or have.dtype != dtype or have.device != torch.device(device):
-        have = buffers[name] = torch.empty(n, dtype=dtype, device=device)
-    return have[:n].view(shape)
-
-
 def place(logprob, boundary: torch.Tensor, at: torch.Tensor, inside: torch.Tensor,
           extensions: tuple[torch.Tensor, ...] | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Store positions reading teacher rows ``at`` of a chunk (``logprob(rows, teacher ids)``: the teacher's log-probs
     there, and :func:`boundary_mass` ``boundary``: every placed teacher token's probability on the store token its
     text begins with) → ((N, Vs + 1) placed mass, the last column free for the bucket; (N,) ``scale``). Rows
     ``inside`` a teacher token: the teacher's distribution conditioned on the bytes before the position — only the
-    teacher tokens that extend them (``extensions``: (row, teacher id, store id, weight) of the placed ones, then (row, teacher id) of
-    all, for the normalizer ``1 / scale``), each placed by the rest of its text."""
+    teacher tokens that extend them (``extensions``: (row, teacher id, store id, weight) of the placed ones, then
+    (row, teacher id) of all, for the normalizer ``1 / scale``), each placed by the rest of its text."""
     q = boundary[at]  # contiguous, from a transposed view as from a plain one
     scale = torch.ones(len(q), device=q.device)
     if bool(inside.any()):
@@ -322,6 +313,8 @@ def _mapped_pass(cmap: CrossMap, logits, x: torch.Tensor, sel: np.ndarray, src: 
     slab = slab_positions(vocab + 1, device)  # the per-position math in cache-sized slabs, as the same-tokenizer pass
 
     def project_rows(pick: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> None:
+        if not len(pick):
+            return
         rows = pick.cpu().numpy()
         cum = torch.cat([torch.zeros(1, dtype=torch.float64, device=device), own.cumsum(0)])
         chain = cum[end_t[pick]] - cum[src_t[pick]]
@@ -331,8 +324,6 @@ def _mapped_pass(cmap: CrossMap, logits, x: torch.Tensor, sel: np.ndarray, src: 
         probs, gold_text, unplaced = project(q, scale, chain=chain, gold=gold[pick], spans=spans_t[pick],
                                             step=own[src_t[pick]], stop=stop[pick], after=after_t[pick],
                                             moves=_spread_rows(cmap, move[rows], device))
-        if not len(pick):
-            return
         g, u = gold[pick], None if uniforms is None else uniforms[sel_t[pick]]
         parts = [bucket_targets(probs[a:a + slab].log_(), g[a:a + slab], gold_text[a:a + slab], None if u is None else
                                 u[a:a + slab], top_k=top_k, tail_betas=tail_betas) for a in range(0, len(pick), slab)]
@@ -447,11 +438,12 @@ def cross_targets(teacher: Teacher, cmap: CrossMap, ids: np.ndarray, segs: np.nd
         if device.type == "cpu":
             step = chunk_positions(teacher.vocab_size, teacher.chunk_size, MAPPED_CPU_CHUNK_BYTES)
         # the head's logits transposed (one column a position): index_add then adds whole contiguous rows. On a CPU
-        # into buffers kept across chunks and calls, as _head_chunk (inference tensors: only in inference mode)
-        buffers = teacher.mapped_head if device.type == "cpu" and torch.is_inference_mode_enabled() else None
+        # into the teacher's kept buffers, as _head_chunk (inference tensors: only in inference mode)
+        buffers = teacher.scratch if device.type == "cpu" and torch.is_inference_mode_enabled() else None
 
         def head(h: torch.Tensor) -> torch.Tensor:  # (C, H) hidden states → (Vt, C) logits
-            out = None if buffers is None else _buffer(buffers, "logits", (weight.shape[0], len(h)), weight.dtype, device)
+            out = None if buffers is None else kept_buffer(buffers, "logits", (weight.shape[0], len(h)), weight.dtype,
+                                                           device)
             h = h.to(weight.device).T
             z = torch.mm(weight, h, out=out) if bias is None else torch.addmm(bias[:, None], weight, h, out=out)
             return _apply_ops(z, ops).float()

@@ -67,8 +67,8 @@ class Teacher:
     compiled: bool | None = None
     from_logits: bool | None = None  # logit_targets on the chunk's logits (None: when compiled; else position_targets)
     chain: bool | None = None  # logit_targets' statistics as a CPU's (chain_statistics; None: on a CPU)
-    scratch: dict = field(default_factory=dict, repr=False, compare=False)  # chunked_targets' reused head output (CPU)
-    mapped_head: dict = field(default_factory=dict, repr=False, compare=False)  # cross_targets' (V, chunk) buffers (CPU)
+    # the head's outputs kept across chunks and calls on a CPU (kept_buffer): chunked_targets', cross_targets'
+    scratch: dict = field(default_factory=dict, repr=False, compare=False)
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, L) token ids → (B, L, V) logits in the model's dtype (a view: padded columns are dropped).
@@ -325,18 +325,24 @@ def _apply_ops(logits: torch.Tensor, ops: Sequence[tuple[str, float]]) -> torch.
     return logits
 
 
-def _head_chunk(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, step: int,
-                scratch: dict | None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``, on a CPU into a (step, V) buffer kept in ``scratch`` across chunks and calls:
-    a fresh one is new pages from the kernel every chunk, which is slower (docs/measurements.md). The same kernel
-    (mm / addmm), so the same bits."""
+def kept_buffer(buffers: dict, name: str, shape: tuple[int, int], dtype: torch.dtype, device) -> torch.Tensor:
+    """A contiguous (shape) tensor, uninitialized, over storage kept in ``buffers[name]`` across chunks and calls
+    (grown, never shrunk): on a CPU a fresh (chunk, V) tensor is new pages from the kernel every chunk, which is
+    slower than the work written into it (docs/measurements.md). The storage is an inference tensor: only for use
+    inside inference mode."""
+    n = shape[0] * shape[1]
+    have = buffers.get(name)
+    if have is None or have.numel() < n or have.dtype != dtype or have.device != torch.device(device):
+        have = buffers[name] = torch.empty(n, dtype=dtype, device=device)
+    return have[:n].view(shape)
+
+
+def _head_chunk(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scratch: dict | None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, on a CPU into a :func:`kept_buffer` of ``scratch``. The same kernel (mm /
+    addmm), so the same bits."""
     if scratch is None or x.device.type != "cpu" or not torch.is_inference_mode_enabled():
         return F.linear(x, weight, bias)  # the buffer is an inference tensor: only inside inference mode (as cached)
-    key = (step, weight.shape[0], weight.dtype)
-    if key not in scratch:
-        scratch.clear()
-        scratch[key] = torch.empty((step, weight.shape[0]), dtype=weight.dtype)
-    out = scratch[key][: x.shape[0]]
+    out = kept_buffer(scratch, "head", (x.shape[0], weight.shape[0]), weight.dtype, x.device)
     if bias is None:
         return torch.mm(x, weight.t(), out=out)
     return torch.addmm(bias, x, weight.t(), out=out)
@@ -397,7 +403,7 @@ def chunked_targets(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     slab = slab_positions(vocab, device)
     for s in range(0, n, step):
         e = min(n, s + step)
-        logits = _apply_ops(_head_chunk(flat[s:e], weight, bias, step, scratch), ops)
+        logits = _apply_ops(_head_chunk(flat[s:e], weight, bias, scratch), ops)
         u = None if keys is None else position_uniforms(keys[index[s:e] // length], index[s:e] % length, num_samples)
         for a in range(s, e, slab):
             z = min(e, a + slab)
