@@ -609,6 +609,58 @@ def test_surfaces_of_both_conventions(teachers, tokenizer_dir):
     assert b"".join(bl.surfaces[i] for i in bl.encode(text)) == text.encode()
 
 
+
+def _vocab(rng, n: int, extra: list[bytes]) -> TokenText:
+    """A vocabulary of random surfaces over an alphabet with the bytes 0xfe and 0xff (the top of the byte order,
+    where a text's range in sorted order ends), repeated surfaces included, then two special tokens."""
+    alphabet = [b"a", b"b", b"\xfe", b"\xff"]
+    surfaces: list[bytes | None] = [b"".join(rng.choice(alphabet, rng.integers(1, 5))) for _ in range(n)] + extra
+    surfaces += [None, None]
+    tokens = [repr(x) for x in surfaces[:-2]] + ["<eos>", "<pad>"]
+    return TokenText(None, surfaces, tokens, eos_id=len(surfaces) - 2, pad_id=len(surfaces) - 1, dummy_prefix=False)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_maps_tables_against_their_definitions(seed):
+    """Every table the map builds (the first store piece, where each teacher token's mass goes after some text,
+    the extensions of a prefix, the starting and continuing sets) against its definition, written out by brute
+    force over every pair of surfaces."""
+    rng = np.random.default_rng(seed)
+    teacher, store = _vocab(rng, 60, []), _vocab(rng, 40, [b"a", b"b", b"\xfe", b"\xff"])
+    cmap = CrossMap(teacher, store, len(store.surfaces))
+    t_surf = [(v, x) for v, x in enumerate(teacher.surfaces) if x]
+    s_surf = {x for x in store.surfaces if x}
+
+    def spread(i: int) -> list[int]:
+        return sorted(cmap.spreads[i][0].tolist())
+
+    def first(text: bytes) -> list[int]:  # the longest store surface the text starts with
+        best = max((x for x in s_surf if text.startswith(x)), key=len, default=None)
+        return [] if best is None else [store.surfaces.index(best)]
+
+    def placed(before: bytes, rest: bytes) -> list[int]:  # unplaced: a longer store token the teacher cannot spell
+        longer = [x for x in s_surf if x.startswith(rest) and x != rest]
+        return [] if any(before + x not in {s for _, s in t_surf} for x in longer) else first(rest)
+
+    texts = sorted({x[:j] for _, x in t_surf for j in range(1, len(x) + 1)} | {b"\xff\xff\xff", b"ab\xff"})
+    for text in texts:
+        assert cmap.starting[cmap.starting_id(text)].tolist() == [v for v, x in t_surf
+                                                                 if x.startswith(text) and x != text]
+        rests = [x[len(text):] for x in s_surf if x.startswith(text) and x != text]
+        assert cmap.starting[cmap.continuing_id(text)].tolist() == sorted(
+            v for v, x in t_surf if any(x.startswith(r) or (r.startswith(x) and r != x) for r in rests))
+        assert ([cmap.index.first(text)] if cmap.index.first(text) >= 0 else []) == first(text)
+        ext = [(v, x[len(text):]) for v, x in t_surf if x.startswith(text) and x != text]
+        pid = cmap.prefix_id(text)
+        if not ext:
+            assert pid == 0
+            continue
+        tids, spreads = cmap.extensions[pid]
+        assert tids.tolist() == [v for v, _ in ext]
+        assert [spread(i) for i in spreads] == [placed(text, rest) for _, rest in ext]
+        assert [spread(cmap.spread_id(text, rest)) for _, rest in ext] == [placed(text, rest) for _, rest in ext]
+    assert [spread(cmap.teacher_spread[v]) for v, _ in t_surf] == [placed(b"", x) for _, x in t_surf]
+
 # ---------------------------------------------------------------------------------------------- training
 def test_three_teachers_with_two_tokenizers_train_end_to_end(cross_store, tmp_path):
     from chorus.commands import train

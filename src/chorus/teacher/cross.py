@@ -139,8 +139,8 @@ class StoreIndex:
             fallback = s is not None and _BYTE_FALLBACK.match(s) is not None
             if surf not in self.by_surface or (self.by_surface[surf][1] and not fallback):
                 self.by_surface[surf] = (u, fallback)  # a regular token rather than a byte-fallback one
-        self.longest = max((len(s) for s in self.by_surface), default=0)
         self.sorted = sorted(self.by_surface)
+        self.longer = _strict_prefix_counts(self.by_surface)  # text → how many store tokens strictly extend it
         self._first: dict[bytes, int] = {}
 
     def first(self, surf: bytes) -> int:
@@ -149,9 +149,12 @@ class StoreIndex:
         got = self._first.get(surf)
         if got is None:
             got = -1
-            for n in range(min(len(surf), self.longest), 0, -1):
-                if surf[:n] in self.by_surface:
-                    got = self.by_surface[surf[:n]][0]
+            for n in range(1, len(surf) + 1):  # longer heads while some store token still starts with the head
+                head = surf[:n]
+                hit = self.by_surface.get(head)
+                if hit is not None:
+                    got = hit[0]
+                if head not in self.longer:
                     break
             self._first[surf] = got
         return got
@@ -180,6 +183,15 @@ def first_pieces(teacher: TokenText, store: TokenText, index: StoreIndex | None 
     return out
 
 
+def _strict_prefix_counts(surfaces) -> dict[bytes, int]:
+    """Each text → how many of ``surfaces`` (distinct) strictly extend it."""
+    counts: dict[bytes, int] = {}
+    for surf in surfaces:
+        for j in range(1, len(surf)):
+            counts[surf[:j]] = counts.get(surf[:j], 0) + 1
+    return counts
+
+
 def _locked(method):
     """The tables a CrossMap grows (spreads, starting sets, prefixes) are appended to, then indexed: one thread at a
     time, since `chorus cache` aligns the next shard in its reader thread while the main thread maps this one."""
@@ -206,11 +218,18 @@ class CrossMap:
         self.first = first_pieces(self.teacher_text, self.store_text, self.index)
         self.permutation = self._permutation()
         self._teacher_surfaces = {x for x in self.teacher_text.surfaces if x}
+        # the teacher's surfaces sorted, with their ids: the tokens whose text starts with a given text are one range
+        order = sorted((surf, v) for v, surf in enumerate(self.teacher_text.surfaces) if surf)
+        self._sorted = [surf for surf, _ in order]
+        self._sorted_ids = np.array([v for _, v in order], dtype=np.int64)
+        # every strict prefix of a store surface the teacher has no token for: a teacher token whose whole text is
+        # one of them is unplaced at a boundary position (spread_id with nothing before)
+        self._open_prefixes = {surf[:j] for surf in self.index.by_surface if surf not in self._teacher_surfaces
+                               for j in range(1, len(surf))}
+        self._store_spreads: dict[int, int] = {}  # store id → the spread that puts everything on it
         self.spreads: list[tuple[np.ndarray, np.ndarray]] = [(np.zeros(0, np.int64), np.zeros(0))]  # 0: nowhere
         self._spread_ids: dict[tuple, int] = {}
         self.teacher_spread = np.array([self._token_spread(v) for v in range(len(self.first))], dtype=np.int64)
-        self._by_prefix: dict[bytes, list[int]] | None = None
-        self._by_surface: dict[bytes, list[int]] = {}
         self.starting: list[np.ndarray] = [np.zeros(0, np.int64)]  # 0: none
         self._starting_ids: dict = {}
         self.prefixes: dict[bytes, int] = {b"": 0}  # prefix → id (0: none, a boundary position)
@@ -240,14 +259,30 @@ class CrossMap:
     def _token_spread(self, v: int) -> int:
         surf = self.teacher_text.surfaces[v]
         if surf is None:
-            u = int(self.first[v])
-            return 0 if u < 0 else self._register(("special", u), np.array([u]), np.ones(1))
-        return self.spread_id(b"", surf) if surf else 0
+            return self._store_spread(int(self.first[v]))
+        if not surf or surf in self._open_prefixes:  # a longer store token extends it: unplaced (see spread_id)
+            return 0
+        return self._store_spread(int(self.first[v]))
 
-    def _register(self, key: tuple, ids: np.ndarray, weights: np.ndarray) -> int:
-        self.spreads.append((ids, weights))
-        self._spread_ids[key] = len(self.spreads) - 1
-        return self._spread_ids[key]
+    def _store_spread(self, u: int) -> int:
+        """The spread that puts all of a token's mass on store id ``u`` (0 for u < 0: nowhere), one per store id."""
+        if u < 0:
+            return 0
+        got = self._store_spreads.get(u)
+        if got is None:
+            self.spreads.append((np.array([u]), np.ones(1)))
+            got = self._store_spreads[u] = len(self.spreads) - 1
+        return got
+
+    def _range(self, text: bytes, strict: bool) -> tuple[int, int]:
+        """The range of ``_sorted`` whose surfaces start with ``text`` (``strict``: and are longer than it)."""
+        lo = (bisect.bisect_right if strict else bisect.bisect_left)(self._sorted, text)
+        end = text.rstrip(b"\xff")
+        hi = bisect.bisect_left(self._sorted, end[:-1] + bytes([end[-1] + 1]), lo) if end else len(self._sorted)
+        return lo, hi
+
+    def _exact(self, text: bytes) -> tuple[int, int]:
+        return bisect.bisect_left(self._sorted, text), bisect.bisect_right(self._sorted, text)
 
     @_locked
     def spread_id(self, before: bytes, rest: bytes) -> int:
@@ -257,34 +292,20 @@ class CrossMap:
         which one depends on text the teacher has not predicted yet: the mass is *unplaced* (id 0) and stays in the
         unplaced bucket (see cross_targets.project). An id into ``spreads`` ((ids, weights); 0: unplaced)."""
         key = (before, rest)
-        if key in self._spread_ids:
-            return self._spread_ids[key]
-        first = self.index.first(rest)
-        if first < 0 or any(before + s not in self._teacher_surfaces for s, _ in self.index.extending(rest)):
-            self._spread_ids[key] = 0
-            return 0
-        return self._register(key, np.array([first]), np.ones(1))
-
-    def _index_prefixes(self) -> dict:
-        if self._by_prefix is None:  # every (teacher token, cut inside it): built once, on the first inside position
-            self._by_prefix = {}
-            for v, surf in enumerate(self.teacher_text.surfaces):
-                for j in range(1, len(surf or b"")):
-                    self._by_prefix.setdefault(surf[:j], []).append(v)
-            self._by_surface = {}
-            for v, surf in enumerate(self.teacher_text.surfaces):
-                if surf:
-                    self._by_surface.setdefault(surf, []).append(v)
-        return self._by_prefix
+        got = self._spread_ids.get(key)
+        if got is None:
+            first = self.index.first(rest)
+            unplaced = first < 0 or any(before + s not in self._teacher_surfaces for s, _ in self.index.extending(rest))
+            got = self._spread_ids[key] = 0 if unplaced else self._store_spread(first)
+        return got
 
     @_locked
     def starting_id(self, text: bytes) -> int:
         """An id into ``starting`` for the teacher tokens whose text strictly extends ``text``: the same set as the
         normalizer of the next (inside) position, so the chain telescopes to the teacher's own token log-probs."""
         if text not in self._starting_ids:
-            by_prefix = self._index_prefixes()
-            ids = np.array(sorted(by_prefix.get(text, [])), dtype=np.int64)
-            self.starting.append(ids)
+            lo, hi = self._range(text, strict=True)
+            self.starting.append(np.sort(self._sorted_ids[lo:hi]))
             self._starting_ids[text] = len(self.starting) - 1
         return self._starting_ids[text]
 
@@ -296,17 +317,20 @@ class CrossMap:
         that the store's token there is the one ``surface`` begins with (0: no longer store token)."""
         key = ("continuing", surface)
         if key not in self._starting_ids:
-            by_prefix = self._index_prefixes()
-            ids: set[int] = set()
-            for longer, _ in self.index.extending(surface) if surface else ():
-                rest = longer[len(surface):]
-                ids.update(by_prefix.get(rest, []), self._by_surface.get(rest, []))
-                for n in range(1, len(rest)):
-                    ids.update(self._by_surface.get(rest[:n], []))
-            if not ids:
+            rests = [longer[len(surface):] for longer, _ in self.index.extending(surface)] if surface else []
+            shorter = {r[:n] for r in rests for n in range(1, len(r))} & self._teacher_surfaces
+            # of the sorted surfaces: those that start with a rest, and those that are one of its shorter prefixes
+            ranges = [self._range(r, strict=False) for r in rests] + [self._exact(x) for x in shorter]
+            cover = np.zeros(len(self._sorted) + 1, dtype=np.int64)
+            if ranges:
+                lo, hi = np.array(ranges, dtype=np.int64).T
+                np.add.at(cover, lo, 1)
+                np.add.at(cover, hi, -1)
+            ids = self._sorted_ids[np.cumsum(cover[:-1]) > 0]
+            if not len(ids):
                 self._starting_ids[key] = 0
             else:
-                self.starting.append(np.array(sorted(ids), dtype=np.int64))
+                self.starting.append(np.sort(ids))
                 self._starting_ids[key] = len(self.starting) - 1
         return self._starting_ids[key]
 
@@ -322,15 +346,24 @@ class CrossMap:
         """An id for the teacher tokens that extend ``prefix`` (0 when none does: no target)."""
         if prefix in self.prefixes:
             return self.prefixes[prefix]
-        self._index_prefixes()
-        ext = [(v, self.spread_id(prefix, self.teacher_text.surfaces[v][len(prefix):]))
-               for v in self._by_prefix.get(prefix, [])]
-        if not ext:
+        lo, hi = self._range(prefix, strict=True)
+        if lo == hi:
             self.prefixes[prefix] = 0
             return 0
-        self.extensions.append((np.array([v for v, _ in ext], np.int64), np.array([i for _, i in ext], np.int64)))
+        tids = np.sort(self._sorted_ids[lo:hi])
+        self.extensions.append((tids, self._spreads_after(prefix, tids)))
         self.prefixes[prefix] = len(self.extensions) - 1
         return self.prefixes[prefix]
+
+    def _spreads_after(self, before: bytes, tids: np.ndarray) -> np.ndarray:
+        """:meth:`spread_id` of every teacher token ``tids`` (all of those that strictly extend ``before``) at once.
+        A store token ``s`` is one the teacher has a token for after ``before`` exactly when ``s`` is the rest of one
+        of them, so a rest is unplaced when more store tokens extend it than those rests do."""
+        n, surfaces = len(before), self.teacher_text.surfaces
+        rests = [surfaces[v][n:] for v in tids]
+        covered = _strict_prefix_counts(r for r in set(rests) if r in self.index.by_surface)
+        first, longer, spread = self.index.first, self.index.longer, self._store_spread
+        return np.array([0 if longer.get(r, 0) > covered.get(r, 0) else spread(first(r)) for r in rests], np.int64)
 
     def triples(self, spread_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(entry index, store id, weight) of the spreads ``spread_ids`` (one entry per id), concatenated."""
