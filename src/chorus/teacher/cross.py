@@ -222,14 +222,12 @@ class CrossMap:
         order = sorted((surf, v) for v, surf in enumerate(self.teacher_text.surfaces) if surf)
         self._sorted = [surf for surf, _ in order]
         self._sorted_ids = np.array([v for _, v in order], dtype=np.int64)
-        # every strict prefix of a store surface the teacher has no token for: a teacher token whose whole text is
-        # one of them is unplaced at a boundary position (spread_id with nothing before)
-        self._open_prefixes = {surf[:j] for surf in self.index.by_surface if surf not in self._teacher_surfaces
-                               for j in range(1, len(surf))}
         self._store_spreads: dict[int, int] = {}  # store id → the spread that puts everything on it
         self.spreads: list[tuple[np.ndarray, np.ndarray]] = [(np.zeros(0, np.int64), np.zeros(0))]  # 0: nowhere
         self._spread_ids: dict[tuple, int] = {}
-        self.teacher_spread = np.array([self._token_spread(v) for v in range(len(self.first))], dtype=np.int64)
+        # at a boundary position: special tokens by content, the others as spread_id with nothing before
+        self.teacher_spread = np.array([self._store_spread(int(u)) for u in self.first], dtype=np.int64)
+        self.teacher_spread[self._sorted_ids] = self._spreads_after(b"", self._sorted_ids)
         self.starting: list[np.ndarray] = [np.zeros(0, np.int64)]  # 0: none
         self._starting_ids: dict = {}
         self.prefixes: dict[bytes, int] = {b"": 0}  # prefix → id (0: none, a boundary position)
@@ -255,14 +253,6 @@ class CrossMap:
                 return None
             perm[u] = v
         return perm
-
-    def _token_spread(self, v: int) -> int:
-        surf = self.teacher_text.surfaces[v]
-        if surf is None:
-            return self._store_spread(int(self.first[v]))
-        if not surf or surf in self._open_prefixes:  # a longer store token extends it: unplaced (see spread_id)
-            return 0
-        return self._store_spread(int(self.first[v]))
 
     def _store_spread(self, u: int) -> int:
         """The spread that puts all of a token's mass on store id ``u`` (0 for u < 0: nowhere), one per store id."""
