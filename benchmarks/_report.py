@@ -348,7 +348,8 @@ def real(res: dict) -> str:
         runs = res["students"]["runs"]
         lines += ["", f"Students: a Llama 64×2 from scratch (tied embeddings), {res.get('student_steps', '?')} steps "
                   "of 8 rows; one size, steps, rows and seed per row; "
-                  "KD rows 0.8 KD + 0.2 CE; the blend row pools both teachers by the blend `chorus blend` stored.", "",
+                  f"KD rows kd_weight {res['students'].get('kd_weight', 0.8)} (the rest CE: results before 2026-12-06 "
+                  "trained with 0.8); the blend row pools both teachers by the blend `chorus blend` stored.", "",
                   md_table(["student", *(f"{d} bpb" for d in domains), "mean bpb", "worst bpb", "ECE %"],
                            [[k, *(_f(r["bits_per_byte"][d], ".4f") for d in domains), _f(r["bpb_mean"], ".4f"),
                              _f(r["bpb_worst"], ".4f"), _f(100 * r["ece"], ".2f")] for k, r in runs.items()])]

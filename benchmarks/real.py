@@ -184,7 +184,7 @@ def students(url: str, work: Path, *, seeds: list[int], steps: int) -> dict:
     student = work / "student.yaml"
     student.write_text(yaml.safe_dump(STUDENT))
     kinds = {"ce": [], f"kd-{STORE_TEACHER}": [STORE_TEACHER], f"kd-{OTHER}": [OTHER], "blend": [STORE_TEACHER, OTHER]}
-    out: dict = {"blend": fitted, "runs": {}}
+    out: dict = {"blend": fitted, "runs": {}, "kd_weight": TrainConfig.kd_weight}
     for seed in seeds:
         for label, teachers in kinds.items():
             # kd_weight as `chorus train` has it by default (1.0) for the KD rows, 0 for CE only
