@@ -187,9 +187,8 @@ def students(url: str, work: Path, *, seeds: list[int], steps: int) -> dict:
     out: dict = {"blend": fitted, "runs": {}, "kd_weight": TrainConfig.kd_weight}
     for seed in seeds:
         for label, teachers in kinds.items():
-            # kd_weight as `chorus train` has it by default (1.0) for the KD rows, 0 for CE only
             res = train.run(TrainConfig(store=url, student=str(student), out=str(work / "runs" / f"{label}-s{seed}"),
-                                        teachers=teachers, **({} if teachers else {"kd_weight": 0.0}), steps=steps,
+                                        teachers=teachers, kd_weight=out["kd_weight"] if teachers else 0.0, steps=steps,
                                         batch_size=8, lr=3e-3, warmup_steps=steps // 10, seed=seed, eval_every=0,
                                         save_every=0, overwrite=True))
             ev = evaluate.run(EvalConfig(store=url, model=str(work / "runs" / f"{label}-s{seed}" / "model"),

@@ -224,7 +224,6 @@ class CrossMap:
         self._sorted_ids = np.array([v for _, v in order], dtype=np.int64)
         self._store_spreads: dict[int, int] = {}  # store id → the spread that puts everything on it
         self.spreads: list[tuple[np.ndarray, np.ndarray]] = [(np.zeros(0, np.int64), np.zeros(0))]  # 0: nowhere
-        self._spread_ids: dict[tuple, int] = {}
         # at a boundary position: special tokens by content, the others as spread_id with nothing before
         self.teacher_spread = np.array([self._store_spread(int(u)) for u in self.first], dtype=np.int64)
         self.teacher_spread[self._sorted_ids] = self._spreads_after(b"", self._sorted_ids)
@@ -281,13 +280,14 @@ class CrossMap:
         (after ``before``) the teacher has no token of its own for. Then the store may emit that longer token, and
         which one depends on text the teacher has not predicted yet: the mass is *unplaced* (id 0) and stays in the
         unplaced bucket (see cross_targets.project). An id into ``spreads`` ((ids, weights); 0: unplaced)."""
-        key = (before, rest)
-        got = self._spread_ids.get(key)
-        if got is None:
-            first = self.index.first(rest)
-            unplaced = first < 0 or any(before + s not in self._teacher_surfaces for s, _ in self.index.extending(rest))
-            got = self._spread_ids[key] = 0 if unplaced else self._store_spread(first)
-        return got
+        lo, hi = self._exact(before + rest)
+        if lo == hi:
+            raise ValueError(f"no teacher token has the text {before + rest!r}")
+        v = self._sorted_ids[lo]  # tokens of one text have one rest, so one spread
+        if not before:
+            return int(self.teacher_spread[v])
+        tids, spreads = self.extensions[self.prefix_id(before)]  # one rule: _spreads_after's
+        return int(spreads[np.searchsorted(tids, v)])
 
     @_locked
     def starting_id(self, text: bytes) -> int:
