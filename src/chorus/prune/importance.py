@@ -1,4 +1,4 @@
-"""Activation-based importance of a Llama-family model's prunable units, measured on store rows.
+"""Importance of a Llama-family model's prunable units, from its activations on store rows.
 
 One no-grad pass over a few calibration rows (the Minitron recipe: Muralidharan et al. 2024, "Compact
 Language Models via Pruning and Knowledge Distillation", §2.2; importance from activations, not gradients)
